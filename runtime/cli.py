@@ -1,0 +1,81 @@
+"""``ikv-run``: answer prompts with a bundle on the device."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from inducekv.runtime.cliutil import fail_on_bad_input, progress_enabled
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", required=True, type=click.Path(), help="Bundle directory from ikv-export.")
+@click.option("--memory", type=click.Path(), default=None, help="Memory bank (.ikv) to retrieve from.")
+@click.option("--k", type=click.IntRange(1, 64), default=None, help="Memory entries per query (default: device profile).")
+@click.option("--prompt", help="One prompt to answer.")
+@click.option("--task", "task", type=click.Path(), help="A JSONL file of prompts to answer, one per line.")
+@click.option("--image", type=click.Path(), default=None, help="Image for --prompt (multimodal bundles).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 1 << 20), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 100), default=0.0, show_default=True,
+              help="0 = greedy decoding.")
+@click.option("--top-k", type=click.IntRange(0, None), default=0, show_default=True, help="0 = no top-k cut.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for sampling (same seed, same text).")
+@click.option("--system", default=None, help="System prompt (default: the chat template's).")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--device", default="cpu", show_default=True, help="Device profile name or .toml path.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per answer (text, timings, entries).")
+def cli(bundle, memory, k, prompt, task, image, max_new_tokens, temperature, top_k, top_p, seed, system,
+        stop, device, quiet, as_json):
+    """Answer --prompt TEXT, or every prompt of --task FILE.jsonl, with a bundle.
+
+    \b
+    Examples:
+      ikv-run --bundle bundles/smollm2 --prompt "What is the capital of France?"
+      ikv-run --bundle bundles/smollm2 --task questions.jsonl --json
+    """
+    logging.basicConfig(level=logging.WARNING)
+    with fail_on_bad_input():
+        if (prompt is None) == (task is None):
+            from inducekv.runtime.errors import InduceKVError
+            raise InduceKVError("pass exactly one of --prompt TEXT or --task FILE.jsonl")
+        from inducekv.runtime.api import Result, Runtime
+        from inducekv.runtime.tasks import load_task
+
+        rt = Runtime.open(bundle, memory=memory, device=device)
+        opts = dict(max_new_tokens=max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
+                    seed=seed, stop=list(stop), system=system)
+        if prompt is not None:
+            res = Result("", [], "length")
+            live = not as_json and sys.stdout.isatty()
+            for piece in rt.stream(prompt, image=image, result=res, **opts):
+                if live:
+                    click.echo(piece, nl=False)
+            _report(res, prompt, as_json, echoed=live)
+            return
+        examples = load_task(task, require_answer=False)
+        from tqdm.auto import tqdm
+        for ex in tqdm(examples, desc="ikv-run", unit="prompt", disable=not progress_enabled(quiet)):
+            res = rt.generate(ex.prompt, image=ex.image, **opts)
+            _report(res, ex.prompt, as_json, echoed=False)
+
+
+def _report(res, prompt: str, as_json: bool, echoed: bool):
+    t = res.timings
+    if as_json:
+        click.echo(json.dumps({"prompt": prompt, "text": res.text, "stop_reason": res.stop_reason,
+                               "entries": res.entries, "timings": t.as_dict()}))
+        return
+    if not echoed:
+        click.echo(res.text)
+    else:
+        click.echo()
+    click.echo(f"[{t.prompt_tokens} prompt tokens, {t.new_tokens} new; ttft {t.ttft_ms:.0f} ms, "
+               f"{t.tokens_per_s:.1f} tok/s]", err=True)
+
+
+def main():
+    sys.exit(cli.main(standalone_mode=True))

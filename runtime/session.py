@@ -1,0 +1,102 @@
+"""The decoder over a bundle: one onnxruntime session and a growing KV cache.
+
+Past KV layout per layer (the bundle contract, ``export/contract.py``)::
+
+    key, value: (1, H_kv, T, D) float32
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from inducekv.devices.profile import DeviceProfile
+from inducekv.export import contract
+from inducekv.export.bundle import Manifest
+from inducekv.runtime.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+_OPT = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values; each (1, H_kv, T, D) float32."""
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+
+    @classmethod
+    def empty(cls, m: Manifest) -> "KVCache":
+        z = np.zeros((1, m.num_kv_heads, 0, m.head_dim), np.float32)
+        return cls([z] * m.num_layers, [z] * m.num_layers)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class Decoder:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, profile: DeviceProfile):
+        self.m = manifest
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = profile.intra_op_threads
+        so.inter_op_num_threads = profile.inter_op_threads
+        so.graph_optimization_level = _OPT[profile.graph_optimization]
+        so.log_severity_level = 3
+        path = bundle_dir / contract.DECODER_FILE
+        try:
+            self.sess = ort.InferenceSession(str(path), so, providers=profile.providers())
+        except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+            raise BundleError(f"cannot load {path}: {str(e).splitlines()[0][:200]}; re-export the bundle") from None
+        self._check_io()
+        L = manifest.num_layers
+        self.key_names = [contract.present_key(i) for i in range(L)]
+        self.value_names = [contract.present_value(i) for i in range(L)]
+        self.out_names = [contract.LOGITS] + [n for i in range(L) for n in (self.key_names[i], self.value_names[i])]
+
+    def _check_io(self):
+        L = self.m.num_layers
+        ins = [i.name for i in self.sess.get_inputs()]
+        outs = [o.name for o in self.sess.get_outputs()]
+        if ins != contract.decoder_inputs(L) or outs != contract.decoder_outputs(L):
+            raise BundleError(
+                f"decoder graph I/O does not match the manifest ({len(ins)} inputs for {L} layers); "
+                "the bundle is mismatched, re-export it")
+        shape = self.sess.get_inputs()[3].shape  # past_key_values.0.key
+        if shape[1] != self.m.num_kv_heads or shape[3] != self.m.head_dim:
+            raise BundleError(
+                f"decoder past KV shape {shape} does not match manifest heads={self.m.num_kv_heads} "
+                f"head_dim={self.m.head_dim}; re-export the bundle")
+
+    def forward(self, ids: list[int], cache: KVCache, positions: np.ndarray | None = None,
+                mask: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
+        """Run ``ids`` after ``cache``; return (logits (T, V), the grown cache).
+
+        ``positions`` (T,) defaults to cache.length + arange(T); ``mask`` (past+T,)
+        defaults to all ones.
+        """
+        T, P = len(ids), cache.length
+        if positions is None:
+            positions = np.arange(P, P + T, dtype=np.int64)
+        if mask is None:
+            mask = np.ones(P + T, dtype=np.int64)
+        feed = {
+            contract.INPUT_IDS: np.asarray(ids, dtype=np.int64)[None],        # (1, T)
+            contract.ATTENTION_MASK: np.asarray(mask, dtype=np.int64)[None],  # (1, P+T)
+            contract.POSITION_IDS: np.asarray(positions, dtype=np.int64)[None],  # (1, T)
+        }
+        for i in range(self.m.num_layers):
+            feed[contract.past_key(i)] = cache.keys[i]
+            feed[contract.past_value(i)] = cache.values[i]
+        out = self.sess.run(self.out_names, feed)
+        logits = out[0][0]                                                    # (T, V)
+        return logits, KVCache(out[1::2], out[2::2])
