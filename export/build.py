@@ -99,20 +99,51 @@ def _validate(model, tokenizer_json: str, decoder: Path, weights: str, threads: 
     return report
 
 
-def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", force: bool = False,
-                  progress: bool = True, validate: bool = True, threads: int = 2) -> tuple[Manifest, dict]:
-    """Build a bundle at ``out``; return (manifest, validation report)."""
+GRAPHS = ("native", "optimum")
+
+
+def _optimum_graph(hf_model, tokenizer, spec, tmp: Path):
+    """The decoder through optimum-onnx (any architecture optimum knows)."""
     import onnx
-    import torch
     from optimum.exporters.onnx import main_export
 
+    hf_dir = tmp / "hf"
+    hf_model.save_pretrained(hf_dir, safe_serialization=True)
+    tokenizer.save_pretrained(hf_dir)
+    onnx_dir = tmp / "onnx"
+    main_export(str(hf_dir), onnx_dir, task=spec.optimum_task, device="cpu",
+                do_validation=False, local_files_only=True)
+    return onnx.load(onnx_dir / "model.onnx")
+
+
+def _native_graph(hf_model, weights: str):
+    from inducekv.export.graph import build_llama_graph
+
+    state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    if hf_model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return build_llama_graph(state, hf_model.config, share_tied=(weights == "fp32"))
+
+
+def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", force: bool = False,
+                  progress: bool = True, validate: bool = True, threads: int = 2,
+                  graph: str = "native") -> tuple[Manifest, dict]:
+    """Build a bundle at ``out``; return (manifest, validation report).
+
+    ``graph``: ``native`` (compact opset-23 graph, export/graph.py) or
+    ``optimum`` (optimum-onnx's export).
+    """
+    import torch
+
+    if graph not in GRAPHS:
+        raise InduceKVError(f"--graph {graph!r} is not one of {', '.join(GRAPHS)}")
     if weights not in contract.WEIGHT_FORMATS:
         raise InduceKVError(f"--weights {weights!r} is not one of {', '.join(contract.WEIGHT_FORMATS)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise InduceKVError(f"output {out} exists and is not empty; pass --force to replace it")
     torch.set_num_threads(threads)
-    steps = ["resolve", "load", "save fp32", "onnx export", "quantize", "tokenizer", "validate", "manifest"]
+    steps = ["resolve", "load", "onnx export", "quantize", "tokenizer", "validate", "manifest"]
     bar = tqdm(total=len(steps), desc="ikv-export", unit="step", disable=not progress)
 
     def step(name):
@@ -121,6 +152,8 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
     step("resolve")
     src = sources.resolve(model)
     spec = registry.lookup(sources.read_model_type(src))
+    if graph == "native" and not spec.native:
+        raise InduceKVError(f"architecture {spec.model_type!r} has no native graph yet; pass --graph optimum")
     bar.update()
     step("load")
     hf_model, tokenizer = sources.load(src)
@@ -130,17 +163,9 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".ikv-export-", dir=out.parent) as tmp:
         tmp = Path(tmp)
-        step("save fp32")
-        hf_dir = tmp / "hf"
-        hf_model.save_pretrained(hf_dir, safe_serialization=True)
-        tokenizer.save_pretrained(hf_dir)
-        bar.update()
-
         step("onnx export")
-        onnx_dir = tmp / "onnx"
-        main_export(str(hf_dir), onnx_dir, task=spec.optimum_task, device="cpu",
-                    do_validation=False, local_files_only=True)
-        onnx_model = onnx.load(onnx_dir / "model.onnx")
+        onnx_model = _native_graph(hf_model, weights) if graph == "native" else \
+            _optimum_graph(hf_model, tokenizer, spec, tmp)
         names_in = [i.name for i in onnx_model.graph.input]
         names_out = [o.name for o in onnx_model.graph.output]
         L = cfg.num_hidden_layers
@@ -192,7 +217,7 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
             chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
             weights=weights,
             files=describe_files(stage, files),
-            extra={"export_validation": report, "exporter": "optimum-onnx", "opset": _opset(stage)},
+            extra={"export_validation": report, "graph": graph, "opset": _opset(stage)},
         )
         write_manifest(stage, manifest)
         if out.exists():

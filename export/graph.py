@@ -1,0 +1,151 @@
+"""The native decoder graph for Llama-family models, built node by node.
+
+Why not only optimum: its graph for SmolLM2 is ~7,400 nodes (3,153 after
+onnxruntime's optimizer, most of them shape arithmetic), and at 135M
+parameters the per-node overhead dominates a decode step. onnxruntime-genai's
+builder makes a compact graph but has no ``position_ids`` input and treats the
+mask as a length. This graph uses standard ONNX opset-23 ops (RMSNormalization,
+RotaryEmbedding with explicit position_ids, Attention with grouped KV heads,
+a real boolean mask and past/present KV), ~17 nodes per layer, and keeps the
+bundle contract of ``contract.py``.
+
+Per layer, x: (B, S, hidden)::
+
+    h = RMSNorm(x);  q, k, v = h @ Wq, h @ Wk, h @ Wv          # (B, S, H*D), (B, S, Hkv*D)
+    q, k = RoPE(q, position_ids), RoPE(k, position_ids)
+    y, present_k, present_v = Attention(q, k, v, mask, past_k, past_v)   # GQA
+    x = x + y @ Wo;  h = RMSNorm(x);  x = x + (silu(h @ Wg) * (h @ Wu)) @ Wd
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from inducekv.export import contract
+from inducekv.runtime.errors import UnsupportedModelError
+
+OPSET = 23
+
+
+def rope_cache(theta: float, head_dim: int, max_pos: int, rope_scaling: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (max_pos, head_dim/2) for rotate-half RoPE."""
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+        raise UnsupportedModelError(
+            f"rope scaling {rope_scaling!r} is not supported by the native graph yet; export with --graph optimum")
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))   # (D/2,)
+    ang = np.arange(max_pos, dtype=np.float64)[:, None] * inv[None, :]                # (P, D/2)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+class _G:
+    """Tiny helper that names nodes and collects initializers."""
+
+    def __init__(self):
+        self.nodes, self.inits = [], []
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, **attrs) -> list[str] | str:
+        outs = [f"{name}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
+        return outs if n_out > 1 else outs[0]
+
+
+def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True) -> onnx.ModelProto:
+    """ONNX decoder from an HF Llama state dict (numpy fp32) and its config.
+
+    ``share_tied``: with tied embeddings, the LM head reads the embedding table
+    through a Transpose node (one copy on disk). Pass False before weight
+    quantization, so the head is a constant MatMul the quantizer can compress.
+    """
+    L, H, Hkv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    eps = float(cfg.rms_norm_eps)
+    g = _G()
+    cos, sin = rope_cache(float(cfg.rope_theta), D, cfg.max_position_embeddings, getattr(cfg, "rope_scaling", None))
+    g.init("rope.cos", cos)
+    g.init("rope.sin", sin)
+    emb = g.init("model.embed_tokens.weight", state["model.embed_tokens.weight"])  # (V, hidden)
+
+    # -- mask: (B, 1, S, T) bool, True = attend; built once, shared by all layers ----------------
+    ids_shape = g.op("Shape", [contract.INPUT_IDS], "mask/ids_shape")
+    mask_shape = g.op("Shape", [contract.ATTENTION_MASK], "mask/shape")
+    one = g.init("const.one", np.array([1], np.int64))
+    zero_s = g.init("const.zero_scalar", np.array(0, np.int64))
+    one_s = g.init("const.one_scalar", np.array(1, np.int64))
+    S = g.op("Squeeze", [g.op("Slice", [ids_shape, one, g.init("const.two", np.array([2], np.int64))], "mask/S1")], "mask/S")
+    T = g.op("Squeeze", [g.op("Slice", [mask_shape, one, "const.two"], "mask/T1")], "mask/T")
+    P = g.op("Sub", [T, S], "mask/P")
+    kidx = g.op("Range", [zero_s, T, one_s], "mask/kidx")                          # (T,)
+    qidx = g.op("Range", [P, T, one_s], "mask/qidx")                                # (S,)
+    qcol = g.op("Unsqueeze", [qidx, g.init("const.axis1", np.array([1], np.int64))], "mask/qcol")  # (S, 1)
+    causal = g.op("LessOrEqual", [kidx, qcol], "mask/causal")                       # (S, T)
+    keep = g.op("Cast", [contract.ATTENTION_MASK], "mask/keep", to=TensorProto.BOOL)  # (B, T)
+    keep4 = g.op("Unsqueeze", [keep, g.init("const.axes12", np.array([1, 2], np.int64))], "mask/keep4")  # (B,1,1,T)
+    mask = g.op("And", [keep4, causal], "mask/bool")                                # (B, 1, S, T)
+
+    x = g.op("Gather", [emb, contract.INPUT_IDS], "embed", axis=0)                  # (B, S, hidden)
+    present = []
+
+    def linear(inp, key, name):
+        w = g.init(key, state[key].T)                                               # (in, out)
+        y = g.op("MatMul", [inp, w], name)
+        bias = key[: -len("weight")] + "bias"
+        if bias in state:
+            y = g.op("Add", [y, g.init(bias, state[bias])], name + "/bias")
+        return y
+
+    def rmsnorm(inp, key, name):
+        return g.op("RMSNormalization", [inp, g.init(key, state[key])], name, axis=-1, epsilon=eps)
+
+    for i in range(L):
+        p = f"model.layers.{i}."
+        h = rmsnorm(x, p + "input_layernorm.weight", f"l{i}/ln1")
+        q = linear(h, p + "self_attn.q_proj.weight", f"l{i}/q")                    # (B, S, H*D)
+        k = linear(h, p + "self_attn.k_proj.weight", f"l{i}/k")                    # (B, S, Hkv*D)
+        v = linear(h, p + "self_attn.v_proj.weight", f"l{i}/v")
+        q = g.op("RotaryEmbedding", [q, "rope.cos", "rope.sin", contract.POSITION_IDS], f"l{i}/rope_q", num_heads=H)
+        k = g.op("RotaryEmbedding", [k, "rope.cos", "rope.sin", contract.POSITION_IDS], f"l{i}/rope_k", num_heads=Hkv)
+        y, pk, pv = g.op("Attention", [q, k, v, mask, contract.past_key(i), contract.past_value(i)], f"l{i}/attn",
+                         n_out=3, q_num_heads=H, kv_num_heads=Hkv)                  # y (B, S, H*D); pk (B, Hkv, T, D)
+        present += [(pk, contract.present_key(i)), (pv, contract.present_value(i))]
+        x = g.op("Add", [x, linear(y, p + "self_attn.o_proj.weight", f"l{i}/o")], f"l{i}/res1")
+        h = rmsnorm(x, p + "post_attention_layernorm.weight", f"l{i}/ln2")
+        gate = linear(h, p + "mlp.gate_proj.weight", f"l{i}/gate")
+        up = linear(h, p + "mlp.up_proj.weight", f"l{i}/up")
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}/sig")], f"l{i}/silu"), up], f"l{i}/act")
+        x = g.op("Add", [x, linear(act, p + "mlp.down_proj.weight", f"l{i}/down")], f"l{i}/res2")
+
+    h = rmsnorm(x, "model.norm.weight", "final_norm")
+    head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    tied = "lm_head.weight" not in state or head is state["model.embed_tokens.weight"]
+    if tied and share_tied:
+        head_w = g.op("Transpose", [emb], "lm_head/transpose", perm=[1, 0])        # (hidden, V)
+    else:
+        head_w = g.init("lm_head.weight", head.T)
+    logits_raw = g.op("MatMul", [h, head_w], "lm_head")                              # (B, S, V)
+
+    g.nodes.append(helper.make_node("Identity", [logits_raw], [contract.LOGITS], name="out/logits"))
+    for src, dst in present:
+        g.nodes.append(helper.make_node("Identity", [src], [dst], name=f"out/{dst}"))
+
+    V = head.shape[0]
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info(contract.INPUT_IDS, i64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(contract.ATTENTION_MASK, i64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info(contract.POSITION_IDS, i64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [helper.make_tensor_value_info(contract.LOGITS, f32, ["batch_size", "sequence_length", V])]
+    for i in range(L):
+        for name in (contract.past_key(i), contract.past_value(i)):
+            inputs.append(helper.make_tensor_value_info(name, f32, ["batch_size", Hkv, "past_sequence_length", D]))
+        for name in (contract.present_key(i), contract.present_value(i)):
+            outputs.append(helper.make_tensor_value_info(name, f32, ["batch_size", Hkv, "total_sequence_length", D]))
+    graph = helper.make_graph(g.nodes, "inducekv-decoder", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inducekv")
+    model.ir_version = 10
+    return model

@@ -1,0 +1,86 @@
+"""Session fixtures: tiny random-config models built from real architectures (no downloads)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer: 3 specials + the 256 byte symbols, no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    vocab.update({ch: len(SPECIALS) + i for i, ch in enumerate(sorted(alphabet))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_llama_config(**over):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=len(SPECIALS) + 256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              rope_theta=50000.0,  # not the library default, so a dropped theta shows up
+              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(over)
+    return LlamaConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """An HF directory with a random tiny Llama (2 layers, GQA 4/2 heads) and a byte tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    with torch.no_grad():  # larger weights than init -> peaked logits, so argmax is a meaningful check
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(d, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """fp32, int8 and int4 bundles of the tiny Llama."""
+    from inducekv.export.build import export_bundle
+
+    root = tmp_path_factory.mktemp("tiny-bundles")
+    out = {}
+    for w in ("fp32", "int8", "int4"):
+        export_bundle(str(tiny_llama_dir), root / w, weights=w, progress=False)
+        out[w] = root / w
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tiny_llama_dir):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+@pytest.fixture()
+def rng():
+    return np.random.default_rng(1234)

@@ -1,0 +1,123 @@
+"""Oracle: runtime logits and tokens vs transformers on a tiny random Llama."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from inducekv.export import contract
+from inducekv.export.bundle import read_manifest
+from inducekv.runtime import Runtime
+from inducekv.runtime.session import KVCache
+
+PROMPT = "What is the capital of Vexland?"
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_manifest_records_the_model(tiny_bundles, tiny_llama_dir):
+    m = read_manifest(tiny_bundles["fp32"], verify_hashes=True)
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    assert (m.architecture, m.num_layers, m.num_kv_heads, m.head_dim) == ("llama", 2, 2, 16)
+    assert m.rope["theta"] == cfg["rope_theta"] == 50000.0
+    assert m.special_tokens["eos_token_ids"] == [2]
+    assert m.weights == "fp32" and m.chat_template
+    fps = {read_manifest(b).fingerprint for b in tiny_bundles.values()}
+    assert len(fps) == 3  # each weight format is a different model for a memory bank
+
+
+def test_prefill_logits_match_transformers(tiny_bundles, tiny_hf_model):
+    rt = Runtime.open(tiny_bundles["fp32"])
+    ids = rt.encode_prompt(PROMPT)
+    got, _ = rt.decoder.forward(ids, KVCache.empty(rt.manifest))
+    ref = hf_logits(tiny_hf_model, ids)
+    assert np.abs(got - ref).max() < 1e-4
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_incremental_decode_matches_full_prefill(tiny_bundles, tiny_hf_model):
+    rt = Runtime.open(tiny_bundles["fp32"])
+    ids = rt.encode_prompt(PROMPT)
+    cache = KVCache.empty(rt.manifest)
+    rows = []
+    for chunk in (ids[:5], ids[5:17], ids[17:18], ids[18:]):  # uneven chunks through the growing cache
+        logits, cache = rt.decoder.forward(chunk, cache)
+        rows.append(logits)
+    assert cache.length == len(ids)
+    assert np.abs(np.concatenate(rows) - hf_logits(tiny_hf_model, ids)).max() < 1e-4
+
+
+def test_greedy_tokens_match_transformers_generate(tiny_bundles, tiny_hf_model):
+    rt = Runtime.open(tiny_bundles["fp32"])
+    res = rt.generate(PROMPT, max_new_tokens=20, ignore_eos=True)
+    ids = rt.encode_prompt(PROMPT)
+    with torch.no_grad():
+        out = tiny_hf_model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    assert res.token_ids == out[0, len(ids):].tolist()
+    assert res.timings.new_tokens == 20 and res.timings.prompt_tokens == len(ids)
+
+
+def test_attention_mask_hides_a_token(tiny_bundles):
+    """A zero in attention_mask must act as if that token were absent (a real mask, not a length)."""
+    rt = Runtime.open(tiny_bundles["fp32"])
+    ids = rt.encode_prompt(PROMPT)
+    a, b, query = ids[:6], ids[6:9], ids[9:14]
+    empty = KVCache.empty(rt.manifest)
+    _, cache_ab = rt.decoder.forward(a + b, empty)
+    hidden = np.r_[np.ones(len(a)), np.zeros(len(b)), np.ones(len(query))]
+    pos = np.arange(len(a) + len(b), len(a) + len(b) + len(query))
+    masked, _ = rt.decoder.forward(query, cache_ab, positions=pos, mask=hidden)
+    _, cache_a = rt.decoder.forward(a, empty)
+    absent, _ = rt.decoder.forward(query, cache_a, positions=pos)
+    assert np.abs(masked - absent).max() < 1e-4
+    unmasked, _ = rt.decoder.forward(query, cache_ab, positions=pos)
+    assert np.abs(unmasked - absent).max() > 1e-2  # the hidden tokens did matter
+
+
+def test_explicit_positions_are_honoured(tiny_bundles):
+    rt = Runtime.open(tiny_bundles["fp32"])
+    ids = rt.encode_prompt(PROMPT)[:8]
+    empty = KVCache.empty(rt.manifest)
+    base, _ = rt.decoder.forward(ids, empty)
+    shifted, _ = rt.decoder.forward(ids, empty, positions=np.arange(7, 7 + len(ids)))
+    # RoPE is relative: a constant shift leaves attention scores (and logits) unchanged...
+    assert np.abs(base - shifted).max() < 1e-3
+    reversed_pos, _ = rt.decoder.forward(ids, empty, positions=np.arange(len(ids))[::-1].copy())
+    assert np.abs(base - reversed_pos).max() > 1e-2  # ...but other positions change them
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_bundles_use_matmulnbits_and_stay_close(tiny_bundles, tiny_hf_model, weights):
+    import onnx
+
+    g = onnx.load(tiny_bundles[weights] / contract.DECODER_FILE)
+    ops = [n.op_type for n in g.graph.node]
+    assert ops.count("MatMulNBits") >= 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + lm head
+    assert "MatMul" not in [n.op_type for n in g.graph.node if any(i.endswith(".weight") for i in n.input)]
+    rt = Runtime.open(tiny_bundles[weights])
+    ids = rt.encode_prompt(PROMPT)
+    got, _ = rt.decoder.forward(ids, KVCache.empty(rt.manifest))
+    ref = hf_logits(tiny_hf_model, ids)
+    agree = (got.argmax(-1) == ref.argmax(-1)).mean()
+    assert agree >= {"int8": 0.9, "int4": 0.6}[weights]
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > {"int8": 0.999, "int4": 0.95}[weights]
+
+
+def test_optimum_graph_matches_native(tiny_llama_dir, tiny_bundles, tiny_hf_model, tmp_path):
+    """The optimum-onnx path is kept for other architectures; both graphs obey one contract."""
+    from inducekv.export.build import export_bundle
+
+    manifest, _ = export_bundle(str(tiny_llama_dir), tmp_path / "opt", graph="optimum", progress=False)
+    assert manifest.extra["graph"] == "optimum"
+    native, optimum = Runtime.open(tiny_bundles["fp32"]), Runtime.open(tmp_path / "opt")
+    ids = native.encode_prompt(PROMPT)
+    a, _ = native.decoder.forward(ids, KVCache.empty(native.manifest))
+    b, _ = optimum.decoder.forward(ids, KVCache.empty(optimum.manifest))
+    assert np.abs(a - b).max() < 1e-4
+    assert np.abs(b - hf_logits(tiny_hf_model, ids)).max() < 1e-4

@@ -1,0 +1,42 @@
+"""The device side imports and generates with torch and transformers unavailable."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+BLOCKER = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = {"torch", "transformers", "optimum", "accelerate", "onnx"}
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+    sys.meta_path.insert(0, Block())
+""")
+
+SCRIPT = BLOCKER + textwrap.dedent("""
+    import json
+    from inducekv.runtime import Runtime
+    rt = Runtime.open(sys.argv[1])
+    r = rt.generate("Hello there", max_new_tokens=5, ignore_eos=True)
+    pieces = list(rt.stream("Hello there", max_new_tokens=5, ignore_eos=True))
+    import inducekv.runtime.cli, inducekv.devices.profile, inducekv.runtime.tasks
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    print(json.dumps({"tokens": len(r.token_ids), "stream": "".join(pieces) == r.text, "heavy": heavy}))
+""")
+
+
+def test_runtime_runs_without_torch(tiny_bundles):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_bundles["fp32"])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"tokens": 5, "stream": True, "heavy": []}
+
+
+def test_blocker_really_blocks():
+    out = subprocess.run([sys.executable, "-c", BLOCKER + "import torch"], capture_output=True, text=True)
+    assert out.returncode != 0 and "blocked" in out.stderr
