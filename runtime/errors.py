@@ -20,3 +20,7 @@ class UnsupportedModelError(InduceKVError):
 
 class PromptError(InduceKVError):
     """A prompt is empty or does not fit the model's context."""
+
+
+class BankError(InduceKVError):
+    """A memory bank file is missing, corrupt, busy, or belongs to another model."""

@@ -1,0 +1,377 @@
+"""The memory bank: one preallocated, byte-capped ``.ikv`` file of KV memory entries.
+
+Commit protocol (copy-on-write, two copies of every mutable region)::
+
+    superblock copies  [A gen=7] [B gen=8]   <- current = valid copy with the higher gen
+    record copies      slot s: [copy 0][copy 1], superblock bitmap bit s says which is current
+    pages              free = not listed by any current record
+
+    1. payload -> free pages              (pwrite)
+    2. new record -> the slot's other copy (pwrite)
+    3. catalog / calibration -> their other copy, if changed
+    4. fdatasync
+    5. superblock gen+1 with flipped bits -> the older superblock copy, fdatasync
+
+Killed before step 5 completes, the old superblock still names only old bytes
+(steps 1-3 touched nothing it references): the bank is exactly as before. After
+step 5, it is exactly the new state. A reader never locks: it checks the CRC of
+every record and payload it serves and, on a mismatch (the writer reused those
+bytes after a later commit), re-reads the superblock and retries. One writer at a
+time holds ``flock(LOCK_EX)`` on the file.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import mmap
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inducekv.kernels import kvquant
+from inducekv.memory import format as fmt
+from inducekv.runtime.errors import BankError
+
+log = logging.getLogger(__name__)
+
+READ_RETRIES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    slot: int            # where it lives now; reused after removal
+    entry_id: int        # unique for the life of the bank; never reused
+    task: str
+    tokens: int
+    nbytes: int          # payload bytes (quantized)
+    pages: int           # pages it occupies
+    example_hash: bytes  # 16 bytes, see ``example_hash``
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    keys: np.ndarray     # (L, H_kv, T, D) float32
+    values: np.ndarray   # (L, H_kv, T, D) float32
+    key: np.ndarray      # (key_dim,) float32 retrieval key
+    task: str
+    example_hash: bytes = b"\0" * 16
+
+
+def example_hash(example: dict) -> bytes:
+    """16-byte digest of a task example (canonical JSON), stored with its entry."""
+    return hashlib.blake2b(json.dumps(example, sort_keys=True, ensure_ascii=False).encode(), digest_size=16).digest()
+
+
+def _empty_catalog() -> dict:
+    return {"tasks": {}, "next_task_id": 0, "template": None, "extra": {}}
+
+
+def _check_catalog(cat, where: str) -> dict:
+    ok = (isinstance(cat, dict) and isinstance(cat.get("tasks"), dict) and isinstance(cat.get("next_task_id"), int)
+          and all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("anchors", []), list)
+                  for t in cat["tasks"].values()))
+    if not ok:
+        raise BankError(f"{where}: bank catalog is malformed")
+    return cat
+
+
+class Bank:
+    """A bank file opened for reading (any number of processes) or writing (one)."""
+
+    def __init__(self, path: Path, fd: int, geo: fmt.Geometry, writable: bool):
+        self.path, self._fd, self.geo, self.writable = path, fd, geo, writable
+        self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        self._off = geo.offsets()
+        self._rdt = geo.record_dtype
+        self._crc_at = self._rdt.fields["crc"][1]  # byte offset of the record CRC
+        self.gen = -1
+        self._load()
+
+    # ---------------------------------------------------------------- open/create
+    @classmethod
+    def create(cls, path, cap: int, *, force: bool = False, **plan) -> "Bank":
+        """Create an empty bank of at most ``cap`` bytes (see ``format.plan`` for options); opened writable."""
+        path = Path(path)
+        if path.exists() and not force:
+            raise BankError(f"{path} already exists; pass force=True (--force) to replace it")
+        try:
+            geo = fmt.plan(int(cap), **plan)
+        except ValueError as e:
+            raise BankError(str(e)) from None
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, geo.file_bytes)  # real blocks: the cap is bytes on disk
+                f.write(geo.header_bytes())
+                sb = fmt.Superblock(1, 1, 0, 0, 0, 0, 0, np.zeros(geo.slots, np.uint8))
+                f.seek(geo.offsets()["superblock"] + geo.superblock_bytes)  # copy 1 (gen 1 % 2)
+                f.write(sb.to_bytes(geo))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("created %s: %d bytes, %d slots, %d pages of %d bytes", path, geo.file_bytes, geo.slots, geo.pages, geo.page_bytes)
+        return cls.open(path, writable=True)
+
+    @classmethod
+    def open(cls, path, *, writable: bool = False, fingerprint: str | None = None) -> "Bank":
+        path = Path(path)
+        if not path.is_file():
+            raise BankError(f"bank {path} does not exist (create one with ikv-learn --budget or ikv-bank create)")
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            if writable:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise BankError(f"{path} is being written by another process; wait for it to finish") from None
+            size = os.fstat(fd).st_size
+            geo = fmt.parse_header(os.pread(fd, 8, 0), lambda o, n: os.pread(fd, n, o), size, str(path))
+            if fingerprint is not None and fingerprint != geo.fingerprint:
+                raise BankError(f"{path} was built for another model (bank fingerprint {geo.fingerprint[:12]}, "
+                                f"bundle {fingerprint[:12]}); use the bundle it was built with or a new bank")
+            return cls(path, fd, geo, writable)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._mm.close()
+            os.close(self._fd)  # releases the writer lock
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---------------------------------------------------------------- reading state
+    def _region(self, name: str, copy: int, n: int | None = None) -> bytes:
+        shape = self.geo.section_shapes()[name]
+        size = shape[-1]
+        start = self._off[name] + copy * size
+        return self._mm[start:start + (size if n is None else n)]
+
+    def _superblock(self) -> tuple[fmt.Superblock, int]:
+        best = None
+        for copy in (0, 1):
+            sb = fmt.Superblock.parse(self._region("superblock", copy), self.geo)
+            if sb is not None and (best is None or sb.gen > best[0].gen):
+                best = (sb, copy)
+        if best is None:
+            raise BankError(f"{self.path}: both superblock copies are corrupt; the bank cannot be read")
+        return best
+
+    def _records(self, bitmap: np.ndarray) -> np.ndarray:
+        """Current record copy of every slot, raw bytes (S, R)."""
+        S, R = self.geo.slots, self.geo.record_bytes
+        raw = np.frombuffer(self._mm, np.uint8, S * 2 * R, self._off["records"]).reshape(S, 2, R)
+        return raw[np.arange(S), bitmap.astype(np.intp)].copy()
+
+    def _record_ok(self, raw: np.ndarray) -> bool:
+        """Magic and CRC of one raw record (R,) hold."""
+        at = self._crc_at
+        return raw[:4].tobytes() == fmt.RECORD_MAGIC and int.from_bytes(raw[at:at + 4].tobytes(), "little") == fmt.record_crc(raw, self._rdt)
+
+    def _load(self) -> None:
+        for _ in range(READ_RETRIES):
+            sb, copy = self._superblock()
+            raw = self._records(sb.bitmap)
+            catalog = self._read_catalog(sb)
+            if self._superblock()[0].gen == sb.gen:  # nothing committed while we read
+                break
+        else:
+            raise BankError(f"{self.path}: the bank changed on every read attempt; retry later")
+        recs = raw.view(self._rdt).reshape(-1)
+        live = np.zeros(self.geo.slots, bool)
+        for s in np.flatnonzero(recs["magic"] != b""):
+            if not self._record_ok(raw[s]):
+                if self._superblock()[0].gen != sb.gen:
+                    return self._load()  # a commit raced us: start over
+                raise BankError(f"{self.path}: record of slot {s} is corrupt (checksum); run ikv-bank verify")
+            live[s] = recs[s]["state"] == fmt.STATE_LIVE
+        self.gen, self._sb, self._sb_copy, self._recs, self._live, self.catalog = sb.gen, sb, copy, recs, live, catalog
+        self._task_names = {int(k): v["name"] for k, v in catalog["tasks"].items()}
+
+    def _read_catalog(self, sb: fmt.Superblock) -> dict:
+        if sb.catalog_len == 0:
+            return _empty_catalog()
+        raw = self._region("catalog", sb.catalog_copy, sb.catalog_len)
+        if zlib.crc32(raw) != sb.catalog_crc:
+            return _empty_catalog() if self._superblock()[0].gen != sb.gen else self._corrupt("catalog")
+        try:
+            return _check_catalog(json.loads(raw.decode("utf-8")), str(self.path))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            self._corrupt("catalog")
+
+    def _corrupt(self, what: str):
+        raise BankError(f"{self.path}: {what} is corrupt (checksum); run ikv-bank verify")
+
+    def refresh(self) -> bool:
+        """Pick up commits made by a writer since the last look. True when something changed."""
+        if self._superblock()[0].gen == self.gen:
+            return False
+        self._load()
+        return True
+
+    # ---------------------------------------------------------------- queries
+    def slots(self) -> np.ndarray:
+        """Slots holding a live entry."""
+        return np.flatnonzero(self._live)
+
+    def entry(self, slot: int) -> EntryInfo:
+        r = self._recs[slot]
+        if not self._live[slot]:
+            raise BankError(f"slot {slot} of {self.path} is empty")
+        return EntryInfo(int(slot), int(r["entry_id"]), self._task_names.get(int(r["task_id"]), "?"), int(r["tokens"]),
+                         int(r["nbytes"]), int(r["n_pages"]), bytes(r["example_hash"]))
+
+    def entries(self) -> list[EntryInfo]:
+        return [self.entry(s) for s in self.slots()]
+
+    def keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """(entry_ids (N,), keys (N, key_dim)) of the live entries, slot order."""
+        s = self.slots()
+        return self._recs["entry_id"][s].astype(np.int64), self._recs["key"][s].astype(np.float32)
+
+    def slot_of(self) -> dict[int, int]:
+        return {int(self._recs["entry_id"][s]): int(s) for s in self.slots()}
+
+    def tasks(self) -> dict[str, int]:
+        """Task name -> live entry count (tasks with anchors but no entries count 0)."""
+        out = {t["name"]: 0 for t in self.catalog["tasks"].values()}
+        for e in self.entries():
+            out[e.task] = out.get(e.task, 0) + 1
+        return out
+
+    def anchors(self, task: str) -> list[dict]:
+        for t in self.catalog["tasks"].values():
+            if t["name"] == task:
+                return list(t.get("anchors", []))
+        return []
+
+    def used_pages(self) -> np.ndarray:
+        used = np.zeros(self.geo.pages, bool)
+        for s in self.slots():
+            r = self._recs[s]
+            used[r["pages"][: r["n_pages"]]] = True
+        return used
+
+    def usage(self) -> dict:
+        g = self.geo
+        live = self.slots()
+        pages_used = int(self._recs["n_pages"][live].sum())
+        return {
+            "cap": g.cap, "file_bytes": g.file_bytes, "entries": int(len(live)), "slots": g.slots,
+            "pages": g.pages, "page_bytes": g.page_bytes, "pages_used": pages_used,
+            "payload_bytes": int(self._recs["nbytes"][live].sum()),
+            "bytes_used": pages_used * g.page_bytes, "bytes_free": (g.pages - pages_used) * g.page_bytes,
+            "overhead_bytes": g.file_bytes - g.pages * g.page_bytes,
+        }
+
+    def read_payload(self, slot: int, entry_id: int | None = None) -> tuple[bytes, int] | None:
+        """``(payload, tokens)`` of ``slot``, checksum verified; None when the slot is empty or
+        no longer holds ``entry_id`` (a writer swapped it out)."""
+        for _ in range(READ_RETRIES):
+            sb, _copy = self._superblock()
+            R = self.geo.record_bytes
+            start = self._off["records"] + (slot * 2 + int(sb.bitmap[slot])) * R
+            raw = np.frombuffer(self._mm[start:start + R], np.uint8)
+            rec = raw.view(self._rdt)[0]
+            if rec["magic"] == b"":
+                return None
+            if self._record_ok(raw):
+                if rec["state"] != fmt.STATE_LIVE or (entry_id is not None and int(rec["entry_id"]) != entry_id):
+                    return None
+                n, pg = int(rec["nbytes"]), rec["pages"][: rec["n_pages"]]
+                if len(pg) == self.geo.pages_for(int(rec["tokens"])) and int(pg.max(initial=0)) < self.geo.pages:
+                    buf = self._gather(pg, n)
+                    if zlib.crc32(buf) == rec["payload_crc"]:
+                        return buf, int(rec["tokens"])
+            if self._superblock()[0].gen == sb.gen:  # no commit in between: this is real damage
+                raise BankError(f"{self.path}: entry in slot {slot} is corrupt (checksum); run ikv-bank verify")
+        raise BankError(f"{self.path}: slot {slot} kept changing while being read; retry")
+
+    def _gather(self, pages: np.ndarray, n: int) -> bytes:
+        P, base = self.geo.page_bytes, self._off["pages"]
+        if len(pages) and (np.diff(pages.astype(np.int64)) == 1).all():  # contiguous run: one slice
+            start = base + int(pages[0]) * P
+            return self._mm[start:start + n]
+        out = bytearray()
+        for p in pages:
+            start = base + int(p) * P
+            out += self._mm[start:start + min(P, n - len(out))]
+        return bytes(out)
+
+    def read(self, slot: int, entry_id: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Dequantized ``(keys, values)``, each (L, H_kv, T, D) float32; None as in ``read_payload``."""
+        got = self.read_payload(slot, entry_id)
+        if got is None:
+            return None
+        buf, tokens = got
+        g = self.geo
+        return kvquant.unpack(buf, g.scheme, g.num_layers, g.kv_heads, tokens, g.head_dim)
+
+    def calibration(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """(a, b, U, V) of ``map(x) = a*x + b + (x @ V) @ U.T``; None while it is the identity."""
+        sb = self._sb
+        if sb.calib_crc == 0:
+            return None
+        raw = self._region("calibration", sb.calib_copy)
+        K, r = self.geo.key_dim, self.geo.calib_rank
+        n = 4 * K * (2 + 2 * r)
+        if zlib.crc32(raw[:n]) != sb.calib_crc:
+            self._corrupt("calibration")
+        arr = np.frombuffer(raw[:n], "<f4")
+        return arr[:K], arr[K:2 * K], arr[2 * K:2 * K + K * r].reshape(K, r), arr[2 * K + K * r:].reshape(K, r)
+
+    def calibrate(self, x: np.ndarray) -> np.ndarray:
+        """Apply the retrieval calibration to query keys (..., key_dim)."""
+        c = self.calibration()
+        if c is None:
+            return np.asarray(x, np.float32)
+        a, b, U, V = c
+        return (a * x + b + (x @ V) @ U.T).astype(np.float32)
+
+    # ---------------------------------------------------------------- writing
+    def transaction(self) -> "Transaction":
+        if not self.writable:
+            raise BankError(f"{self.path} is open read-only; open it with writable=True to change it")
+        from inducekv.memory.txn import Transaction
+
+        self.refresh()
+        return Transaction(self)
+
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        """Every byte the writer puts on disk goes through here (crash tests hook it)."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def _sync(self) -> None:
+        os.fdatasync(self._fd)
+
+
+def record_bytes_for(geo: fmt.Geometry, **fields) -> bytes:
+    """Serialize one record (CRC filled in)."""
+    rec = np.zeros(1, geo.record_dtype)
+    rec["magic"] = fmt.RECORD_MAGIC
+    for k, v in fields.items():
+        if k == "pages":
+            rec["pages"][0, : len(v)] = v
+        else:
+            rec[k] = v
+    raw = rec.view(np.uint8)
+    rec["crc"] = fmt.record_crc(raw, geo.record_dtype)
+    return rec.tobytes()
+
+

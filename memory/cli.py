@@ -1,0 +1,142 @@
+"""``ikv-bank``: inspect, check and edit a memory bank file."""
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from inducekv.runtime.cliutil import ByteSize, fail_on_bad_input
+
+_CTX = {"help_option_names": ["-h", "--help"]}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def _emit(obj: dict, as_json: bool, lines: list[str]) -> None:
+    click.echo(json.dumps(obj, indent=2) if as_json else "\n".join(lines))
+
+
+@click.group(context_settings=_CTX)
+def cli():
+    """Inspect and edit an inducekv memory bank (.ikv)."""
+    logging.basicConfig(level=logging.WARNING)
+
+
+@cli.command(context_settings=_CTX)
+@click.argument("bank", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(bank, as_json):
+    """Cap, bytes used/free, entries per task, bytes per entry, quantization."""
+    from inducekv.memory.bank import Bank
+
+    with fail_on_bad_input(), Bank.open(bank) as b:
+        g, u = b.geo, b.usage()
+        per_entry = {t: g.entry_bytes(t) for t in (32, 64, 128) if t <= g.max_tokens}
+        obj = {"path": str(b.path), "fingerprint": g.fingerprint, "scheme": g.scheme, "generation": b.gen,
+               "model": {"layers": g.num_layers, "kv_heads": g.kv_heads, "head_dim": g.head_dim},
+               "key": {"dim": g.key_dim, "space": g.key_space, "calibrated": b.calibration() is not None},
+               **u, "tasks": b.tasks(), "entry_bytes_at_tokens": per_entry,
+               "mean_entry_bytes": (u["bytes_used"] // u["entries"]) if u["entries"] else None}
+        lines = [f"{b.path}: inducekv bank, generation {b.gen}",
+                 f"  model      {g.fingerprint[:16]}  (L={g.num_layers}, kv heads={g.kv_heads}, head dim={g.head_dim})",
+                 f"  payloads   {g.scheme}, pages of {g.page_bytes} B; keys {g.key_dim}-d {g.key_space}"
+                 f"{' (calibrated)' if obj['key']['calibrated'] else ''}",
+                 f"  cap        {_mib(g.cap)} ({g.cap} B); file {g.file_bytes} B; format overhead {_mib(u['overhead_bytes'])}",
+                 f"  used       {_mib(u['bytes_used'])} of {_mib(g.pages * g.page_bytes)} payload space; "
+                 f"free {_mib(u['bytes_free'])}",
+                 f"  entries    {u['entries']} of {g.slots} slots"
+                 + (f"; mean {_mib(obj['mean_entry_bytes'])} each" if u["entries"] else ""),
+                 "  per entry  " + ", ".join(f"{t} tok = {_mib(n)}" for t, n in per_entry.items())]
+        lines += [f"  task       {name}: {n} entries, {len(b.anchors(name))} anchors" for name, n in obj["tasks"].items()]
+    _emit(obj, as_json, lines)
+
+
+@cli.command(context_settings=_CTX)
+@click.argument("bank", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--no-payloads", is_flag=True, help="Skip payload checksums (faster on big banks).")
+def verify(bank, as_json, no_payloads):
+    """Check every checksum and invariant; exit 1 when the bank is damaged."""
+    from inducekv.memory.verify import verify as run
+
+    rep = run(bank, payloads=not no_payloads)
+    lines = [f"{bank}: {'OK' if rep['ok'] else 'DAMAGED'} (generation {rep['gen']}, {rep['entries']} entries)"]
+    lines += [f"  problem: {p}" for p in rep["problems"]]
+    _emit(rep, as_json, lines)
+    if not rep["ok"]:
+        raise SystemExit(1)
+
+
+@cli.command("list", context_settings=_CTX)
+@click.argument("bank", type=click.Path())
+@click.option("--task", default=None, help="Only entries of this task.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def list_(bank, task, as_json):
+    """One line per entry: slot, id, task, tokens, bytes."""
+    from inducekv.memory.bank import Bank
+
+    with fail_on_bad_input(), Bank.open(bank) as b:
+        rows = [e for e in b.entries() if task is None or e.task == task]
+        P, R2 = b.geo.page_bytes, 2 * b.geo.record_bytes
+        obj = {"entries": [{"slot": e.slot, "id": e.entry_id, "task": e.task, "tokens": e.tokens,
+                            "payload_bytes": e.nbytes, "bytes": e.pages * P + R2, "example_hash": e.example_hash.hex()}
+                           for e in rows]}
+    lines = [f"{'slot':>6} {'id':>8}  {'tokens':>6} {'bytes':>9}  task"]
+    lines += [f"{r['slot']:>6} {r['id']:>8}  {r['tokens']:>6} {r['bytes']:>9}  {r['task']}" for r in obj["entries"]]
+    _emit(obj, as_json, lines)
+
+
+@cli.command("remove-task", context_settings=_CTX)
+@click.argument("bank", type=click.Path())
+@click.argument("task")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def remove_task(bank, task, as_json):
+    """Forget TASK: remove its entries and anchors and free their space (atomic)."""
+    from inducekv.memory.bank import Bank
+
+    with fail_on_bad_input(), Bank.open(bank, writable=True) as b:
+        before = b.usage()["bytes_free"]
+        with b.transaction() as tx:
+            n = tx.remove_task(task)
+        obj = {"task": task, "removed_entries": n, "freed_bytes": b.usage()["bytes_free"] - before}
+    _emit(obj, as_json, [f"removed task {task!r}: {n} entries, {_mib(obj['freed_bytes'])} freed"])
+
+
+@cli.command(context_settings=_CTX)
+@click.argument("bank", type=click.Path())
+@click.option("--bundle", required=True, type=click.Path(), help="Bundle the bank will serve (fixes model and key size).")
+@click.option("--budget", required=True, type=ByteSize(), help="Hard cap on the file's bytes, e.g. 16MiB, 500KB.")
+@click.option("--scheme", type=click.Choice(["fp16", "int8", "int4"]), default="int8", show_default=True,
+              help="Payload quantization.")
+@click.option("--max-tokens", type=click.IntRange(1, 65536), default=256, show_default=True, help="Longest entry.")
+@click.option("--page-tokens", type=click.IntRange(1, 1024), default=4, show_default=True,
+              help="Payload page size in tokens (smaller wastes less per entry).")
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def create(bank, bundle, budget, scheme, max_tokens, page_tokens, force, as_json):
+    """Create an empty bank of at most --budget bytes for --bundle (ikv-learn does this too)."""
+    from inducekv.export.bundle import read_manifest
+    from inducekv.memory.bank import Bank
+    from inducekv.runtime.errors import BankError
+
+    with fail_on_bad_input():
+        m = read_manifest(bundle)
+        key_dim = int((m.retrieval_key or {}).get("dim", m.hidden_size))
+        if budget <= 0:
+            raise BankError("--budget must be positive")
+        with Bank.create(bank, budget, force=force, fingerprint=m.fingerprint, scheme=scheme, num_layers=m.num_layers,
+                         kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=key_dim, max_tokens=max_tokens,
+                         page_tokens=page_tokens) as b:
+            g = b.geo
+            obj = {"path": str(b.path), "cap": g.cap, "file_bytes": g.file_bytes, "slots": g.slots, "pages": g.pages,
+                   "page_bytes": g.page_bytes, "entry_bytes_at_tokens": {t: g.entry_bytes(t) for t in (32, 64, 128)
+                                                                         if t <= g.max_tokens}}
+    _emit(obj, as_json, [f"created {bank}: {g.file_bytes} B of a {g.cap} B cap, {g.slots} slots, "
+                         f"{g.pages} pages of {g.page_bytes} B"])
+
+
+def main():
+    cli()

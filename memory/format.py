@@ -1,0 +1,321 @@
+"""Byte layout of the bank file (``.ikv``): constants, geometry, records, header.
+
+Everything about where bytes go lives here; ``memory/FORMAT.md`` documents the
+same layout for humans. The file is a valid safetensors file whose tensors are
+fixed-size byte regions, all allocated at creation::
+
+    u64 N | header JSON (N bytes, space padded) | superblock | calibration | catalog | records | pages
+                                                  [2, SB]      [2, CB]       [2, CAT]  [S, 2, R] [P, page_bytes]
+
+Every mutable region exists twice (copies 0 and 1). A commit writes the copies
+the current superblock does *not* point to, then flips to them by writing the
+older superblock copy with ``gen + 1``. See ``bank.py`` for the protocol.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from inducekv.kernels import kvquant
+from inducekv.runtime.errors import BankError
+
+FORMAT_NAME = "inducekv.bank"
+FORMAT_VERSION = 1
+SUPERBLOCK_MAGIC = b"IKVS"
+RECORD_MAGIC = b"IKVE"
+DATA_ALIGN = 4096  # the data section starts on a page boundary
+SECTION_ALIGN = 64  # every region's size is a multiple of this
+MAX_HEADER_BYTES = 1 << 20  # a real header is < 2 KB; refuse anything larger
+KEY_SPACES = ("cosine", "ip", "l2")
+SECTIONS = ("superblock", "calibration", "catalog", "records", "pages")
+
+# Limits that bound every allocation a hostile header could ask for.
+MAX_SLOTS = 10_000_000
+MAX_KEY_DIM = 65_536
+MAX_MODEL_DIM = 65_536
+MAX_ENTRY_TOKENS = 65_536
+
+STATE_EMPTY, STATE_LIVE = 0, 1
+
+# superblock: magic, version, gen, next_entry_id, catalog (copy, len, crc), calibration (copy, crc), reserved
+_SB_HEAD = struct.Struct("<4sIQQIIIIII")
+
+
+def _round(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything fixed at creation; stored as strings in the safetensors ``__metadata__``."""
+
+    cap: int              # bytes on disk the bank may use; the file never exceeds it
+    fingerprint: str      # bundle fingerprint: the bank refuses any other model
+    scheme: str           # KV payload quantization (kernels/kvquant.py)
+    num_layers: int       # model shape, to size and decode payloads
+    kv_heads: int
+    head_dim: int
+    key_dim: int          # retrieval key length
+    key_space: str        # hnswlib space of the keys: cosine | ip | l2
+    page_bytes: int       # payloads are stored in pages of this size
+    max_tokens: int       # longest entry a record can describe
+    slots: int            # S: max number of entries
+    pages: int            # P: pages in the payload region
+    calib_rank: int       # rank r of the low-rank part of the calibration map
+    catalog_bytes: int    # capacity of one catalog copy (task names, anchors, template)
+
+    # ---- derived sizes: the one place byte math happens ----
+    @property
+    def max_pages(self) -> int:
+        """Pages a record can list: enough for one ``max_tokens`` entry."""
+        return -(-kvquant.payload_nbytes(self.scheme, self.num_layers, self.kv_heads, self.max_tokens, self.head_dim) // self.page_bytes)
+
+    @property
+    def record_dtype(self) -> np.dtype:
+        return record_dtype(self.key_dim, self.max_pages)
+
+    @property
+    def record_bytes(self) -> int:
+        return self.record_dtype.itemsize
+
+    @property
+    def bitmap_bytes(self) -> int:
+        return -(-self.slots // 8)
+
+    @property
+    def superblock_bytes(self) -> int:
+        return _round(_SB_HEAD.size + self.bitmap_bytes + 4, SECTION_ALIGN)
+
+    @property
+    def calib_bytes(self) -> int:
+        """One calibration copy: a, b (K,) and U, V (K, r), float32: map(x) = a*x + b + (x V) Uᵀ."""
+        return _round(4 * self.key_dim * (2 + 2 * self.calib_rank), SECTION_ALIGN)
+
+    def section_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            "superblock": (2, self.superblock_bytes),
+            "calibration": (2, self.calib_bytes),
+            "catalog": (2, self.catalog_bytes),
+            "records": (self.slots, 2, self.record_bytes),
+            "pages": (self.pages, self.page_bytes),
+        }
+
+    def metadata(self) -> dict[str, str]:
+        meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+        meta.update({f.name: str(getattr(self, f.name)) for f in fields(self)})
+        return meta
+
+    def header_bytes(self) -> bytes:
+        """``u64 N`` + the JSON header, padded with spaces so data starts at a multiple of 4096."""
+        head: dict = {"__metadata__": self.metadata()}
+        off = 0
+        for name, shape in self.section_shapes().items():
+            n = math.prod(shape)
+            head[name] = {"dtype": "U8", "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        raw = json.dumps(head, separators=(",", ":")).encode()
+        total = _round(8 + len(raw), DATA_ALIGN)
+        return struct.pack("<Q", total - 8) + raw + b" " * (total - 8 - len(raw))
+
+    def offsets(self) -> dict[str, int]:
+        """Absolute file offset of each region."""
+        off, out = len(self.header_bytes()), {}
+        for name, shape in self.section_shapes().items():
+            out[name] = off
+            off += math.prod(shape)
+        out["end"] = off
+        return out
+
+    @property
+    def file_bytes(self) -> int:
+        return self.offsets()["end"]
+
+    def payload_nbytes(self, tokens: int) -> int:
+        return kvquant.payload_nbytes(self.scheme, self.num_layers, self.kv_heads, tokens, self.head_dim)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-self.payload_nbytes(tokens) // self.page_bytes)
+
+    def entry_bytes(self, tokens: int) -> int:
+        """Bytes an entry of ``tokens`` tokens takes from the cap: its pages plus its slot."""
+        return self.pages_for(tokens) * self.page_bytes + 2 * self.record_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def record_dtype(key_dim: int, max_pages: int) -> np.dtype:
+    """One slot record copy. ``crc`` is CRC-32 of every byte before it."""
+    base = [
+        ("magic", "S4"),            # b"IKVE"; an all-zero record is an empty slot
+        ("state", "u1"),            # 0 empty, 1 live
+        ("_pad", "u1", (3,)),
+        ("gen", "<u8"),             # superblock generation that committed this record
+        ("entry_id", "<u8"),        # unique, never reused; the API's entry id
+        ("tokens", "<u4"),          # tokens in the payload
+        ("nbytes", "<u4"),          # payload bytes (kvquant.payload_nbytes)
+        ("payload_crc", "<u4"),     # CRC-32 of the payload bytes
+        ("task_id", "<u4"),         # key into the catalog's task table
+        ("example_hash", "V16"),    # blake2b-128 of the source example
+        ("n_pages", "<u4"),
+        ("_res", "<u4"),
+        ("key", "<f4", (key_dim,)),  # retrieval key
+        ("pages", "<u4", (max_pages,)),  # page numbers, in payload order
+        ("crc", "<u4"),
+    ]
+    size = np.dtype(base).itemsize
+    tail = _round(size, 8) - size
+    if tail:
+        base.append(("_tail", "u1", (tail,)))
+    return np.dtype(base)
+
+
+def record_crc(rec_bytes: np.ndarray, dtype: np.dtype) -> int:
+    return zlib.crc32(rec_bytes[: dtype.fields["crc"][1]].tobytes())
+
+
+# ---- superblock ----
+
+@dataclass
+class Superblock:
+    gen: int
+    next_entry_id: int
+    catalog_copy: int
+    catalog_len: int
+    catalog_crc: int
+    calib_copy: int      # 0/1; calib_crc == 0 means "identity" (never fitted)
+    calib_crc: int
+    bitmap: np.ndarray   # (S,) uint8 in {0, 1}: which record copy of each slot is current
+
+    def to_bytes(self, geo: Geometry) -> bytes:
+        head = _SB_HEAD.pack(SUPERBLOCK_MAGIC, FORMAT_VERSION, self.gen, self.next_entry_id, self.catalog_copy,
+                             self.catalog_len, self.catalog_crc, self.calib_copy, self.calib_crc, 0)
+        body = head + np.packbits(self.bitmap.astype(np.uint8), bitorder="little").tobytes()
+        body += struct.pack("<I", zlib.crc32(body))
+        return body + b"\0" * (geo.superblock_bytes - len(body))
+
+    @classmethod
+    def parse(cls, buf: bytes, geo: Geometry) -> "Superblock | None":
+        """The superblock in ``buf``, or None when it is torn, zeroed or corrupt."""
+        n = _SB_HEAD.size + geo.bitmap_bytes
+        if len(buf) < n + 4 or zlib.crc32(buf[:n]) != struct.unpack_from("<I", buf, n)[0]:
+            return None
+        magic, version, gen, next_id, cat_copy, cat_len, cat_crc, cal_copy, cal_crc, _ = _SB_HEAD.unpack_from(buf)
+        if magic != SUPERBLOCK_MAGIC or version != FORMAT_VERSION or cat_copy > 1 or cal_copy > 1 or cat_len > geo.catalog_bytes:
+            return None
+        bits = np.unpackbits(np.frombuffer(buf, np.uint8, geo.bitmap_bytes, _SB_HEAD.size), bitorder="little")[: geo.slots]
+        return cls(gen, next_id, cat_copy, cat_len, cat_crc, cal_copy, cal_crc, bits.copy())
+
+
+# ---- header parsing (untrusted input) ----
+
+_INT_FIELDS = {f.name for f in fields(Geometry)} - {"fingerprint", "scheme", "key_space"}
+
+
+def parse_header(head8: bytes, read, file_size: int, where: str) -> Geometry:
+    """Validate the safetensors header of a bank and return its geometry.
+
+    ``read(offset, n)`` reads bytes; nothing larger than ``MAX_HEADER_BYTES`` is
+    read before the geometry is checked against the real file size.
+    """
+    if len(head8) < 8:
+        raise BankError(f"{where}: not an inducekv bank (file is {file_size} bytes, too short for a header)")
+    (n,) = struct.unpack("<Q", head8[:8])
+    if n == 0 or n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise BankError(f"{where}: not an inducekv bank (header length {n} is impossible for a {file_size}-byte file)")
+    try:
+        head = json.loads(read(8, n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise BankError(f"{where}: not an inducekv bank (header is not valid JSON)") from None
+    meta = head.get("__metadata__") if isinstance(head, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise BankError(f"{where}: not an inducekv bank (a safetensors file without '__metadata__.format': '{FORMAT_NAME}')")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise BankError(f"{where}: bank format version {meta.get('format_version')!r} is not supported (this inducekv reads {FORMAT_VERSION})")
+    values = {}
+    for f in fields(Geometry):
+        raw = meta.get(f.name)
+        if not isinstance(raw, str):
+            raise BankError(f"{where}: bank header lacks metadata field {f.name!r}")
+        if f.name in _INT_FIELDS:
+            if not raw.isdigit() or len(raw) > 19:
+                raise BankError(f"{where}: bank metadata {f.name}={raw[:40]!r} is not a non-negative integer")
+            values[f.name] = int(raw)
+        else:
+            values[f.name] = raw
+    try:
+        geo = Geometry(**values)
+        check_geometry(geo)
+    except ValueError as e:
+        raise BankError(f"{where}: bank header is invalid: {e}") from None
+    if geo.header_bytes() != head8[:8] + read(8, n):
+        raise BankError(f"{where}: bank header does not match its own geometry (edited or corrupt)")
+    if geo.file_bytes != file_size:
+        raise BankError(f"{where}: bank file is {file_size} bytes but its header describes {geo.file_bytes} (truncated or padded)")
+    return geo
+
+
+def check_geometry(geo: Geometry) -> None:
+    """Range checks (raise ValueError) that keep every derived allocation bounded."""
+    if geo.scheme not in kvquant.SCHEMES:
+        raise ValueError(f"scheme {geo.scheme!r} is not one of {', '.join(kvquant.SCHEMES)}")
+    if geo.key_space not in KEY_SPACES:
+        raise ValueError(f"key_space {geo.key_space!r} is not one of {', '.join(KEY_SPACES)}")
+    if not (0 < len(geo.fingerprint) <= 128):
+        raise ValueError("fingerprint must be 1..128 characters")
+    for name, hi in (("num_layers", MAX_MODEL_DIM), ("kv_heads", MAX_MODEL_DIM), ("head_dim", MAX_MODEL_DIM),
+                     ("key_dim", MAX_KEY_DIM), ("max_tokens", MAX_ENTRY_TOKENS), ("slots", MAX_SLOTS),
+                     ("calib_rank", 4096)):
+        v = getattr(geo, name)
+        if not (name == "calib_rank" or v >= 1) or v > hi:
+            raise ValueError(f"{name}={v} is out of range (1..{hi})")
+    if geo.page_bytes < SECTION_ALIGN or geo.page_bytes % SECTION_ALIGN or geo.page_bytes > (1 << 30):
+        raise ValueError(f"page_bytes={geo.page_bytes} must be a multiple of {SECTION_ALIGN} up to 1 GiB")
+    if geo.catalog_bytes < SECTION_ALIGN or geo.catalog_bytes % SECTION_ALIGN or geo.catalog_bytes > (1 << 28):
+        raise ValueError(f"catalog_bytes={geo.catalog_bytes} must be a multiple of {SECTION_ALIGN} up to 256 MiB")
+    if geo.pages < 1 or geo.pages > (1 << 31) or geo.max_pages > 65_535:
+        raise ValueError(f"pages={geo.pages} / pages per entry={geo.max_pages} out of range")
+    if geo.file_bytes > geo.cap:
+        raise ValueError(f"layout needs {geo.file_bytes} bytes, more than the cap {geo.cap}")
+
+
+def plan(cap: int, *, fingerprint: str, scheme: str, num_layers: int, kv_heads: int, head_dim: int, key_dim: int,
+         key_space: str = "cosine", page_tokens: int = 4, max_tokens: int = 256, calib_rank: int = 16,
+         entry_tokens: int = 16, catalog_bytes: int | None = None) -> Geometry:
+    """The largest layout whose file fits in ``cap`` bytes.
+
+    A page holds ``page_tokens`` tokens of payload; there is one slot per
+    ``entry_tokens`` tokens of page space, so entries shorter than that run out
+    of slots before pages. Raises ValueError when the cap cannot hold even one
+    ``max_tokens`` entry (lower ``max_tokens`` or raise the cap).
+    """
+    if page_tokens < 1 or entry_tokens < 1:
+        raise ValueError("page_tokens and entry_tokens must be >= 1")
+    page = _round(kvquant.payload_nbytes(scheme, num_layers, kv_heads, page_tokens, head_dim), SECTION_ALIGN)
+    if catalog_bytes is None:
+        catalog_bytes = min(max(cap // 64, 16 << 10), 1 << 20)
+    catalog_bytes = _round(catalog_bytes, SECTION_ALIGN)
+
+    def geo(pages: int) -> Geometry:
+        slots = max(1, pages * page_tokens // entry_tokens)
+        return Geometry(cap, fingerprint, scheme, num_layers, kv_heads, head_dim, key_dim, key_space, page,
+                        max_tokens, slots, pages, calib_rank, catalog_bytes)
+
+    g1 = geo(1)
+    fixed = g1.file_bytes - page - 2 * g1.record_bytes
+    per_page = page + 2 * g1.record_bytes * page_tokens / entry_tokens + 1 / 8
+    pages = max(1, int((cap - fixed) / per_page) + 1)
+    while pages > 1 and geo(pages).file_bytes > cap:
+        pages -= 1
+    g = geo(pages)
+    if g.file_bytes > cap or g.pages < g.max_pages:
+        smallest = geo(max(g.max_pages, 1)).file_bytes
+        raise ValueError(f"a cap of {cap} bytes is too small for one {max_tokens}-token {scheme} entry of this model; "
+                         f"the smallest bank is {smallest} bytes ({smallest / 2**20:.2f} MiB)")
+    check_geometry(g)
+    return g

@@ -1,0 +1,238 @@
+"""Atomic changes to a bank: add / replace / remove entries, tasks, anchors, calibration.
+
+Use as a context manager; it commits on a clean exit and leaves the bank untouched
+(as far as any reader can tell) when the block raises or the process dies::
+
+    with bank.transaction() as tx:
+        slot = tx.add(NewEntry(keys, values, key, task="capitals"))   # None: no space
+        tx.remove(old_slot)
+        tx.set_anchors("capitals", [{"prompt": ..., "answer": ...}])
+
+Space freed by ``remove`` in a transaction is reusable only after it commits: until
+then the old state, which a crash must leave intact, still owns those bytes. So a
+transaction can add at most ``bank.usage()["bytes_free"]`` worth of new pages.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import zlib
+
+import numpy as np
+
+from inducekv.kernels import kvquant
+from inducekv.memory import format as fmt
+from inducekv.memory.bank import Bank, NewEntry, record_bytes_for
+from inducekv.runtime.errors import BankError
+
+
+class Transaction:
+    def __init__(self, bank: Bank):
+        self.bank, self.geo = bank, bank.geo
+        self._sb = bank._sb
+        self._bitmap = bank._sb.bitmap.copy()
+        self._touched: dict[int, tuple[bool, np.ndarray | None]] = {}  # slot -> (live, pages) pending
+        self._pending_task: dict[int, int] = {}  # slot -> task id of an entry added in this transaction
+        self._committed_used = bank.used_pages()
+        self._pending_used = np.zeros(self.geo.pages, bool)
+        self._catalog = copy.deepcopy(bank.catalog)
+        self._catalog_dirty = False
+        self._calib: bytes | None = None
+        self._next_id = bank._sb.next_entry_id
+        self._done = False
+
+    # ---------------------------------------------------------------- context manager
+    def __enter__(self) -> "Transaction":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self._done = True  # abandon: nothing the current superblock names was touched
+
+    # ---------------------------------------------------------------- helpers
+    def _is_live(self, slot: int) -> bool:
+        if slot in self._touched:
+            return self._touched[slot][0]
+        return bool(self.bank._live[slot])
+
+    def _free_slot(self) -> int | None:
+        for s in np.flatnonzero(~self.bank._live):
+            if int(s) not in self._touched:
+                return int(s)
+        for s, (live, _) in self._touched.items():
+            if not live:
+                return s
+        return None
+
+    def _alloc(self, n: int) -> np.ndarray | None:
+        """``n`` pages free in both the committed state and this transaction; a contiguous run if possible."""
+        free = ~(self._committed_used | self._pending_used)
+        idx = np.flatnonzero(free)
+        if len(idx) < n:
+            return None
+        if n > 1:  # first run of n consecutive free pages
+            run = np.convolve(free.astype(np.int32), np.ones(n, np.int32), "valid")
+            starts = np.flatnonzero(run == n)
+            if len(starts):
+                return np.arange(starts[0], starts[0] + n, dtype=np.uint32)
+        return idx[:n].astype(np.uint32)
+
+    def _task_id(self, name: str) -> int:
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise BankError(f"task name must be 1..200 characters, got {name!r}")
+        for k, t in self._catalog["tasks"].items():
+            if t["name"] == name:
+                return int(k)
+        tid = self._catalog["next_task_id"]
+        self._catalog["tasks"][str(tid)] = {"name": name, "anchors": []}
+        self._catalog["next_task_id"] = tid + 1
+        self._catalog_dirty = True
+        return tid
+
+    def _write_record(self, slot: int, data: bytes) -> None:
+        other = 1 - int(self._bitmap[slot])
+        R = self.geo.record_bytes
+        self.bank._pwrite(data, self.bank._off["records"] + (slot * 2 + other) * R)
+
+    def _forget_pending(self, slot: int) -> None:
+        if slot in self._touched and self._touched[slot][1] is not None:
+            self._pending_used[self._touched[slot][1]] = False
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise BankError("this transaction is already committed or abandoned; start a new one")
+
+    # ---------------------------------------------------------------- operations
+    def add(self, entry: NewEntry, slot: int | None = None) -> int | None:
+        """Write ``entry`` into a free slot (or replace ``slot``). Returns the slot, or None when
+        there is no free slot or not enough free pages (a normal outcome, nothing written)."""
+        self._check_open()
+        g = self.geo
+        k = np.asarray(entry.keys, np.float32)
+        key = np.asarray(entry.key, np.float32).reshape(-1)
+        want = (g.num_layers, g.kv_heads)
+        if k.ndim != 4 or k.shape[:2] != want or k.shape[3] != g.head_dim:
+            raise BankError(f"entry KV has shape {k.shape}; this bank stores (L={g.num_layers}, H={g.kv_heads}, T, D={g.head_dim})")
+        T = k.shape[2]
+        if T > g.max_tokens:
+            raise BankError(f"entry has {T} tokens; this bank's records hold at most {g.max_tokens}")
+        if key.shape != (g.key_dim,) or not np.isfinite(key).all():
+            raise BankError(f"retrieval key must be {g.key_dim} finite floats, got shape {key.shape}")
+        if len(entry.example_hash) != 16:
+            raise BankError("example_hash must be 16 bytes (see memory.bank.example_hash)")
+        try:
+            payload = kvquant.pack(k, entry.values, g.scheme)
+        except ValueError as e:
+            raise BankError(str(e)) from None
+        if slot is None:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+        elif not (0 <= slot < g.slots):
+            raise BankError(f"slot {slot} is out of range (0..{g.slots - 1})")
+        pages = self._alloc(g.pages_for(T))
+        if pages is None:
+            return None
+        task_id = self._task_id(entry.task)
+        P, base = g.page_bytes, self.bank._off["pages"]
+        for i, p in enumerate(pages):  # payload first: nothing references these pages yet
+            self.bank._pwrite(payload[i * P:(i + 1) * P], base + int(p) * P)
+        rec = record_bytes_for(g, state=fmt.STATE_LIVE, gen=self._sb.gen + 1, entry_id=self._next_id, tokens=T,
+                               nbytes=len(payload), payload_crc=zlib.crc32(payload), task_id=task_id,
+                               example_hash=np.void(entry.example_hash), n_pages=len(pages), key=key, pages=pages)
+        self._next_id += 1
+        self._write_record(slot, rec)
+        self._forget_pending(slot)
+        self._pending_used[pages] = True
+        self._touched[slot] = (True, pages)
+        self._pending_task[slot] = task_id
+        return slot
+
+    def replace(self, slot: int, entry: NewEntry) -> bool:
+        """Swap the entry in ``slot`` for ``entry``; False (nothing changed) when there is no room."""
+        return self.add(entry, slot=slot) is not None
+
+    def remove(self, slot: int) -> None:
+        self._check_open()
+        if not (0 <= slot < self.geo.slots) or not self._is_live(slot):
+            raise BankError(f"slot {slot} holds no entry")
+        rec = record_bytes_for(self.geo, state=fmt.STATE_EMPTY, gen=self._sb.gen + 1)
+        self._write_record(slot, rec)
+        self._forget_pending(slot)
+        self._touched[slot] = (False, None)
+
+    def remove_task(self, name: str) -> int:
+        """Remove every entry of task ``name`` and its anchors. Returns the entries removed."""
+        self._check_open()
+        tid = next((int(k) for k, t in self._catalog["tasks"].items() if t["name"] == name), None)
+        if tid is None:
+            raise BankError(f"task {name!r} is not in this bank (see ikv-bank list)")
+        n = 0
+        for s in range(self.geo.slots):
+            owner = self._pending_task.get(s) if s in self._touched else int(self.bank._recs["task_id"][s])
+            if self._is_live(s) and owner == tid:
+                self.remove(s)
+                n += 1
+        del self._catalog["tasks"][str(tid)]
+        self._catalog_dirty = True
+        return n
+
+    def set_anchors(self, task: str, anchors: list[dict]) -> None:
+        self._check_open()
+        tid = self._task_id(task)
+        self._catalog["tasks"][str(tid)]["anchors"] = list(anchors)
+        self._catalog_dirty = True
+
+    def set_template(self, template: dict | None) -> None:
+        self._check_open()
+        self._catalog["template"] = template
+        self._catalog_dirty = True
+
+    def set_extra(self, key: str, value) -> None:
+        self._check_open()
+        self._catalog["extra"][key] = value
+        self._catalog_dirty = True
+
+    def set_calibration(self, a, b, U, V) -> None:
+        """Store ``map(x) = a*x + b + (x @ V) @ U.T``; a, b (K,), U, V (K, r)."""
+        self._check_open()
+        K, r = self.geo.key_dim, self.geo.calib_rank
+        parts = [np.asarray(x, np.float32) for x in (a, b, U, V)]
+        shapes = [(K,), (K,), (K, r), (K, r)]
+        if [p.shape for p in parts] != shapes or not all(np.isfinite(p).all() for p in parts):
+            raise BankError(f"calibration must be finite arrays of shapes {shapes}, got {[p.shape for p in parts]}")
+        self._calib = b"".join(p.astype("<f4").tobytes() for p in parts)
+
+    # ---------------------------------------------------------------- commit
+    def commit(self) -> int:
+        """Make every change visible at once. Returns the new generation."""
+        self._check_open()
+        b, g = self.bank, self.geo
+        sb = fmt.Superblock(self._sb.gen + 1, self._next_id, self._sb.catalog_copy, self._sb.catalog_len,
+                            self._sb.catalog_crc, self._sb.calib_copy, self._sb.calib_crc, self._bitmap.copy())
+        if self._catalog_dirty:
+            raw = json.dumps(self._catalog, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(raw) > g.catalog_bytes:
+                self._done = True
+                raise BankError(f"task table and anchors need {len(raw)} bytes; this bank's catalog holds "
+                                f"{g.catalog_bytes} (keep fewer anchors or create the bank with a larger catalog)")
+            sb.catalog_copy = 1 - self._sb.catalog_copy
+            sb.catalog_len, sb.catalog_crc = len(raw), zlib.crc32(raw)
+            b._pwrite(raw, b._off["catalog"] + sb.catalog_copy * g.catalog_bytes)
+        if self._calib is not None:
+            sb.calib_copy = 1 - self._sb.calib_copy
+            sb.calib_crc = zlib.crc32(self._calib)
+            if sb.calib_crc == 0:  # 0 marks "identity"; a 1-in-4-billion collision
+                self._done = True
+                raise BankError("calibration checksum collides with the identity marker; perturb it slightly")
+            b._pwrite(self._calib, b._off["calibration"] + sb.calib_copy * g.calib_bytes)
+        for slot in self._touched:
+            sb.bitmap[slot] ^= 1
+        b._sync()  # everything the new superblock will name is on disk
+        b._pwrite(sb.to_bytes(g), b._off["superblock"] + (sb.gen % 2) * g.superblock_bytes)
+        b._sync()
+        self._done = True
+        b._load()
+        return sb.gen
