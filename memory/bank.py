@@ -277,12 +277,17 @@ class Bank:
             "overhead_bytes": g.file_bytes - g.pages * g.page_bytes,
         }
 
-    def read_payload(self, slot: int, entry_id: int | None = None) -> tuple[bytes, int] | None:
-        """``(payload, tokens)`` of ``slot``, checksum verified; None when the slot is empty or
-        no longer holds ``entry_id`` (a writer swapped it out)."""
+    def read_payload(self, slot: int, entry_id: int | None = None) -> tuple[bytes, EntryInfo] | None:
+        """``(payload, info)`` of the entry in ``slot`` as it is on disk now, checksums verified.
+
+        None when the slot is empty or no longer holds ``entry_id`` (a writer swapped it
+        out). Lock-free: a CRC mismatch caused by a concurrent commit triggers a retry.
+        """
+        if not (0 <= slot < self.geo.slots):
+            raise BankError(f"slot {slot} is out of range (0..{self.geo.slots - 1})")
+        R = self.geo.record_bytes
         for _ in range(READ_RETRIES):
             sb, _copy = self._superblock()
-            R = self.geo.record_bytes
             start = self._off["records"] + (slot * 2 + int(sb.bitmap[slot])) * R
             raw = np.frombuffer(self._mm[start:start + R], np.uint8)
             rec = raw.view(self._rdt)[0]
@@ -292,13 +297,21 @@ class Bank:
                 if rec["state"] != fmt.STATE_LIVE or (entry_id is not None and int(rec["entry_id"]) != entry_id):
                     return None
                 n, pg = int(rec["nbytes"]), rec["pages"][: rec["n_pages"]]
-                if len(pg) == self.geo.pages_for(int(rec["tokens"])) and int(pg.max(initial=0)) < self.geo.pages:
+                t = int(rec["tokens"])
+                if 1 <= t <= self.geo.max_tokens and len(pg) == self.geo.pages_for(t) and int(pg.max(initial=0)) < self.geo.pages:
                     buf = self._gather(pg, n)
                     if zlib.crc32(buf) == rec["payload_crc"]:
-                        return buf, int(rec["tokens"])
+                        info = EntryInfo(slot, int(rec["entry_id"]), self._task_name(int(rec["task_id"])), t, n,
+                                         len(pg), bytes(rec["example_hash"]))
+                        return buf, info
             if self._superblock()[0].gen == sb.gen:  # no commit in between: this is real damage
                 raise BankError(f"{self.path}: entry in slot {slot} is corrupt (checksum); run ikv-bank verify")
         raise BankError(f"{self.path}: slot {slot} kept changing while being read; retry")
+
+    def _task_name(self, task_id: int) -> str:
+        if task_id not in self._task_names:
+            self.refresh()  # a task added by a commit after our last look
+        return self._task_names.get(task_id, "?")
 
     def _gather(self, pages: np.ndarray, n: int) -> bytes:
         P, base = self.geo.page_bytes, self._off["pages"]
@@ -313,12 +326,18 @@ class Bank:
 
     def read(self, slot: int, entry_id: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """Dequantized ``(keys, values)``, each (L, H_kv, T, D) float32; None as in ``read_payload``."""
+        got = self.read_entry(slot, entry_id)
+        return None if got is None else got[1:]
+
+    def read_entry(self, slot: int, entry_id: int | None = None) -> tuple[EntryInfo, np.ndarray, np.ndarray] | None:
+        """``(info, keys, values)`` read as one consistent snapshot; None as in ``read_payload``."""
         got = self.read_payload(slot, entry_id)
         if got is None:
             return None
-        buf, tokens = got
+        buf, info = got
         g = self.geo
-        return kvquant.unpack(buf, g.scheme, g.num_layers, g.kv_heads, tokens, g.head_dim)
+        k, v = kvquant.unpack(buf, g.scheme, g.num_layers, g.kv_heads, info.tokens, g.head_dim)
+        return info, k, v
 
     def calibration(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """(a, b, U, V) of ``map(x) = a*x + b + (x @ V) @ U.T``; None while it is the identity."""

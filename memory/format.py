@@ -289,14 +289,17 @@ def plan(cap: int, *, fingerprint: str, scheme: str, num_layers: int, kv_heads: 
          entry_tokens: int = 16, catalog_bytes: int | None = None) -> Geometry:
     """The largest layout whose file fits in ``cap`` bytes.
 
-    A page holds ``page_tokens`` tokens of payload; there is one slot per
+    A page holds ``page_tokens`` tokens of payload (the per-entry key scales take
+    about one more token's worth in the entry's pages); there is one slot per
     ``entry_tokens`` tokens of page space, so entries shorter than that run out
     of slots before pages. Raises ValueError when the cap cannot hold even one
     ``max_tokens`` entry (lower ``max_tokens`` or raise the cap).
     """
     if page_tokens < 1 or entry_tokens < 1:
         raise ValueError("page_tokens and entry_tokens must be >= 1")
-    page = _round(kvquant.payload_nbytes(scheme, num_layers, kv_heads, page_tokens, head_dim), SECTION_ALIGN)
+    per_entry = kvquant.payload_nbytes(scheme, num_layers, kv_heads, 1, head_dim)  # 1 token + per-entry scales
+    per_token = kvquant.payload_nbytes(scheme, num_layers, kv_heads, 2, head_dim) - per_entry
+    page = _round(per_token * page_tokens, SECTION_ALIGN)  # an entry's fixed scales spill into its pages
     if catalog_bytes is None:
         catalog_bytes = min(max(cap // 64, 16 << 10), 1 << 20)
     catalog_bytes = _round(catalog_bytes, SECTION_ALIGN)

@@ -12,6 +12,8 @@ import numpy as np
 
 from inducekv.memory.bank import Bank
 
+EXACT_BELOW = 4096  # banks with fewer slots are searched exactly (see benchmarks/bank.py)
+
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -33,8 +35,51 @@ def exact_search(space: str, ids: np.ndarray, keys: np.ndarray, query: np.ndarra
     else:
         s = -((keys - q) ** 2).sum(axis=1)
     k = min(k, len(ids))
-    top = np.argsort(-s, kind="stable")[:k]
+    if k <= 0:
+        return ids[:0], np.zeros(0, np.float32)
+    top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
+    top = top[np.argsort(-s[top], kind="stable")]
     return ids[top], s[top].astype(np.float32)
+
+
+class ExactIndex:
+    """Brute-force search with the same interface as ``KeyIndex``: perfect recall, and
+    faster than HNSW's build + query for the few hundred entries an edge bank holds."""
+
+    def __init__(self, space: str):
+        self.space, self._gen = space, -1
+        self._ids, self._keys = np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+
+    @classmethod
+    def build(cls, bank: Bank) -> "ExactIndex":
+        idx = cls(bank.geo.key_space)
+        idx.sync(bank)
+        return idx
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def labels(self) -> set[int]:
+        return set(self._ids.tolist())
+
+    def sync(self, bank: Bank) -> None:
+        if bank.gen != self._gen:
+            ids, keys = bank.keys()
+            self._ids, self._keys = ids, (_normalize(keys) if self.space == "cosine" else keys)
+            self._gen = bank.gen
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.asarray(query, np.float32).reshape(-1)
+        if self.space == "cosine":  # keys are stored normalized: cosine = dot with the normalized query
+            return exact_search("ip", self._ids, self._keys, _normalize(q), k)
+        return exact_search(self.space, self._ids, self._keys, q, k)
+
+
+def open_index(bank: Bank, *, exact_below: int = EXACT_BELOW, **hnsw) -> "ExactIndex | KeyIndex":
+    """The index a reader should use: exact search for small banks, HNSW above ``exact_below`` slots."""
+    if bank.geo.slots < exact_below:
+        return ExactIndex.build(bank)
+    return KeyIndex.build(bank, **hnsw)
 
 
 class KeyIndex:

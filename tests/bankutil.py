@@ -1,0 +1,26 @@
+"""Helpers shared by the bank tests: a toy geometry and deterministic entries."""
+from __future__ import annotations
+
+import numpy as np
+
+from inducekv.memory.bank import Bank, NewEntry
+
+TOY = dict(fingerprint="toy-model", num_layers=2, kv_heads=2, head_dim=16, key_dim=8, max_tokens=48)
+
+
+def make_bank(path, cap=128 * 1024, scheme="int8", **kw) -> Bank:
+    return Bank.create(path, cap, force=True, scheme=scheme, **{**TOY, **kw})
+
+
+def entry(seed: int, tokens: int, task: str = "t0") -> NewEntry:
+    """An entry whose every number is a function of ``seed``: readers can check it is not torn."""
+    g = np.random.default_rng(seed)
+    shape = (TOY["num_layers"], TOY["kv_heads"], tokens, TOY["head_dim"])
+    k = g.standard_normal(shape).astype(np.float32)
+    v = g.standard_normal(shape).astype(np.float32)
+    key = g.standard_normal(TOY["key_dim"]).astype(np.float32)
+    return NewEntry(k, v, key, task, seed.to_bytes(16, "little"))
+
+
+def seed_of(example_hash: bytes) -> int:
+    return int.from_bytes(example_hash, "little")
