@@ -116,13 +116,47 @@ def _optimum_graph(hf_model, tokenizer, spec, tmp: Path):
     return onnx.load(onnx_dir / "model.onnx")
 
 
-def _native_graph(hf_model, weights: str):
+def _native_graph(hf_model, weights: str, key_layers: int | None = None):
     from inducekv.export.graph import build_llama_graph
 
     state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
     if hf_model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return build_llama_graph(state, hf_model.config, share_tied=(weights == "fp32"))
+    return build_llama_graph(state, hf_model.config, share_tied=(weights == "fp32"), key_layers=key_layers)
+
+
+def key_layers_for(num_layers: int) -> int:
+    """Depth of the retrieval-key pass: the first quarter of the model (early-to-middle layers)."""
+    return max(1, round(num_layers / 4))
+
+
+def _save_key_graph(hf_model, weights: str, stage: Path, key_layers: int) -> list[str]:
+    """Write ``key.onnx``; every weight it shares with the decoder points into the decoder's
+    external data file (checked byte for byte), so the key graph costs no extra disk."""
+    import onnx
+
+    key_model = _native_graph(hf_model, weights, key_layers)
+    if weights != "fp32":
+        key_model = quantize_weights_checked(key_model, weights)
+    dec = onnx.load(stage / contract.DECODER_FILE, load_external_data=False)
+    shared = {t.name: t for t in dec.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    data_path = stage / (contract.DECODER_FILE + ".data")
+    with open(data_path, "rb") if data_path.exists() else open(os.devnull, "rb") as data:
+        for t in key_model.graph.initializer:
+            ref = shared.get(t.name)
+            if ref is None:
+                continue
+            info = {e.key: e.value for e in ref.external_data}
+            data.seek(int(info.get("offset", 0)))
+            if data.read(int(info["length"])) != onnx.numpy_helper.to_array(t).tobytes():
+                continue  # same name, different bytes: keep the key graph's own copy inline
+            t.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data"):
+                t.ClearField(field)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.extend(ref.external_data)
+    onnx.save_model(key_model, stage / contract.KEY_FILE)
+    return [contract.KEY_FILE]
 
 
 def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", force: bool = False,
@@ -181,6 +215,9 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
         stage.mkdir()
         files = _save_decoder(onnx_model, stage)
         del onnx_model
+        key_layers = key_layers_for(L)
+        if graph == "native":
+            files += _save_key_graph(hf_model, weights, stage, key_layers)
         bar.update()
 
         step("tokenizer")
@@ -217,6 +254,9 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
             chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
             weights=weights,
             files=describe_files(stage, files),
+            retrieval_key=({"graph": contract.KEY_FILE, "layers": key_layers, "pooling": "mean",
+                            "dim": cfg.hidden_size, "input": "prompt text, no chat template"}
+                           if graph == "native" else None),
             extra={"export_validation": report, "graph": graph, "opset": _opset(stage)},
         )
         write_manifest(stage, manifest)

@@ -22,6 +22,13 @@ BUNDLE_KIND = "inducekv-bundle"
 DECODER_FILE = "decoder.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
+# The retrieval-key graph: the first layers of the same model, no past KV.
+#   inputs  input_ids, attention_mask, position_ids   int64 (batch, seq)
+#   output  key                                        float (batch, hidden)
+# Its weights are the decoder's: it references the decoder's external data file.
+KEY_FILE = "key.onnx"
+KEY_OUTPUT = "key"
+
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"

@@ -54,14 +54,21 @@ class _G:
         return outs if n_out > 1 else outs[0]
 
 
-def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True) -> onnx.ModelProto:
+def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True,
+                      key_layers: int | None = None) -> onnx.ModelProto:
     """ONNX decoder from an HF Llama state dict (numpy fp32) and its config.
+
+    ``key_layers``: build the *retrieval-key graph* instead: the first ``key_layers``
+    layers without past KV, output ``key`` (B, hidden) = the attention-mask-weighted
+    mean of the hidden states after them (see ``contract.KEY_FILE``).
 
     ``share_tied``: with tied embeddings, the LM head reads the embedding table
     through a Transpose node (one copy on disk). Pass False before weight
     quantization, so the head is a constant MatMul the quantizer can compress.
     """
     L, H, Hkv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    if key_layers is not None:
+        L = key_layers
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     eps = float(cfg.rms_norm_eps)
     g = _G()
@@ -109,9 +116,12 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
         v = linear(h, p + "self_attn.v_proj.weight", f"l{i}/v")
         q = g.op("RotaryEmbedding", [q, "rope.cos", "rope.sin", contract.POSITION_IDS], f"l{i}/rope_q", num_heads=H)
         k = g.op("RotaryEmbedding", [k, "rope.cos", "rope.sin", contract.POSITION_IDS], f"l{i}/rope_k", num_heads=Hkv)
-        y, pk, pv = g.op("Attention", [q, k, v, mask, contract.past_key(i), contract.past_value(i)], f"l{i}/attn",
-                         n_out=3, q_num_heads=H, kv_num_heads=Hkv)                  # y (B, S, H*D); pk (B, Hkv, T, D)
-        present += [(pk, contract.present_key(i)), (pv, contract.present_value(i))]
+        if key_layers is None:
+            y, pk, pv = g.op("Attention", [q, k, v, mask, contract.past_key(i), contract.past_value(i)], f"l{i}/attn",
+                             n_out=3, q_num_heads=H, kv_num_heads=Hkv)              # y (B, S, H*D); pk (B, Hkv, T, D)
+            present += [(pk, contract.present_key(i)), (pv, contract.present_value(i))]
+        else:
+            y = g.op("Attention", [q, k, v, mask], f"l{i}/attn", q_num_heads=H, kv_num_heads=Hkv)
         x = g.op("Add", [x, linear(y, p + "self_attn.o_proj.weight", f"l{i}/o")], f"l{i}/res1")
         h = rmsnorm(x, p + "post_attention_layernorm.weight", f"l{i}/ln2")
         gate = linear(h, p + "mlp.gate_proj.weight", f"l{i}/gate")
@@ -119,6 +129,8 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}/sig")], f"l{i}/silu"), up], f"l{i}/act")
         x = g.op("Add", [x, linear(act, p + "mlp.down_proj.weight", f"l{i}/down")], f"l{i}/res2")
 
+    if key_layers is not None:
+        return _key_model(g, x, cfg.hidden_size)
     h = rmsnorm(x, "model.norm.weight", "final_norm")
     head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     tied = "lm_head.weight" not in state or head is state["model.embed_tokens.weight"]
@@ -146,6 +158,28 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
         for name in (contract.present_key(i), contract.present_value(i)):
             outputs.append(helper.make_tensor_value_info(name, f32, ["batch_size", Hkv, "total_sequence_length", D]))
     graph = helper.make_graph(g.nodes, "inducekv-decoder", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inducekv")
+    model.ir_version = 10
+    return model
+
+
+def _key_model(g: _G, x: str, hidden: int) -> onnx.ModelProto:
+    """Finish the key graph: masked mean of ``x`` (B, S, hidden) over S -> ``key`` (B, hidden)."""
+    m = g.op("Cast", [contract.ATTENTION_MASK], "key/maskf", to=TensorProto.FLOAT)           # (B, S)
+    m3 = g.op("Unsqueeze", [m, g.init("key.axis2", np.array([2], np.int64))], "key/mask3")   # (B, S, 1)
+    axis1 = g.init("key.axis1", np.array([1], np.int64))
+    num = g.op("ReduceSum", [g.op("Mul", [x, m3], "key/masked"), axis1], "key/sum", keepdims=0)  # (B, hidden)
+    den = g.op("ReduceSum", [m3, axis1], "key/count", keepdims=0)                             # (B, 1)
+    g.nodes.append(helper.make_node("Div", [num, den], [contract.KEY_OUTPUT], name="out/key"))
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info(contract.INPUT_IDS, i64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(contract.ATTENTION_MASK, i64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(contract.POSITION_IDS, i64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [helper.make_tensor_value_info(contract.KEY_OUTPUT, f32, ["batch_size", hidden])]
+    used = {n for node in g.nodes for n in node.input}
+    graph = helper.make_graph(g.nodes, "inducekv-key", inputs, outputs, [t for t in g.inits if t.name in used])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inducekv")
     model.ir_version = 10
     return model

@@ -301,7 +301,7 @@ def plan(cap: int, *, fingerprint: str, scheme: str, num_layers: int, kv_heads: 
     per_token = kvquant.payload_nbytes(scheme, num_layers, kv_heads, 2, head_dim) - per_entry
     page = _round(per_token * page_tokens, SECTION_ALIGN)  # an entry's fixed scales spill into its pages
     if catalog_bytes is None:
-        catalog_bytes = min(max(cap // 64, 16 << 10), 1 << 20)
+        catalog_bytes = min(max(cap // 256, 16 << 10), 256 << 10)  # task table + anchors (text)
     catalog_bytes = _round(catalog_bytes, SECTION_ALIGN)
 
     def geo(pages: int) -> Geometry:

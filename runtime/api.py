@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Timings:
     tokenize_ms: float = 0.0       # render the chat template + encode
+    key_ms: float = 0.0            # retrieval-key pass + calibration (memory only)
+    retrieval_ms: float = 0.0      # index search (memory only)
+    dequant_ms: float = 0.0        # read + checksum + dequantize entries (memory only)
     prefill_ms: float = 0.0        # the prompt through the decoder
     ttft_ms: float = 0.0           # call start to first token chosen
     decode_ms: float = 0.0         # all tokens after the first
@@ -41,7 +44,8 @@ class Timings:
         return (self.new_tokens - 1) / (self.decode_ms / 1e3) if self.new_tokens > 1 and self.decode_ms > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {"tokenize_ms": self.tokenize_ms, "prefill_ms": self.prefill_ms, "ttft_ms": self.ttft_ms,
+        return {"tokenize_ms": self.tokenize_ms, "key_ms": self.key_ms, "retrieval_ms": self.retrieval_ms,
+                "dequant_ms": self.dequant_ms, "prefill_ms": self.prefill_ms, "ttft_ms": self.ttft_ms,
                 "decode_ms": self.decode_ms, "prompt_tokens": self.prompt_tokens,
                 "new_tokens": self.new_tokens, "tokens_per_s": self.tokens_per_s}
 
@@ -67,16 +71,22 @@ class Runtime:
                                        st.get("bos_token_id"), manifest.add_bos_token)
         self.decoder = Decoder(bundle_dir, manifest, profile)
         self.eos_ids = set(int(i) for i in st.get("eos_token_ids", []))
+        self.memory = None  # runtime.memory.Memory when opened with a bank
 
     @classmethod
     def open(cls, bundle: str | Path, memory: str | Path | None = None, device: str | DeviceProfile = "cpu",
              verify: bool = False) -> "Runtime":
-        """Open a bundle; ``verify`` re-hashes every file against the manifest."""
-        if memory is not None:
-            raise InduceKVError("memory banks are not supported by this version yet; open the bundle without memory=")
+        """Open a bundle, and a memory bank (.ikv) to retrieve from; ``verify`` re-hashes
+        every bundle file against the manifest."""
         profile = device if isinstance(device, DeviceProfile) else load_profile(device)
         bundle_dir = Path(bundle)
-        return cls(bundle_dir, read_manifest(bundle_dir, verify_hashes=verify), profile)
+        rt = cls(bundle_dir, read_manifest(bundle_dir, verify_hashes=verify), profile)
+        if memory is not None:
+            from inducekv.memory.bank import Bank
+            from inducekv.runtime.memory import Memory
+
+            rt.memory = Memory(rt, Bank.open(memory, fingerprint=rt.manifest.fingerprint))
+        return rt
 
     # -- prompt ---------------------------------------------------------------
     def encode_prompt(self, prompt: str, system: str | None = None, chat: bool = True) -> list[int]:
@@ -98,8 +108,12 @@ class Runtime:
     def stream(self, prompt: str, image=None, max_new_tokens: int = 64, k: int | None = None,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                stop: list[str] | None = None, system: str | None = None, chat: bool = True,
-               ignore_eos: bool = False, result: Result | None = None) -> Iterator[str]:
-        """Yield the generated text piece by piece; fills ``result`` when given."""
+               ignore_eos: bool = False, use_memory: bool = True, result: Result | None = None) -> Iterator[str]:
+        """Yield the generated text piece by piece; fills ``result`` when given.
+
+        With a memory bank, the ``k`` best entries (default: the device profile's k;
+        0 = none, the bank's prompt layout still applies) are injected as past KV;
+        ``use_memory=False`` ignores the bank (plain chat prompt)."""
         t0 = time.perf_counter()
         if image is not None:
             raise InduceKVError("this bundle is text-only; images need a multimodal bundle")
@@ -109,13 +123,17 @@ class Runtime:
         rng = np.random.default_rng(seed)
         res = result if result is not None else Result("", [], "length")
         tm = res.timings
-        ids = self.encode_prompt(prompt, system=system, chat=chat)
+        if self.memory is not None and use_memory:
+            ids, cache, pos = self._with_memory(prompt, k, system, res)
+        else:
+            ids, cache, pos = self.encode_prompt(prompt, system=system, chat=chat), KVCache.empty(self.manifest), 0
         tm.prompt_tokens = len(ids)
         t1 = time.perf_counter()
-        tm.tokenize_ms = (t1 - t0) * 1e3
-        budget = min(max_new_tokens, self.manifest.max_context - len(ids))
+        tm.tokenize_ms = (t1 - t0) * 1e3 - tm.key_ms - tm.retrieval_ms - tm.dequant_ms
+        budget = min(max_new_tokens, self.manifest.max_context - pos - len(ids))
 
-        logits, cache = self.decoder.forward(ids, KVCache.empty(self.manifest))
+        logits, cache = self.decoder.forward(ids, cache, positions=np.arange(pos, pos + len(ids)))
+        pos += len(ids)
         tm.prefill_ms = (time.perf_counter() - t1) * 1e3
         out: list[int] = []
         emitted = ""
@@ -141,11 +159,30 @@ class Runtime:
                 yield piece
             if res.stop_reason == "stop" or len(out) >= budget:
                 break
-            logits, cache = self.decoder.forward([nxt], cache)
+            logits, cache = self.decoder.forward([nxt], cache, positions=np.array([pos]))
+            pos += 1
         tm.new_tokens = len(out)
         tm.decode_ms = (time.perf_counter() - t_first) * 1e3 if t_first else 0.0
         res.token_ids = out
         res.text = emitted if res.stop_reason == "stop" else self.tokenizer.decode(out)
+
+    def _with_memory(self, prompt: str, k: int | None, system: str | None, res: Result):
+        """Query ids, past KV (prefix + retrieved entries) and the query's first position."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("the prompt is empty; pass some text")
+        k = self.profile.k if k is None else k
+        if k < 0:
+            raise InduceKVError(f"k must be >= 0, got {k}")
+        layout = self.memory.layout(system)
+        found = self.memory.retrieve(prompt, k, res.timings) if k > 0 else []
+        res.entries = [info for info, _, _ in found]
+        cache, pos = layout.assemble([(kk, vv) for _, kk, vv in found])
+        ids = layout.query_ids(prompt)
+        limit = self.manifest.max_context - 1
+        if pos + len(ids) > limit:
+            raise PromptError(f"the prompt with {len(found)} memory entries is {pos + len(ids)} tokens; this model "
+                              f"takes at most {limit}: shorten it or lower k")
+        return ids, cache, pos
 
     def generate(self, prompt: str, image=None, max_new_tokens: int = 64, k: int | None = None,
                  **kw) -> Result:

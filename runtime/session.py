@@ -44,19 +44,44 @@ class KVCache:
         return self.keys[0].shape[2]
 
 
+def _session(path: Path, profile: DeviceProfile) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = profile.intra_op_threads
+    so.inter_op_num_threads = profile.inter_op_threads
+    so.graph_optimization_level = _OPT[profile.graph_optimization]
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=profile.providers())
+    except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+        raise BundleError(f"cannot load {path}: {str(e).splitlines()[0][:200]}; re-export the bundle") from None
+
+
+class KeyEncoder:
+    """The retrieval-key pass: the first layers of the model over a prompt, mean-pooled."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, profile: DeviceProfile):
+        spec = manifest.retrieval_key or {}
+        self.dim = int(spec.get("dim", 0))
+        self.sess = _session(bundle_dir / spec.get("graph", contract.KEY_FILE), profile)
+        outs = [o.name for o in self.sess.get_outputs()]
+        if outs != [contract.KEY_OUTPUT] or self.sess.get_outputs()[0].shape[-1] != self.dim:
+            raise BundleError(f"key graph outputs {outs} do not match the manifest (key of {self.dim}); re-export the bundle")
+
+    def __call__(self, ids: list[int]) -> np.ndarray:
+        """Key (dim,) float32 of one token sequence."""
+        T = len(ids)
+        feed = {
+            contract.INPUT_IDS: np.asarray(ids, np.int64)[None],                  # (1, T)
+            contract.ATTENTION_MASK: np.ones((1, T), np.int64),
+            contract.POSITION_IDS: np.arange(T, dtype=np.int64)[None],
+        }
+        return self.sess.run([contract.KEY_OUTPUT], feed)[0][0]                   # (dim,)
+
+
 class Decoder:
     def __init__(self, bundle_dir: Path, manifest: Manifest, profile: DeviceProfile):
         self.m = manifest
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = profile.intra_op_threads
-        so.inter_op_num_threads = profile.inter_op_threads
-        so.graph_optimization_level = _OPT[profile.graph_optimization]
-        so.log_severity_level = 3
-        path = bundle_dir / contract.DECODER_FILE
-        try:
-            self.sess = ort.InferenceSession(str(path), so, providers=profile.providers())
-        except Exception as e:  # onnxruntime raises its own exception types for bad graphs
-            raise BundleError(f"cannot load {path}: {str(e).splitlines()[0][:200]}; re-export the bundle") from None
+        self.sess = _session(bundle_dir / contract.DECODER_FILE, profile)
         self._check_io()
         L = manifest.num_layers
         self.key_names = [contract.present_key(i) for i in range(L)]

@@ -44,10 +44,11 @@ class ChatTokenizer:
         except TemplateError as e:
             raise BundleError(f"the bundle's chat template failed: {e}") from None
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of already-rendered text; special tokens in the text are parsed."""
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids of already-rendered text; special tokens in the text are parsed.
+        ``bos=False`` for a piece that continues earlier text."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        if self.add_bos and self.bos_token_id is not None:
+        if bos and self.add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
 

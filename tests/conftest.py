@@ -36,7 +36,7 @@ def tiny_llama_config(**over):
     from transformers import LlamaConfig
 
     kw = dict(vocab_size=len(SPECIALS) + 256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               rope_theta=50000.0,  # not the library default, so a dropped theta shows up
               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     kw.update(over)

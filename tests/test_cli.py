@@ -78,9 +78,9 @@ def test_empty_prompt(tiny_bundles, prompt):
 
 
 def test_over_long_prompt(tiny_bundles):
-    # the tiny model has 128 positions and a byte tokenizer: 500 characters cannot fit
-    assert_bad_input(run(run_cli, ["--bundle", str(tiny_bundles["fp32"]), "--prompt", "x" * 500]),
-                     "tokens", "at most 127")
+    # the tiny model has 512 positions and a byte tokenizer: 2000 characters cannot fit
+    assert_bad_input(run(run_cli, ["--bundle", str(tiny_bundles["fp32"]), "--prompt", "x" * 2000]),
+                     "tokens", "at most 511")
 
 
 def test_prompt_and_task_are_exclusive(tiny_bundles):

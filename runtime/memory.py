@@ -1,0 +1,215 @@
+"""Memory on the device: prompt layout around injected entries, entry encoding, retrieval.
+
+The prompt with memory (DESIGN.md)::
+
+    [shared prefix: chat start + system text]        computed once, cached
+    [entry 1 K/V] ... [entry k K/V]                   retrieved, dequantized, each encoded on its own
+    [query: end of system turn, user turn, assistant start]
+
+An entry's K/V is computed once, when it is written: its rendered text
+(``Template.entry``) run through the decoder *after the shared prefix*, at positions
+``P0..P0+T-1`` (P0 = prefix length). So entries never carry their own attention sink,
+and one entry injected where it was computed reproduces a joint prefill exactly.
+
+Position policies (where k entries sit):
+- ``rerotate``: consecutive, entry j at ``P0 + sum(T_<j)``; keys re-rotated in numpy.
+- ``parallel``: all at ``P0..``, the query after the longest (parallel context windows).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from inducekv.kernels.positions import rerotate
+from inducekv.memory.bank import Bank, NewEntry, example_hash
+from inducekv.memory.index import open_index
+from inducekv.runtime.errors import InduceKVError
+from inducekv.runtime.session import KVCache, KeyEncoder
+
+POLICIES = ("rerotate", "parallel")
+_ENTRIES, _USER = "\x00IKV-ENTRIES\x00", "\x00IKV-USER\x00"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    system: str   # system text before the entries
+    entry: str    # one entry, a format string over {prompt} and {answer}
+
+
+TEMPLATES = {
+    t.name: t
+    for t in (
+        Template("system-notes", "You are a helpful assistant. Use these notes to answer.\n", "{prompt} {answer}\n"),
+        Template("qa-notes", "You are a helpful assistant. Answer like these examples.\n", "Q: {prompt}\nA: {answer}\n"),
+    )
+}
+DEFAULT_TEMPLATE, DEFAULT_POLICY = "system-notes", "rerotate"
+
+
+def template_from(spec: dict | None) -> tuple[Template, str]:
+    """The bank's stored layout ``{"template": {...}, "policy": str}`` or the defaults."""
+    spec = spec or {}
+    t = spec.get("template") or asdict(TEMPLATES[DEFAULT_TEMPLATE])
+    policy = spec.get("policy", DEFAULT_POLICY)
+    if not isinstance(t, dict) or not all(isinstance(t.get(f), str) for f in ("name", "system", "entry")):
+        raise InduceKVError("the bank's prompt template is malformed; rewrite it with ikv-learn")
+    if policy not in POLICIES:
+        raise InduceKVError(f"unknown position policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return Template(t["name"], t["system"], t["entry"]), policy
+
+
+def render_entry(template: Template, prompt: str, answer: str) -> str:
+    return template.entry.replace("{prompt}", prompt).replace("{answer}", answer)
+
+
+class Layout:
+    """Token layout of one template over one runtime, with the shared prefix KV cached."""
+
+    def __init__(self, rt, template: Template, policy: str, system: str | None = None):
+        if policy not in POLICIES:
+            raise InduceKVError(f"unknown position policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.rt, self.template, self.policy = rt, template, policy
+        sys_text = (system + "\n") if system else template.system
+        text = rt.tokenizer.render([{"role": "system", "content": sys_text + _ENTRIES},
+                                    {"role": "user", "content": _USER}])
+        if text.count(_ENTRIES) != 1 or text.count(_USER) != 1:
+            raise InduceKVError("the bundle's chat template drops the system or user text; memory needs both")
+        prefix, rest = text.split(_ENTRIES)
+        self._mid, self._tail = rest.split(_USER)
+        self.prefix_ids = rt.tokenizer.encode(prefix)
+        _, self.prefix_cache = rt.decoder.forward(self.prefix_ids, KVCache.empty(rt.manifest))
+
+    @property
+    def p0(self) -> int:
+        return len(self.prefix_ids)
+
+    def query_ids(self, prompt: str) -> list[int]:
+        return self.rt.tokenizer.encode(self._mid + prompt + self._tail, bos=False)
+
+    def entry_ids(self, prompt: str, answer: str) -> list[int]:
+        return self.rt.tokenizer.encode(render_entry(self.template, prompt, answer), bos=False)
+
+    def encode_entry(self, prompt: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
+        """K/V (L, H_kv, T, D) of one rendered entry, computed after the shared prefix."""
+        ids = self.entry_ids(prompt, answer)
+        _, cache = self.rt.decoder.forward(ids, self.prefix_cache)
+        P0 = self.p0
+        k = np.stack([x[0, :, P0:] for x in cache.keys])                     # (L, H_kv, T, D)
+        v = np.stack([x[0, :, P0:] for x in cache.values])
+        return k, v
+
+    def assemble(self, entries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[KVCache, int]:
+        """Past KV = prefix + entries by the policy; returns it and the query's first position."""
+        P0, theta = self.p0, float(self.rt.manifest.rope["theta"])
+        keys, values, off = [], [], 0
+        for k, v in entries:                                                  # k, v: (L, H_kv, T, D)
+            shift = off if self.policy == "rerotate" else 0
+            keys.append(rerotate(k, shift, theta))
+            values.append(v)
+            off += k.shape[2]
+        if not entries:
+            return self.prefix_cache, P0
+        ks = np.concatenate(keys, axis=2)                                     # (L, H_kv, sum T, D)
+        vs = np.concatenate(values, axis=2)
+        cache = KVCache([np.concatenate([pk, ks[i][None]], axis=2) for i, pk in enumerate(self.prefix_cache.keys)],
+                        [np.concatenate([pv, vs[i][None]], axis=2) for i, pv in enumerate(self.prefix_cache.values)])
+        nxt = P0 + (off if self.policy == "rerotate" else max(k.shape[2] for k, _ in entries))
+        return cache, nxt
+
+
+class Memory:
+    """A bank opened for serving: key pass, calibration, search, read, layout."""
+
+    def __init__(self, rt, bank: Bank):
+        if not rt.manifest.retrieval_key:
+            raise InduceKVError("this bundle has no retrieval-key graph; re-export it with this inducekv version")
+        self.rt, self.bank = rt, bank
+        self.keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
+        if self.keys.dim != bank.geo.key_dim:
+            raise InduceKVError(f"bank keys are {bank.geo.key_dim}-d but this bundle makes {self.keys.dim}-d keys")
+        self.index = open_index(bank)
+        self._layouts: dict = {}
+
+    def layout(self, system: str | None = None) -> Layout:
+        template, policy = template_from(self.bank.catalog.get("template"))
+        key = (template, policy, system)
+        if key not in self._layouts:
+            self._layouts[key] = Layout(self.rt, template, policy, system)
+        return self._layouts[key]
+
+    def query_key(self, prompt: str) -> np.ndarray:
+        return self.keys(self.rt.tokenizer.encode(prompt))
+
+    def retrieve(self, prompt: str, k: int, timings=None) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+        """Top-k entries for ``prompt``: ``[(info, keys, values)]``, best first."""
+        t0 = time.perf_counter()
+        if self.bank.refresh():  # a writer committed: follow it
+            self.index.sync(self.bank)
+        q = self.bank.calibrate(self.query_key(prompt))
+        t1 = time.perf_counter()
+        ids, scores = self.index.search(q, k)
+        t2 = time.perf_counter()
+        slot_of = self.bank.slot_of()
+        out = []
+        for eid, score in zip(ids.tolist(), scores.tolist()):
+            got = self.bank.read_entry(slot_of[eid], eid) if eid in slot_of else None
+            if got is None:
+                continue  # swapped out since the index was synced
+            info, kk, vv = got
+            out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens}, kk, vv))
+        if timings is not None:
+            timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+            timings.dequant_ms = (time.perf_counter() - t2) * 1e3
+        return out
+
+
+def encode_examples(rt, examples, task: str, layout: Layout, keys: KeyEncoder) -> list[NewEntry]:
+    """Memory entries for task examples (``{"prompt", "answer"}`` dicts or ``tasks.Example``)."""
+    out = []
+    for ex in examples:
+        prompt, answer = _prompt_answer(ex)
+        k, v = layout.encode_entry(prompt, answer)
+        key = keys(rt.tokenizer.encode(prompt))
+        out.append(NewEntry(k, v, key, task, example_hash({"prompt": prompt, "answer": answer})))
+    return out
+
+
+def add_examples(rt, bank: Bank, examples, task: str, template: str | None = None,
+                 policy: str | None = None) -> list[int]:
+    """Encode ``examples`` and add them to ``bank`` (open for writing) in one commit.
+
+    Fixes the bank's template/policy on first use. Returns the slots written; stops at
+    the first entry that does not fit (fewer slots than examples then).
+    """
+    spec = bank.catalog.get("template")
+    if spec is None or template or policy:
+        t = TEMPLATES.get(template or DEFAULT_TEMPLATE)
+        if t is None:
+            raise InduceKVError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+        spec = {"template": asdict(t), "policy": policy or (spec or {}).get("policy", DEFAULT_POLICY)}
+    tmpl, pol = template_from(spec)
+    layout = Layout(rt, tmpl, pol)
+    keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
+    slots = []
+    with bank.transaction() as tx:
+        if spec != bank.catalog.get("template"):
+            tx.set_template(spec)
+        for entry in encode_examples(rt, examples, task, layout, keys):
+            s = tx.add(entry)
+            if s is None:
+                break
+            slots.append(s)
+    return slots
+
+
+def _prompt_answer(ex) -> tuple[str, str]:
+    if isinstance(ex, dict):
+        prompt, answer = ex.get("prompt"), ex.get("answer") or (ex.get("answers") or [None])[0]
+    else:
+        prompt, answer = ex.prompt, (ex.answers[0] if ex.answers else None)
+    if not isinstance(prompt, str) or not isinstance(answer, str):
+        raise InduceKVError("a memory entry needs a text prompt and an answer")
+    return prompt, answer
