@@ -25,7 +25,7 @@ from inducekv.runtime.errors import InduceKVError
 
 log = logging.getLogger(__name__)
 
-INLINE_LIMIT = 1_800_000_000  # protobuf cannot hold more than 2 GB inline
+INLINE_LIMIT = 64 << 20  # larger models keep weights in decoder.onnx.data, which key.onnx shares
 VALIDATION_TEXT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital"
 FP32_TOLERANCE = 1e-3
 
@@ -60,6 +60,7 @@ def _save_decoder(onnx_model, out_dir: Path) -> list[str]:
     data = contract.DECODER_FILE + ".data"
     onnx.save_model(onnx_model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data, size_threshold=1024)
+    os.chmod(out_dir / data, 0o644)  # onnx creates it owner-only; a bundle is meant to be shared
     return [contract.DECODER_FILE, data]
 
 

@@ -171,6 +171,23 @@ def unpack(buf, scheme: str, num_layers: int, kv_heads: int, tokens: int, head_d
     return k, v.reshape(L, H, T, D)
 
 
+def unpack_into(buf, scheme: str, out_k: np.ndarray, out_v: np.ndarray) -> None:
+    """Dequantize straight into float32 views ``out_k``/``out_v`` of shape (L, H_kv, T, D)
+    (e.g. slices of the decoder's past-KV buffers): no intermediate float copies."""
+    L, H, T, D = out_k.shape
+    p = _sections(buf, scheme, L, H, T, D)
+    if scheme == "fp16":
+        out_k[...] = p["k"]
+        out_v[...] = p["v"]
+    elif scheme == "int8":
+        np.multiply(p["k"], p["k_scale"].astype(np.float32)[:, :, None, :], out=out_k)
+        np.multiply(p["v"], p["v_scale"].astype(np.float32)[..., None], out=out_v)
+    else:
+        k, v = unpack(buf, scheme, L, H, T, D)
+        out_k[...] = k
+        out_v[...] = v
+
+
 def error_bound(scheme: str, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Worst-case elementwise |dequant(quant(x)) - x| allowed by the scheme (for tests).
 

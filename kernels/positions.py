@@ -25,3 +25,19 @@ def rerotate(keys: np.ndarray, delta: int, theta: float) -> np.ndarray:
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     k1, k2 = keys[..., : D // 2], keys[..., D // 2:]                   # (..., T, D/2) each
     return np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1).astype(np.float32)
+
+
+
+def rerotate_(keys: np.ndarray, delta: int, theta: float) -> None:
+    """In-place ``rerotate`` of a float32 view (..., T, D)."""
+    if delta == 0:
+        return
+    D = keys.shape[-1]
+    ang = delta * inv_freq(theta, D)                                   # (D/2,)
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    k1, k2 = keys[..., : D // 2], keys[..., D // 2:]                   # views (..., T, D/2)
+    k1_old = k1 * sin
+    k1 *= cos
+    k1 -= k2 * sin
+    k2 *= cos
+    k2 += k1_old

@@ -108,12 +108,14 @@ class Runtime:
     def stream(self, prompt: str, image=None, max_new_tokens: int = 64, k: int | None = None,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                stop: list[str] | None = None, system: str | None = None, chat: bool = True,
-               ignore_eos: bool = False, use_memory: bool = True, result: Result | None = None) -> Iterator[str]:
+               ignore_eos: bool = False, use_memory: bool = True, k_margin: float | None = None,
+               result: Result | None = None) -> Iterator[str]:
         """Yield the generated text piece by piece; fills ``result`` when given.
 
         With a memory bank, the ``k`` best entries (default: the device profile's k;
         0 = none, the bank's prompt layout still applies) are injected as past KV;
-        ``use_memory=False`` ignores the bank (plain chat prompt)."""
+        ``use_memory=False`` ignores the bank (plain chat prompt); ``k_margin`` keeps only
+        entries scoring within that much of the best (adaptive k, at most ``k``)."""
         t0 = time.perf_counter()
         if image is not None:
             raise InduceKVError("this bundle is text-only; images need a multimodal bundle")
@@ -124,7 +126,7 @@ class Runtime:
         res = result if result is not None else Result("", [], "length")
         tm = res.timings
         if self.memory is not None and use_memory:
-            ids, cache, pos = self._with_memory(prompt, k, system, res)
+            ids, cache, pos = self._with_memory(prompt, k, system, res, k_margin)
         else:
             ids, cache, pos = self.encode_prompt(prompt, system=system, chat=chat), KVCache.empty(self.manifest), 0
         tm.prompt_tokens = len(ids)
@@ -166,7 +168,7 @@ class Runtime:
         res.token_ids = out
         res.text = emitted if res.stop_reason == "stop" else self.tokenizer.decode(out)
 
-    def _with_memory(self, prompt: str, k: int | None, system: str | None, res: Result):
+    def _with_memory(self, prompt: str, k: int | None, system: str | None, res: Result, margin: float | None):
         """Query ids, past KV (prefix + retrieved entries) and the query's first position."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty; pass some text")
@@ -174,9 +176,11 @@ class Runtime:
         if k < 0:
             raise InduceKVError(f"k must be >= 0, got {k}")
         layout = self.memory.layout(system)
-        found = self.memory.retrieve(prompt, k, res.timings) if k > 0 else []
-        res.entries = [info for info, _, _ in found]
-        cache, pos = layout.assemble([(kk, vv) for _, kk, vv in found])
+        found = self.memory.retrieve(prompt, k, res.timings, margin) if k > 0 else []
+        res.entries = [info for info, _ in found]
+        t = time.perf_counter()
+        cache, pos = layout.assemble_payloads([(buf, info["tokens"]) for info, buf in found], self.memory.bank.geo.scheme)
+        res.timings.dequant_ms = (time.perf_counter() - t) * 1e3
         ids = layout.query_ids(prompt)
         limit = self.manifest.max_context - 1
         if pos + len(ids) > limit:

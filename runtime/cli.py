@@ -13,7 +13,9 @@ from inducekv.runtime.cliutil import fail_on_bad_input, progress_enabled
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", required=True, type=click.Path(), help="Bundle directory from ikv-export.")
 @click.option("--memory", type=click.Path(), default=None, help="Memory bank (.ikv) to retrieve from.")
-@click.option("--k", type=click.IntRange(1, 64), default=None, help="Memory entries per query (default: device profile).")
+@click.option("--k", type=click.IntRange(0, 64), default=None,
+              help="Memory entries per query (default: the device profile's; 0 = none).")
+@click.option("--no-memory", is_flag=True, help="Ignore --memory: answer with the plain chat prompt.")
 @click.option("--prompt", help="One prompt to answer.")
 @click.option("--task", "task", type=click.Path(), help="A JSONL file of prompts to answer, one per line.")
 @click.option("--image", type=click.Path(), default=None, help="Image for --prompt (multimodal bundles).")
@@ -28,7 +30,7 @@ from inducekv.runtime.cliutil import fail_on_bad_input, progress_enabled
 @click.option("--device", default="cpu", show_default=True, help="Device profile name or .toml path.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per answer (text, timings, entries).")
-def cli(bundle, memory, k, prompt, task, image, max_new_tokens, temperature, top_k, top_p, seed, system,
+def cli(bundle, memory, k, no_memory, prompt, task, image, max_new_tokens, temperature, top_k, top_p, seed, system,
         stop, device, quiet, as_json):
     """Answer --prompt TEXT, or every prompt of --task FILE.jsonl, with a bundle.
 
@@ -36,6 +38,7 @@ def cli(bundle, memory, k, prompt, task, image, max_new_tokens, temperature, top
     Examples:
       ikv-run --bundle bundles/smollm2 --prompt "What is the capital of France?"
       ikv-run --bundle bundles/smollm2 --task questions.jsonl --json
+      ikv-run --bundle bundles/smollm2 --memory bank.ikv --k 2 --prompt "Capital of Vexland?"
     """
     logging.basicConfig(level=logging.WARNING)
     with fail_on_bad_input():
@@ -45,7 +48,7 @@ def cli(bundle, memory, k, prompt, task, image, max_new_tokens, temperature, top
         from inducekv.runtime.api import Result, Runtime
         from inducekv.runtime.tasks import load_task
 
-        rt = Runtime.open(bundle, memory=memory, device=device)
+        rt = Runtime.open(bundle, memory=None if no_memory else memory, device=device)
         opts = dict(max_new_tokens=max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
                     seed=seed, stop=list(stop), system=system)
         if prompt is not None:
@@ -73,6 +76,8 @@ def _report(res, prompt: str, as_json: bool, echoed: bool):
         click.echo(res.text)
     else:
         click.echo()
+    if res.entries:
+        click.echo("[memory: " + ", ".join(f"#{e['id']} {e['task']} ({e['score']:.2f})" for e in res.entries) + "]", err=True)
     click.echo(f"[{t.prompt_tokens} prompt tokens, {t.new_tokens} new; ttft {t.ttft_ms:.0f} ms, "
                f"{t.tokens_per_s:.1f} tok/s]", err=True)
 

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from inducekv.kernels.positions import rerotate
+from inducekv.kernels import kvquant
+from inducekv.kernels.positions import rerotate_
 from inducekv.memory.bank import Bank, NewEntry, example_hash
 from inducekv.memory.index import open_index
 from inducekv.runtime.errors import InduceKVError
@@ -80,7 +81,18 @@ class Layout:
         prefix, rest = text.split(_ENTRIES)
         self._mid, self._tail = rest.split(_USER)
         self.prefix_ids = rt.tokenizer.encode(prefix)
+        self._store: tuple[np.ndarray, np.ndarray] | None = None
         _, self.prefix_cache = rt.decoder.forward(self.prefix_ids, KVCache.empty(rt.manifest))
+
+    def _buffers(self, total: int) -> tuple[np.ndarray, np.ndarray]:
+        """Past-KV buffers (L, 1, H_kv, total, D), reused across queries: fresh 20+ MB arrays
+        cost ~10 ms of page faults. Valid until the next assemble (the decoder copies them)."""
+        m = self.rt.manifest
+        shape = (m.num_layers, 1, m.num_kv_heads, total, m.head_dim)
+        n = int(np.prod(shape))
+        if self._store is None or self._store[0].size < n:
+            self._store = (np.empty(n, np.float32), np.empty(n, np.float32))
+        return self._store[0][:n].reshape(shape), self._store[1][:n].reshape(shape)
 
     @property
     def p0(self) -> int:
@@ -102,22 +114,40 @@ class Layout:
         return k, v
 
     def assemble(self, entries: list[tuple[np.ndarray, np.ndarray]]) -> tuple[KVCache, int]:
-        """Past KV = prefix + entries by the policy; returns it and the query's first position."""
+        """Past KV = prefix + float entries (L, H_kv, T, D) by the policy; returns it and the
+        query's first position."""
+        def fill(j, out_k, out_v):
+            out_k[...] = entries[j][0]
+            out_v[...] = entries[j][1]
+
+        return self._assemble([k.shape[2] for k, _ in entries], fill)
+
+    def assemble_payloads(self, payloads: list[tuple[bytes, int]], scheme: str) -> tuple[KVCache, int]:
+        """Like ``assemble`` for quantized ``(payload, tokens)``: dequantized straight into place."""
+        def fill(j, out_k, out_v):
+            kvquant.unpack_into(payloads[j][0], scheme, out_k, out_v)
+
+        return self._assemble([t for _, t in payloads], fill)
+
+    def _assemble(self, lengths: list[int], fill) -> tuple[KVCache, int]:
+        if not lengths:
+            return self.prefix_cache, self.p0
         P0, theta = self.p0, float(self.rt.manifest.rope["theta"])
-        keys, values, off = [], [], 0
-        for k, v in entries:                                                  # k, v: (L, H_kv, T, D)
-            shift = off if self.policy == "rerotate" else 0
-            keys.append(rerotate(k, shift, theta))
-            values.append(v)
-            off += k.shape[2]
-        if not entries:
-            return self.prefix_cache, P0
-        ks = np.concatenate(keys, axis=2)                                     # (L, H_kv, sum T, D)
-        vs = np.concatenate(values, axis=2)
-        cache = KVCache([np.concatenate([pk, ks[i][None]], axis=2) for i, pk in enumerate(self.prefix_cache.keys)],
-                        [np.concatenate([pv, vs[i][None]], axis=2) for i, pv in enumerate(self.prefix_cache.values)])
-        nxt = P0 + (off if self.policy == "rerotate" else max(k.shape[2] for k, _ in entries))
-        return cache, nxt
+        m = self.rt.manifest
+        total = P0 + sum(lengths)
+        ks, vs = self._buffers(total)                                             # (L, 1, H_kv, P0+ΣT, D) each
+        for i in range(m.num_layers):
+            ks[i, :, :, :P0] = self.prefix_cache.keys[i]
+            vs[i, :, :, :P0] = self.prefix_cache.values[i]
+        at = P0
+        for j, T in enumerate(lengths):
+            out_k, out_v = ks[:, 0, :, at:at + T], vs[:, 0, :, at:at + T]                 # (L, H_kv, T, D) views
+            fill(j, out_k, out_v)
+            if self.policy == "rerotate":
+                rerotate_(out_k, at - P0, theta)
+            at += T
+        nxt = P0 + (sum(lengths) if self.policy == "rerotate" else max(lengths))
+        return KVCache(list(ks), list(vs)), nxt
 
 
 class Memory:
@@ -143,26 +173,30 @@ class Memory:
     def query_key(self, prompt: str) -> np.ndarray:
         return self.keys(self.rt.tokenizer.encode(prompt))
 
-    def retrieve(self, prompt: str, k: int, timings=None) -> list[tuple[dict, np.ndarray, np.ndarray]]:
-        """Top-k entries for ``prompt``: ``[(info, keys, values)]``, best first."""
+    def retrieve(self, prompt: str, k: int, timings=None, margin: float | None = None) -> list[tuple[dict, bytes]]:
+        """Top-k entries for ``prompt``: ``[(info, verified payload)]``, best first.
+
+        ``margin`` makes k adaptive: only entries scoring within ``margin`` of the best
+        one are kept (a lone clear winner comes alone; near-ties come together)."""
         t0 = time.perf_counter()
         if self.bank.refresh():  # a writer committed: follow it
             self.index.sync(self.bank)
         q = self.bank.calibrate(self.query_key(prompt))
         t1 = time.perf_counter()
         ids, scores = self.index.search(q, k)
-        t2 = time.perf_counter()
+        if margin is not None and len(scores):
+            keep = scores >= scores[0] - margin
+            ids, scores = ids[keep], scores[keep]
         slot_of = self.bank.slot_of()
         out = []
         for eid, score in zip(ids.tolist(), scores.tolist()):
-            got = self.bank.read_entry(slot_of[eid], eid) if eid in slot_of else None
+            got = self.bank.read_payload(slot_of[eid], eid) if eid in slot_of else None
             if got is None:
                 continue  # swapped out since the index was synced
-            info, kk, vv = got
-            out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens}, kk, vv))
+            buf, info = got
+            out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens}, buf))
         if timings is not None:
-            timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-            timings.dequant_ms = (time.perf_counter() - t2) * 1e3
+            timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         return out
 
 

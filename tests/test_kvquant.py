@@ -26,6 +26,18 @@ def test_round_trip_within_bound(scheme, rng):
     assert (np.abs(v2 - v) <= vb).all()
 
 
+@pytest.mark.parametrize("scheme", kvquant.SCHEMES)
+def test_unpack_into_views_matches_unpack(scheme, rng):
+    k, v = _kv(rng)
+    buf = kvquant.pack(k, v, scheme)
+    big = np.zeros((2, 3, 9, 64), np.float32)  # entries land in a slice of a bigger past-KV buffer
+    bigv = np.zeros_like(big)
+    kvquant.unpack_into(buf, scheme, big[:, :, 2:7], bigv[:, :, 2:7])
+    k2, v2 = kvquant.unpack(buf, scheme, *k.shape)
+    assert np.array_equal(big[:, :, 2:7], k2) and np.array_equal(bigv[:, :, 2:7], v2)
+    assert not big[:, :, :2].any() and not big[:, :, 7:].any()
+
+
 def test_per_channel_keys_keep_small_channels_precise(rng):
     """The point of KIVI: an outlier channel must not blow up the error of the others."""
     k, v = _kv(rng, outlier=True)

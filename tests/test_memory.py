@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from inducekv.kernels.positions import rerotate
+from inducekv.kernels.positions import rerotate, rerotate_
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
 from inducekv.runtime.errors import BankError, InduceKVError
@@ -66,6 +66,9 @@ def test_rerotation_equals_computing_at_shifted_positions(rt):
             np.testing.assert_allclose(rerotate(at0.keys[i], d, rt.manifest.rope["theta"]), atd.keys[i], atol=1e-4)
             np.testing.assert_allclose(at0.values[i], atd.values[i], atol=1e-4)
     assert rerotate(at0.keys[0], 0, 1e4) is at0.keys[0]
+    inplace = at0.keys[1].copy()
+    rerotate_(inplace, 100, rt.manifest.rope["theta"])
+    np.testing.assert_allclose(inplace, rerotate(at0.keys[1], 100, rt.manifest.rope["theta"]), atol=1e-6)
 
 
 @pytest.mark.parametrize("scheme, tol", [("fp16", 0.05), ("int8", 1.0)])
@@ -82,8 +85,8 @@ def test_generate_with_bank_retrieves_and_injects(rt, tmp_path, tiny_bundles, sc
     cache, pos = lay.assemble([(k, v)])
     q = lay.query_ids(FACTS[1]["prompt"])
     exact, _ = rt.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)))
-    _, kk, vv = mrt.memory.retrieve(FACTS[1]["prompt"], 1)[0]
-    cache2, _ = lay.assemble([(kk, vv)])
+    info, buf = mrt.memory.retrieve(FACTS[1]["prompt"], 1)[0]
+    cache2, _ = lay.assemble_payloads([(buf, info["tokens"])], scheme)
     served, _ = rt.decoder.forward(q, cache2, positions=np.arange(pos, pos + len(q)))
     drift = np.abs(served - exact).max()
     print(f"\n{scheme} payload drift on the tiny model: max |dlogit| {drift:.4f}")
