@@ -55,11 +55,13 @@ class EntryInfo:
 
 @dataclass(frozen=True)
 class NewEntry:
-    keys: np.ndarray     # (L, H_kv, T, D) float32
-    values: np.ndarray   # (L, H_kv, T, D) float32
-    key: np.ndarray      # (key_dim,) float32 retrieval key
+    keys: np.ndarray | None    # (L, H_kv, T, D) float32; None when ``payload`` is given
+    values: np.ndarray | None  # (L, H_kv, T, D) float32
+    key: np.ndarray            # (key_dim,) float32 retrieval key
     task: str
     example_hash: bytes = b"\0" * 16
+    payload: bytes | None = None  # already packed with the bank's scheme (kvquant.pack)
+    tokens: int = 0               # token count of ``payload``
 
 
 def example_hash(example: dict) -> bytes:

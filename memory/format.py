@@ -41,6 +41,7 @@ MAX_MODEL_DIM = 65_536
 MAX_ENTRY_TOKENS = 65_536
 
 STATE_EMPTY, STATE_LIVE = 0, 1
+MIN_ENTRY_TOKENS = 16  # a cap must hold at least one entry of this many tokens
 
 # superblock: magic, version, gen, next_entry_id, catalog (copy, len, crc), calibration (copy, crc), reserved
 _SB_HEAD = struct.Struct("<4sIQQIIIIII")
@@ -293,7 +294,7 @@ def plan(cap: int, *, fingerprint: str, scheme: str, num_layers: int, kv_heads: 
     about one more token's worth in the entry's pages); there is one slot per
     ``entry_tokens`` tokens of page space, so entries shorter than that run out
     of slots before pages. Raises ValueError when the cap cannot hold even one
-    ``max_tokens`` entry (lower ``max_tokens`` or raise the cap).
+    ``MIN_ENTRY_TOKENS``-token entry.
     """
     if page_tokens < 1 or entry_tokens < 1:
         raise ValueError("page_tokens and entry_tokens must be >= 1")
@@ -316,9 +317,10 @@ def plan(cap: int, *, fingerprint: str, scheme: str, num_layers: int, kv_heads: 
     while pages > 1 and geo(pages).file_bytes > cap:
         pages -= 1
     g = geo(pages)
-    if g.file_bytes > cap or g.pages < g.max_pages:
-        smallest = geo(max(g.max_pages, 1)).file_bytes
-        raise ValueError(f"a cap of {cap} bytes is too small for one {max_tokens}-token {scheme} entry of this model; "
-                         f"the smallest bank is {smallest} bytes ({smallest / 2**20:.2f} MiB)")
+    need = g.pages_for(min(max_tokens, MIN_ENTRY_TOKENS))
+    if g.file_bytes > cap or g.pages < need:
+        smallest = geo(need).file_bytes
+        raise ValueError(f"a cap of {cap} bytes is too small for one {MIN_ENTRY_TOKENS}-token {scheme} entry of this "
+                         f"model; the smallest bank is {smallest} bytes ({smallest / 2**20:.2f} MiB)")
     check_geometry(g)
     return g

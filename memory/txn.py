@@ -110,22 +110,26 @@ class Transaction:
         there is no free slot or not enough free pages (a normal outcome, nothing written)."""
         self._check_open()
         g = self.geo
-        k = np.asarray(entry.keys, np.float32)
         key = np.asarray(entry.key, np.float32).reshape(-1)
-        want = (g.num_layers, g.kv_heads)
-        if k.ndim != 4 or k.shape[:2] != want or k.shape[3] != g.head_dim:
-            raise BankError(f"entry KV has shape {k.shape}; this bank stores (L={g.num_layers}, H={g.kv_heads}, T, D={g.head_dim})")
-        T = k.shape[2]
-        if T > g.max_tokens:
-            raise BankError(f"entry has {T} tokens; this bank's records hold at most {g.max_tokens}")
+        if entry.payload is not None:
+            T, payload = int(entry.tokens), entry.payload
+            if not (1 <= T <= g.max_tokens) or len(payload) != g.payload_nbytes(T):
+                raise BankError(f"packed payload of {len(payload)} bytes does not match {T} tokens of this bank's {g.scheme}")
+        else:
+            k = np.asarray(entry.keys, np.float32)
+            if k.ndim != 4 or k.shape[:2] != (g.num_layers, g.kv_heads) or k.shape[3] != g.head_dim:
+                raise BankError(f"entry KV has shape {k.shape}; this bank stores (L={g.num_layers}, H={g.kv_heads}, T, D={g.head_dim})")
+            T = k.shape[2]
+            if T > g.max_tokens:
+                raise BankError(f"entry has {T} tokens; this bank's records hold at most {g.max_tokens}")
+            try:
+                payload = kvquant.pack(k, entry.values, g.scheme)
+            except ValueError as e:
+                raise BankError(str(e)) from None
         if key.shape != (g.key_dim,) or not np.isfinite(key).all():
             raise BankError(f"retrieval key must be {g.key_dim} finite floats, got shape {key.shape}")
         if len(entry.example_hash) != 16:
             raise BankError("example_hash must be 16 bytes (see memory.bank.example_hash)")
-        try:
-            payload = kvquant.pack(k, entry.values, g.scheme)
-        except ValueError as e:
-            raise BankError(str(e)) from None
         if slot is None:
             slot = self._free_slot()
             if slot is None:

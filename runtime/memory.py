@@ -43,11 +43,13 @@ class Template:
 TEMPLATES = {
     t.name: t
     for t in (
-        Template("system-notes", "You are a helpful assistant. Use these notes to answer.\n", "{prompt} {answer}\n"),
-        Template("qa-notes", "You are a helpful assistant. Answer like these examples.\n", "Q: {prompt}\nA: {answer}\n"),
+        # measured on SmolLM2-135M (benchmarks/memory_eval.py): a statement the model can copy works best
+        Template("facts", "Answer using the facts below.\n", "Fact: {prompt} The answer is {answer}.\n"),
+        Template("notes", "You are a helpful assistant. Use these notes to answer.\n", "{prompt} {answer}\n"),
+        Template("qa", "You are a helpful assistant. Answer like these examples.\n", "Q: {prompt}\nA: {answer}\n"),
     )
 }
-DEFAULT_TEMPLATE, DEFAULT_POLICY = "system-notes", "rerotate"
+DEFAULT_TEMPLATE, DEFAULT_POLICY = "facts", "rerotate"
 
 
 def template_from(spec: dict | None) -> tuple[Template, str]:

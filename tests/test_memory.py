@@ -42,7 +42,7 @@ def test_key_graph_matches_hf_hidden_states(rt, tiny_hf_model):
 
 
 def test_one_entry_at_its_positions_equals_joint_prefill(rt):
-    lay = Layout(rt, TEMPLATES["system-notes"], "rerotate")
+    lay = Layout(rt, TEMPLATES["facts"], "rerotate")
     k, v = lay.encode_entry(FACTS[0]["prompt"], FACTS[0]["answer"])
     cache, pos = lay.assemble([(k, v)])
     q = lay.query_ids("Capital of Vexland?")
@@ -96,7 +96,7 @@ def test_generate_with_bank_retrieves_and_injects(rt, tmp_path, tiny_bundles, sc
 
 
 def test_parallel_policy_places_query_after_longest(rt):
-    lay = Layout(rt, TEMPLATES["system-notes"], "parallel")
+    lay = Layout(rt, TEMPLATES["facts"], "parallel")
     e = [lay.encode_entry(**f) for f in FACTS]
     cache, pos = lay.assemble(e)
     assert cache.length == lay.p0 + sum(k.shape[2] for k, _ in e)

@@ -1,0 +1,85 @@
+"""``ikv-learn``: absorb a task into a memory bank on the device, inside its byte cap."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import click
+
+from inducekv.runtime.cliutil import ByteSize, fail_on_bad_input, progress_enabled
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", required=True, type=click.Path(), help="Bundle directory from ikv-export.")
+@click.option("--memory", required=True, type=click.Path(), help="Bank file (.ikv); created when absent.")
+@click.option("--task", "task_path", required=True, type=click.Path(), help="Task file: JSONL of {prompt, answer}.")
+@click.option("--name", default=None, help="Task name (default: the file name up to its first dot).")
+@click.option("--budget", type=ByteSize(), default=None,
+              help="Byte cap of a new bank, e.g. 16MiB (default: the device profile's). Ignored for an existing bank.")
+@click.option("--device", default="cpu", show_default=True, help="Device profile name or .toml path.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for held-out splits and anchors.")
+@click.option("--strategy", type=click.Choice(["full", "likelihood", "coverage", "no-anchors", "random", "fifo"]),
+              default="full", show_default=True, help="Selection rule (the others are baselines).")
+@click.option("--scheme", type=click.Choice(["fp16", "int8", "int4"]), default=None,
+              help="Payload quantization of a new bank (default: the device profile's kv_bits).")
+@click.option("--anchors", "n_anchors", type=click.IntRange(0, 64), default=8, show_default=True,
+              help="Examples of this task kept in the bank to guard it against forgetting.")
+@click.option("--dry-run", is_flag=True, help="Print the budget plan; write nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, dry_run, quiet, as_json):
+    """Learn the examples of --task into the bank --memory without changing the model.
+
+    \b
+    Examples:
+      ikv-learn --bundle bundles/default/int8 --memory bank.ikv --task capitals.train.jsonl --budget 16MiB
+      ikv-learn --bundle bundles/default/int8 --memory bank.ikv --task colours.train.jsonl --dry-run
+    """
+    logging.basicConfig(level=logging.WARNING)
+    from pathlib import Path
+
+    with fail_on_bad_input():
+        from inducekv.devices.profile import load_profile
+        from inducekv.memory.learn import open_or_create, plan_and_write, read_examples, task_name
+        from inducekv.runtime.api import Runtime
+        from inducekv.runtime.cliutil import parse_bytes
+
+        t0 = time.perf_counter()
+        profile = load_profile(device)
+        examples = read_examples(task_path)  # bad lines fail here, before the bank is touched
+        tname = task_name(Path(task_path), name)
+        rt = Runtime.open(bundle, device=profile)
+        path = Path(memory)
+        if dry_run and not path.exists():
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory()
+            path = Path(tmp.name) / "plan.ikv"
+        bank = open_or_create(path, rt, budget if budget is not None else parse_bytes(profile.default_budget),
+                              scheme or {16: "fp16", 8: "int8", 4: "int4"}.get(profile.kv_bits, "int8"))
+        with bank:
+            before = bank.tasks()
+            plan = plan_and_write(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors,
+                                  k=profile.k if profile.k else 1, dry_run=dry_run,
+                                  progress=progress_enabled(quiet))
+            after = bank.tasks() if not dry_run else None
+            usage = bank.usage()
+    out = {"task": tname, "examples": len(examples), "added": len(plan.add), "evicted": len(plan.evict),
+           "kept_old": len(plan.keep_old), "bytes_per_entry": round(plan.bytes_per_entry), "dry_run": dry_run,
+           "tasks_before": before, "tasks_after": after, "bytes_used": usage["bytes_used"], "cap": usage["cap"],
+           "calibration": plan.calibration, "timings_s": {k: round(v, 2) for k, v in plan.timings.items()},
+           "total_s": round(time.perf_counter() - t0, 2)}
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    verb = "would add" if dry_run else "added"
+    click.echo(f"{tname}: {verb} {out['added']} of {out['examples']} examples (~{out['bytes_per_entry'] / 1024:.0f} KiB each), "
+               f"evict {out['evicted']} old entries, keep {out['kept_old']}")
+    click.echo(f"bank: {usage['bytes_used'] / 2**20:.2f} MiB used of a {usage['cap'] / 2**20:.2f} MiB cap; tasks "
+               + ", ".join(f"{k}={v}" for k, v in (after or before).items()))
+    click.echo("time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in out["timings_s"].items()) + f"; total {out['total_s']:.1f}s")
+
+
+def main():
+    cli()

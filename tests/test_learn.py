@@ -1,0 +1,150 @@
+"""ikv-learn on toy pools and the tiny Llama: cap, anchors, calibration, kills."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from inducekv.memory import select as sel
+from inducekv.memory.bank import Bank
+from inducekv.memory.learn import fit_calibration, plan_and_write, read_examples, retrieval_loss
+from inducekv.memory.verify import verify
+from inducekv.runtime.api import Runtime
+from inducekv.runtime.learn_cli import cli
+
+
+def _pool(rng, n_old=10, n_new=10):
+    n = n_old + n_new
+    return sel.Pool(nbytes=rng.integers(1, 5, n).astype(float) * 1000, gain=rng.normal(1, 0.5, n),
+                    retention=np.r_[rng.random(n_old), np.zeros(n_new)], keys=rng.standard_normal((n, 16)),
+                    is_new=np.r_[np.zeros(n_old, bool), np.ones(n_new, bool)],
+                    age=np.r_[np.arange(n_old, 0, -1), np.zeros(n_new)].astype(float))
+
+
+@pytest.mark.parametrize("strategy", sel.STRATEGIES)
+def test_selection_respects_both_budgets_exactly(strategy, rng):
+    for trial in range(20):
+        p = _pool(rng)
+        budget, new_budget = int(rng.integers(3000, 30000)), int(rng.integers(0, 20000))
+        chosen = sel.select(p, budget, new_budget, strategy, seed=trial)
+        assert p.nbytes[chosen].sum() <= budget
+        assert p.nbytes[chosen][p.is_new[chosen]].sum() <= new_budget
+        assert len(set(chosen.tolist())) == len(chosen)
+
+
+def test_greedy_prefers_value_per_byte_and_fifo_keeps_newest(rng):
+    p = sel.Pool(nbytes=np.array([1000.0, 1000, 4000]), gain=np.array([1.0, 0.1, 2.0]), retention=np.zeros(3),
+                 keys=rng.standard_normal((3, 8)), is_new=np.array([False, False, True]), age=np.array([2.0, 1, 0]))
+    assert sel.select(p, 2000, 10000, "likelihood").tolist() == [0, 1]  # 1.0/1000 and 0.1/1000 beat 2.0/4000 ... and fit
+    assert sel.select(p, 5000, 10000, "likelihood").tolist() == [0, 2]
+    assert sel.select(p, 5000, 10000, "fifo").tolist() == [1, 2]  # newest first: the new item, then age 1
+
+
+def test_calibration_fit_reduces_heldout_retrieval_loss(rng):
+    K, n = 32, 400
+    keys = rng.standard_normal((60, K))
+    target = rng.integers(0, 60, n)
+    A = np.eye(K) + 0.8 * rng.standard_normal((K, 4)) @ rng.standard_normal((4, K)) / np.sqrt(K)
+    queries = (keys[target] + 0.3 * rng.standard_normal((n, K))) @ np.linalg.inv(A).T  # a distorted query space
+    onehot = np.eye(60)[target]
+    fit, val = slice(0, 300), slice(300, n)
+    a, b, U, V = fit_calibration(queries[fit], keys[target[fit]], rank=8, ridge=0.1)
+    mapped = a * queries[val] + b + (queries[val] @ V) @ U.T
+    before = retrieval_loss(queries[val], keys, onehot[val])
+    after = retrieval_loss(mapped, keys, onehot[val])
+    print(f"\nheld-out retrieval loss: identity {before:.3f} -> calibrated {after:.3f}")
+    assert after < 0.8 * before
+
+
+def _task(path, prefix, n):
+    path.write_text("".join(json.dumps({"prompt": f"{prefix} question {i}?", "answer": f"{prefix}{i}"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_rt(tiny_bundles):
+    return Runtime.open(tiny_bundles["fp32"])
+
+
+def _new_bank(rt, path, cap=100_000):
+    m = rt.manifest
+    return Bank.create(path, cap, force=True, fingerprint=m.fingerprint, scheme="int8", num_layers=m.num_layers,
+                       kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=m.retrieval_key["dim"], max_tokens=96)
+
+
+def test_two_tasks_under_a_cap_keep_anchors(tiny_rt, tmp_path):
+    p = tmp_path / "b.ikv"
+    size = None
+    with _new_bank(tiny_rt, p) as b:
+        size = os.path.getsize(p)
+        a = read_examples(_task(tmp_path / "a.jsonl", "alpha", 12))
+        plan_a = plan_and_write(tiny_rt, b, a, "alpha", n_anchors=3)
+        assert 0 < len(plan_a.add) < 12  # the cap cannot hold everything
+        used_a = b.usage()["bytes_used"]
+        anchors_a = b.anchors("alpha")
+        bb = read_examples(_task(tmp_path / "b.jsonl", "beta", 12))
+        plan_and_write(tiny_rt, b, bb, "beta", n_anchors=3)
+        assert b.anchors("alpha") == anchors_a and len(anchors_a) == 3
+        assert set(b.tasks()) == {"alpha", "beta"}
+        assert b.usage()["bytes_used"] <= b.geo.pages * b.geo.page_bytes and used_a > 0
+    assert os.path.getsize(p) == size <= 100_000
+    assert verify(p)["ok"]
+
+
+def test_killed_learn_leaves_the_bank_before_or_after(tiny_rt, tmp_path):
+    p = tmp_path / "b.ikv"
+    with _new_bank(tiny_rt, p) as b:
+        plan_and_write(tiny_rt, b, read_examples(_task(tmp_path / "a.jsonl", "alpha", 8)), "alpha", n_anchors=2)
+        before = (b.gen, b.tasks())
+    examples = read_examples(_task(tmp_path / "b.jsonl", "beta", 8))
+    outcomes = set()
+    for kill_at in (1, 3, 6, 10, 10_000):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with Bank.open(p, writable=True) as bank:
+                    n, real = [0], bank._pwrite
+
+                    def hooked(data, off):
+                        n[0] += 1
+                        if n[0] == kill_at:
+                            real(data[: len(data) // 2], off)
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        real(data, off)
+
+                    bank._pwrite = hooked
+                    plan_and_write(tiny_rt, bank, examples, "beta", n_anchors=2)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert verify(p)["ok"]
+        with Bank.open(p) as bank:
+            state = (bank.gen, bank.tasks())
+        assert state == before or (state[0] == before[0] + 1 and "beta" in state[1])
+        outcomes.add("before" if state == before else "after")
+        if state != before:
+            break
+    assert outcomes == {"before", "after"}  # early kills left it as before; the last run finished
+
+
+def test_cli_dry_run_and_bad_input(tiny_bundles, tmp_path):
+    r = CliRunner()
+    task = _task(tmp_path / "t.jsonl", "gamma", 5)
+    bank = tmp_path / "new.ikv"
+    out = r.invoke(cli, ["--bundle", str(tiny_bundles["fp32"]), "--memory", str(bank), "--task", str(task),
+                         "--budget", "100KB", "--dry-run", "--json", "--quiet"])
+    assert out.exit_code == 0, out.output
+    plan = json.loads(out.output)
+    assert plan["dry_run"] and plan["added"] > 0 and not bank.exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "answer": "a"}\n{"prompt": "no answer"}\n')
+    out = r.invoke(cli, ["--bundle", str(tiny_bundles["fp32"]), "--memory", str(bank), "--task", str(bad), "--budget", "100KB"])
+    assert out.exit_code == 2 and ":2" in out.output and not bank.exists()
+    out = r.invoke(cli, ["--bundle", str(tiny_bundles["fp32"]), "--memory", str(bank), "--task", str(task)])
+    assert out.exit_code == 0 or out.exit_code == 2
+    out = r.invoke(cli, ["--bundle", str(tiny_bundles["fp32"]), "--memory", str(tmp_path / "t2.ikv"), "--task", str(task),
+                         "--budget", "1KB"])
+    assert out.exit_code == 2 and "too small" in out.output
