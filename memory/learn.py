@@ -16,6 +16,11 @@ Phases (each timed, each with a progress bar):
    for the same bytes.
 5. **write**: evictions, additions, anchors, gains and calibration in one atomic commit.
 
+Swap space: a commit can only write into pages that are free before it (the old state
+must survive a kill), so selection keeps live entries within ``1 - reserve`` of the
+payload pages (default 0.25): the next learn always has a quarter of the bank to
+write its new entries into, and evicted entries free their pages for the one after.
+
 Likelihoods come from the ONNX decoder; no torch.
 """
 from __future__ import annotations
@@ -152,7 +157,7 @@ def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tok
 
 
 def plan_and_write(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights: sel.Weights = sel.Weights(),
-                   seed: int = 0, n_anchors: int = 8, k: int = 1, reserve: float = 0.0, dry_run: bool = False,
+                   seed: int = 0, n_anchors: int = 8, k: int = 1, reserve: float = 0.25, dry_run: bool = False,
                    progress: bool = False, candidates: list[Candidate] | None = None) -> Plan:
     """Run phases 1-5 on an open, writable bank. ``candidates`` skips phase 1 (reuse an encoding)."""
     timings, rng = {}, np.random.default_rng(seed)

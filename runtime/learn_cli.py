@@ -25,10 +25,13 @@ from inducekv.runtime.cliutil import ByteSize, fail_on_bad_input, progress_enabl
               help="Payload quantization of a new bank (default: the device profile's kv_bits).")
 @click.option("--anchors", "n_anchors", type=click.IntRange(0, 64), default=8, show_default=True,
               help="Examples of this task kept in the bank to guard it against forgetting.")
+@click.option("--reserve", type=click.FloatRange(0.0, 0.9), default=0.25, show_default=True,
+              help="Fraction of the bank kept free as swap space, so the next learn can commit atomically.")
 @click.option("--dry-run", is_flag=True, help="Print the budget plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, dry_run, quiet, as_json):
+def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, dry_run, quiet,
+        as_json):
     """Learn the examples of --task into the bank --memory without changing the model.
 
     \b
@@ -60,7 +63,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                               scheme or {16: "fp16", 8: "int8", 4: "int4"}.get(profile.kv_bits, "int8"))
         with bank:
             before = bank.tasks()
-            plan = plan_and_write(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors,
+            plan = plan_and_write(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
                                   k=profile.k if profile.k else 1, dry_run=dry_run,
                                   progress=progress_enabled(quiet))
             after = bank.tasks() if not dry_run else None
