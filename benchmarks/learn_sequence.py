@@ -12,6 +12,7 @@ Rows: after learning task t; columns: accuracy on task j (DESIGN.md scoring, k=1
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import re
 import tempfile
@@ -32,15 +33,18 @@ from inducekv.runtime.tasks import load_task
 TASKS = Path(__file__).resolve().parent.parent / "examples" / "tasks"
 
 
-def _subject(prompt: str) -> str:
-    """The invented name a prompt is about: its longest word (templates use short words)."""
-    return max(re.findall(r"[A-Za-z]+", prompt), key=len).lower()
+def _words(prompt: str) -> set[str]:
+    return {w.lower().removesuffix("'s") for w in re.findall(r"[A-Za-z']+", prompt)}
 
 
 def load(name: str, n_test: int):
-    test = load_task(TASKS / f"{name}.test.jsonl")[:n_test]
-    asked = {_subject(e.prompt) for e in test}
-    train = [e for e in load_task(TASKS / f"{name}.train.jsonl") if _subject(e.prompt) in asked]
+    """(train, test): the train examples about the subjects the first ``n_test`` test prompts ask."""
+    train_all, test = load_task(TASKS / f"{name}.train.jsonl"), load_task(TASKS / f"{name}.test.jsonl")[:n_test]
+    prompts = [*train_all, *load_task(TASKS / f"{name}.test.jsonl")]
+    counts = Counter(w for e in prompts for w in _words(e.prompt))
+    common = {w for w, c in counts.items() if c > 0.05 * len(prompts)}  # template words; the rest names the subject
+    asked = {w for e in test for w in _words(e.prompt) - common}
+    train = [e for e in train_all if _words(e.prompt) - common & asked]
     return train, test
 
 

@@ -216,6 +216,7 @@ def plan_and_write(rt, bank: Bank, examples, task: str, *, strategy: str = "full
         keys=np.concatenate([old_keys, np.stack([c.key for c in cands])]),
         is_new=np.array([False] * n_old + [True] * len(cands)),
         age=np.array([max_id - old_info[s].entry_id + 1 for s in old_slots] + [0] * len(cands), float),
+        task=np.array([hash(old_info[s].task) for s in old_slots] + [hash(task)] * len(cands), np.int64),
     )
     usage = bank.usage()
     budget = int(g.pages * g.page_bytes * (1.0 - reserve))

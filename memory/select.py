@@ -3,9 +3,14 @@
 Old entries and new candidates compete for the same bytes. The objective of a kept
 set S (all terms are per entry, in nats of answer log-likelihood or in similarity)::
 
-    f(S) = w_lik * sum(gain_e, e in S)            current-task (and stored old-task) likelihood gain
-         + w_ret * sum(retention_e, e in S)       anchors of old tasks that retrieve e and gain from it
-         + w_cov * mean_x max_{e in S} sim(x, e)  facility-location coverage of all keys x
+    f(S) = w_lik * sum_t sqrt(sum(gain_e / g0, e in S of task t))   likelihood gain (new and stored old),
+                                                                     concave per task: tasks share the cap
+         + w_ret * sum(retention_e / g0, e in S)    anchors of old tasks that retrieve e and gain from it
+         + w_cov * mean_x max_{e in S} sim(x, e)    facility-location coverage of all keys x
+
+(g0: the pool's mean positive gain, so the terms are on comparable scales.) On the
+made-up fact tasks a plain sum of gains over-fills the task with the largest gains
+and forgets the others; the square root gives each task diminishing returns.
 
 maximised by a budgeted lazy greedy on marginal value per byte (the cost-benefit
 greedy for submodular knapsacks), with a second budget on the bytes of *new* entries:
@@ -40,6 +45,7 @@ class Pool:
     keys: np.ndarray       # (n, K) retrieval keys
     is_new: np.ndarray     # (n,) bool
     age: np.ndarray        # (n,) larger = older (FIFO evicts the oldest first)
+    task: np.ndarray | None = None  # (n,) int task label (None: one task)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -62,22 +68,31 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
     unit = _unit(pool.keys.astype(np.float64))
     sim = np.clip(unit @ unit.T, 0.0, None)                                   # (n, n)
     best = np.zeros(n)                                                        # current max sim of each key to S
-    base = w.lik * pool.gain + w.ret * pool.retention                         # (n,)
+    task = pool.task if pool.task is not None else np.zeros(n, np.int64)
+    pos = pool.gain[pool.gain > 0]
+    g0 = float(pos.mean()) if len(pos) else 1.0
+    gain, ret = np.maximum(pool.gain, 0.0) / g0, pool.retention / g0
+    total = {int(t): 0.0 for t in np.unique(task)}                            # sum of kept gains per task
+
+    def value(i: int) -> float:
+        t = int(task[i])
+        lik = np.sqrt(total[t] + gain[i]) - np.sqrt(total[t])
+        cov = np.maximum(sim[i] - best, 0).sum() / n
+        return w.lik * lik + w.ret * ret[i] + w.cov * cov
+
     chosen, used, used_new = [], 0, 0
     alive = np.ones(n, bool)
-    # lazy greedy: upper bounds from the last evaluation (coverage gains only shrink)
-    bound = (base + w.cov * np.maximum(sim - best[None, :], 0).sum(axis=1) / n) / pool.nbytes
+    bound = np.array([value(i) for i in range(n)]) / pool.nbytes              # lazy greedy: values only shrink
     while alive.any():
         i = int(np.argmax(np.where(alive, bound, -np.inf)))
-        gain_i = base[i] + w.cov * np.maximum(sim[i] - best, 0).sum() / n
-        ratio = gain_i / pool.nbytes[i]
+        v = value(i)
         others = np.where(alive, bound, -np.inf)
         others[i] = -np.inf
-        if ratio < others.max() - 1e-12:  # stale bound: refresh and retry
-            bound[i] = ratio
+        if v / pool.nbytes[i] < others.max() - 1e-12:  # stale bound: refresh and retry
+            bound[i] = v / pool.nbytes[i]
             continue
         alive[i] = False
-        if gain_i <= 0:
+        if v <= 0:
             continue
         fits = used + pool.nbytes[i] <= budget and (not pool.is_new[i] or used_new + pool.nbytes[i] <= new_budget)
         if fits:
@@ -85,6 +100,7 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
             used += int(pool.nbytes[i])
             used_new += int(pool.nbytes[i]) if pool.is_new[i] else 0
             best = np.maximum(best, sim[i])
+            total[int(task[i])] += gain[i]
     return np.array(sorted(chosen), dtype=np.int64)
 
 
