@@ -22,7 +22,7 @@ class DeviceProfile:
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)  # in order of preference
     graph_optimization: str = "all"    # onnxruntime optimization level
     default_budget: str = "16MiB"      # cap of a new bank
-    k: int = 4                         # entries per query
+    k: int = 1                         # entries per query (see devices/cpu.toml)
     kv_bits: int = 8                   # payload quantization of new entries
 
     def providers(self) -> list[str]:
