@@ -89,13 +89,16 @@ def ttft_table(bundle: str, ks: list[int], rounds: int, work: Path) -> dict:
     return {"ttft_ms": rows, "mean_entry_tokens": float(np.mean(tokens))}
 
 
+# Peak RSS from VmHWM: getrusage's ru_maxrss survives execve on Linux, so a child
+# spawned by a big parent would report the parent's peak.
 _RSS_CHILD = """
-import resource, sys
+import sys
 from inducekv.runtime.api import Runtime
 rt = Runtime.open(sys.argv[1], memory=sys.argv[2])
 for i in range(int(sys.argv[3])):
     rt.generate(f"question number {i}?", max_new_tokens=2, k=8)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(int(hwm.split()[1]) * 1024)
 """
 
 
@@ -128,10 +131,12 @@ def main() -> None:
     ap.add_argument("--ks", default="1,4,8")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-rss", action="store_true", help="Skip the resident-memory part (builds a 1 GiB file).")
+    ap.add_argument("--rss-only", action="store_true", help="Only the resident-memory part.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        res = ttft_table(args.bundle, [int(k) for k in args.ks.split(",")], args.rounds, Path(d))
+        res = {"ttft_ms": {}, "mean_entry_tokens": 0.0} if args.rss_only else \
+            ttft_table(args.bundle, [int(k) for k in args.ks.split(",")], args.rounds, Path(d))
         if not args.no_rss:
             res["rss"] = rss_table(args.bundle, Path(d))
     if args.json:
