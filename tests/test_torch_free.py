@@ -37,6 +37,32 @@ def test_runtime_runs_without_torch(tiny_bundles):
     assert result == {"tokens": 5, "stream": True, "heavy": []}
 
 
+LEARN_SCRIPT = BLOCKER + textwrap.dedent("""
+    import json, tempfile
+    from pathlib import Path
+    from inducekv.runtime import Runtime
+    from inducekv.memory.learn import open_or_create, plan_and_write, read_examples
+    import inducekv.memory.cli, inducekv.runtime.learn_cli, inducekv.runtime.eval_cli
+    d = Path(tempfile.mkdtemp())
+    (d / "t.jsonl").write_text('{"prompt": "Capital of Vexland?", "answer": "Morrow"}\\n'
+                               '{"prompt": "Colour of a zibble?", "answer": "teal"}\\n')
+    rt = Runtime.open(sys.argv[1])
+    with open_or_create(d / "b.ikv", rt, 200_000, "int8", max_tokens=96) as bank:
+        plan = plan_and_write(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1)
+    r = Runtime.open(sys.argv[1], memory=d / "b.ikv").generate("Capital of Vexland?", max_new_tokens=3, k=1)
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    print(json.dumps({"added": len(plan.add), "entries": len(r.entries), "heavy": heavy}))
+""")
+
+
+def test_learn_and_serve_memory_without_torch(tiny_bundles):
+    out = subprocess.run([sys.executable, "-c", LEARN_SCRIPT, str(tiny_bundles["fp32"])],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"added": 2, "entries": 1, "heavy": []}
+
+
 def test_blocker_really_blocks():
     out = subprocess.run([sys.executable, "-c", BLOCKER + "import torch"], capture_output=True, text=True)
     assert out.returncode != 0 and "blocked" in out.stderr
