@@ -65,6 +65,7 @@ class Plan:
     bytes_per_entry: float
     timings: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
+    evicted_per_task: dict = field(default_factory=dict)
 
 
 class Scorer:
@@ -230,6 +231,8 @@ def plan_and_write(rt, bank: Bank, examples, task: str, *, strategy: str = "full
     plan = Plan(task, [old_slots[i] for i in range(n_old) if i in keep], [old_slots[i] for i in range(n_old) if i not in keep],
                 [int(i) - n_old for i in chosen if i >= n_old], float(np.mean([ent_bytes(c.tokens) for c in cands])),
                 timings, {kk: v for kk, v in calib.items() if kk != "apply" and kk != "arrays"})
+    for s in plan.evict:
+        plan.evicted_per_task[old_info[s].task] = plan.evicted_per_task.get(old_info[s].task, 0) + 1
     timings["select_s"] = time.perf_counter() - t
     if dry_run:
         return plan

@@ -69,7 +69,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
             after = bank.tasks() if not dry_run else None
             usage = bank.usage()
     out = {"task": tname, "examples": len(examples), "added": len(plan.add), "evicted": len(plan.evict),
-           "kept_old": len(plan.keep_old), "bytes_per_entry": round(plan.bytes_per_entry), "dry_run": dry_run,
+           "kept_old": len(plan.keep_old), "evicted_per_task": plan.evicted_per_task, "bytes_per_entry": round(plan.bytes_per_entry), "dry_run": dry_run,
            "tasks_before": before, "tasks_after": after, "bytes_used": usage["bytes_used"], "cap": usage["cap"],
            "calibration": plan.calibration, "timings_s": {k: round(v, 2) for k, v in plan.timings.items()},
            "total_s": round(time.perf_counter() - t0, 2)}
@@ -78,7 +78,9 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         return
     verb = "would add" if dry_run else "added"
     click.echo(f"{tname}: {verb} {out['added']} of {out['examples']} examples (~{out['bytes_per_entry'] / 1024:.0f} KiB each), "
-               f"evict {out['evicted']} old entries, keep {out['kept_old']}")
+               f"evict {out['evicted']} old entries"
+               + (" (" + ", ".join(f"{k} {v}" for k, v in plan.evicted_per_task.items()) + ")" if plan.evicted_per_task else "")
+               + f", keep {out['kept_old']}")
     click.echo(f"bank: {usage['bytes_used'] / 2**20:.2f} MiB used of a {usage['cap'] / 2**20:.2f} MiB cap; tasks "
                + ", ".join(f"{k}={v}" for k, v in (after or before).items()))
     click.echo("time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in out["timings_s"].items()) + f"; total {out['total_s']:.1f}s")
