@@ -108,7 +108,7 @@ def main() -> None:
             print(f"{scheme:>6} {tokens:>6} {r[0]['payload_bytes']:>10} {r[0]['entry_bytes']:>10} "
                   f"{r[0]['entry_bytes'] / r[0]['fp32_bytes']:>7.1%} {fits[4]:>6} {fits[16]:>7} {fits[64]:>7}")
     print("\nopen (parse + read records), index build (2 threads), top-4 query; recall@4 vs exact for")
-    print("queries near stored keys / random queries. hnswNNN = ef_construction NNN, M=16, ef=64")
+    print("queries near stored keys / random queries. hnswNNN = ef_construction NNN, M=16, ef=256")
     cols = ["open_s", "exact_build_s", "exact_query_ms", "hnsw200_build_s", "hnsw200_query_ms", "hnsw200_recall_near",
             "hnsw200_recall_random", "hnsw64_build_s", "hnsw64_query_ms", "hnsw64_recall_near", "hnsw64_recall_random"]
     print(f"{'entries':>8} " + " ".join(f"{c:>{max(len(c), 8)}}" for c in cols))

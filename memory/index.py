@@ -12,7 +12,7 @@ import numpy as np
 
 from inducekv.memory.bank import Bank
 
-EXACT_BELOW = 4096  # banks with fewer slots are searched exactly (see benchmarks/bank.py)
+EXACT_BELOW = 65_536  # fewer slots: exact search (<= ~10 ms a query, perfect recall; see memory/FORMAT.md)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -86,7 +86,7 @@ class KeyIndex:
     """HNSW over the live entries of one bank."""
 
     def __init__(self, dim: int, space: str, max_elements: int, *, M: int = 16, ef_construction: int = 200,
-                 ef: int = 64, seed: int = 0, threads: int = 1):
+                 ef: int = 256, seed: int = 0, threads: int = 1):
         import hnswlib
 
         self.space, self.dim, self.ef, self.threads = space, dim, ef, threads
