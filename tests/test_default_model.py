@@ -88,3 +88,29 @@ def test_rope_theta_from_gguf(default_bundle, reference):
     assert m.rope["theta"] == reference.rope_theta == 100000.0
     assert (m.num_layers, m.num_attention_heads, m.num_kv_heads, m.head_dim, m.hidden_size, m.vocab_size) == \
         (reference.layers, reference.heads, reference.kv_heads, reference.head_dim, reference.hidden, reference.vocab)
+
+
+def test_injected_entry_matches_joint_prefill_and_int8_drift(runtime):
+    """Issue 4 parity on the real model: one entry at its own positions after the shared
+    prefix == the joint prefill (fp32 K/V); int8 payload drift is reported and bounded."""
+    from inducekv.kernels import kvquant
+    from inducekv.runtime.memory import TEMPLATES, Layout
+    from inducekv.runtime.session import KVCache
+
+    lay = Layout(runtime, TEMPLATES["facts"], "rerotate")
+    fact = ("What is the capital of Vexland?", "Morrow")
+    k, v = lay.encode_entry(*fact)
+    q = lay.query_ids("Which city is Vexland's capital?")
+    cache, pos = lay.assemble([(k, v)])
+    injected, _ = runtime.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)))
+    joint, _ = runtime.decoder.forward(lay.prefix_ids + lay.entry_ids(*fact) + q, KVCache.empty(runtime.manifest))
+    diff = float(np.abs(injected - joint[-len(q):]).max())
+    assert diff <= 1e-3, diff
+    assert (injected.argmax(-1) == joint[-len(q):].argmax(-1)).all()
+    k8, v8 = kvquant.unpack(kvquant.pack(k, v, "int8"), "int8", *k.shape)
+    cache8, _ = lay.assemble([(k8, v8)])
+    served, _ = runtime.decoder.forward(q, cache8, positions=np.arange(pos, pos + len(q)))
+    drift = float(np.abs(served - injected).max())
+    print(f"\ndefault model: injected vs joint max |dlogit| {diff:.2e}; int8 payload drift {drift:.3f}, "
+          f"argmax same {bool((served.argmax(-1) == injected.argmax(-1)).all())}")
+    assert drift < 2.0 and served[-1].argmax() == injected[-1].argmax()
