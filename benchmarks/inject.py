@@ -57,8 +57,7 @@ def ttft_table(bundle: str, ks: list[int], rounds: int, work: Path) -> dict:
     m = plain.manifest
     bank_path = work / "inject.ikv"
     facts = _facts(max(ks) * 2, rng)
-    with Bank.create(bank_path, 64 << 20, force=True, fingerprint=m.fingerprint, scheme="int8", num_layers=m.num_layers,
-                     kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=m.retrieval_key["dim"], max_tokens=128) as b:
+    with Bank.create_for(bank_path, 64 << 20, m, force=True, max_tokens=128) as b:
         add_examples(plain, b, facts, "bench")
         tokens = [e.tokens for e in b.entries()]
     rt = Runtime.open(bundle, memory=bank_path)
@@ -110,8 +109,7 @@ def rss_table(bundle: str, work: Path) -> dict:
     out = {}
     for label, cap in (("16MiB", 16 << 20), ("1GiB", 1 << 30)):
         p = work / f"rss-{label}.ikv"
-        with Bank.create(p, cap, force=True, fingerprint=m.fingerprint, scheme="int8", num_layers=m.num_layers,
-                         kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=m.retrieval_key["dim"]) as b:
+        with Bank.create_for(p, cap, m, force=True) as b:
             shape = (m.num_layers, m.num_kv_heads, 48, m.head_dim)
             kv = rng.standard_normal(shape).astype(np.float32)
             with b.transaction() as tx:

@@ -12,15 +12,14 @@ Rows: after learning task t; columns: accuracy on task j (DESIGN.md scoring, k=1
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from facts import TASKS, template_words, words
 from inducekv.memory import learn as L
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
@@ -30,21 +29,14 @@ from inducekv.runtime.scoring import score
 from inducekv.runtime.session import KeyEncoder
 from inducekv.runtime.tasks import load_task
 
-TASKS = Path(__file__).resolve().parent.parent / "examples" / "tasks"
-
-
-def _words(prompt: str) -> set[str]:
-    return {w.lower().removesuffix("'s") for w in re.findall(r"[A-Za-z']+", prompt)}
 
 
 def load(name: str, n_test: int):
     """(train, test): the train examples about the subjects the first ``n_test`` test prompts ask."""
     train_all, test = load_task(TASKS / f"{name}.train.jsonl"), load_task(TASKS / f"{name}.test.jsonl")[:n_test]
-    prompts = [*train_all, *load_task(TASKS / f"{name}.test.jsonl")]
-    counts = Counter(w for e in prompts for w in _words(e.prompt))
-    common = {w for w, c in counts.items() if c > 0.05 * len(prompts)}  # template words; the rest names the subject
-    asked = {w for e in test for w in _words(e.prompt) - common}
-    train = [e for e in train_all if _words(e.prompt) - common & asked]
+    common = template_words(e.prompt for e in [*train_all, *load_task(TASKS / f"{name}.test.jsonl")])
+    asked = {w for e in test for w in words(e.prompt) - common}
+    train = [e for e in train_all if words(e.prompt) - common & asked]
     return train, test
 
 
@@ -57,8 +49,7 @@ def run(bundle: str, tasks: dict, budget: int, strategies: list[str], seed: int,
     plain = Runtime.open(bundle)
     m = plain.manifest
     probe = work / "probe.ikv"
-    with Bank.create(probe, budget, fingerprint=m.fingerprint, scheme="int8", num_layers=m.num_layers,
-                     kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=m.retrieval_key["dim"], max_tokens=96) as b:
+    with Bank.create_for(probe, budget, m, max_tokens=96) as b:
         layout = Layout(plain, *template_from(None))
         keys = KeyEncoder(plain.bundle_dir, m, plain.profile)
         t = time.perf_counter()
@@ -71,9 +62,7 @@ def run(bundle: str, tasks: dict, budget: int, strategies: list[str], seed: int,
     for strategy in strategies:
         path = work / f"{strategy}.ikv"
         matrix, phase = [], []
-        with Bank.create(path, budget, force=True, fingerprint=m.fingerprint, scheme="int8", num_layers=m.num_layers,
-                         kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=m.retrieval_key["dim"],
-                         max_tokens=96) as bank:
+        with Bank.create_for(path, budget, m, force=True, max_tokens=96) as bank:
             for i, n in enumerate(names):
                 plan = L.plan_and_write(plain, bank, tasks[n][0], n, strategy=strategy, seed=seed, candidates=cands[n])
                 phase.append(plan.timings)

@@ -11,37 +11,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from facts import TASKS, template_words, words
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
 from inducekv.runtime.memory import TEMPLATES, add_examples
 from inducekv.runtime.scoring import score, summarize
 from inducekv.runtime.tasks import load_task
 
-TASKS = Path(__file__).resolve().parent.parent / "examples" / "tasks"
 
 
 _COMMON: set[str] = set()  # words of the prompt templates (filled in main): the rest names the subject
 
 
-def _words(prompt: str) -> set[str]:
-    return {w.lower().removesuffix("'s") for w in re.findall(r"[A-Za-z']+", prompt)}
-
-
 def _subject(prompt: str) -> set[str]:
-    return _words(prompt) - _COMMON
+    return words(prompt) - _COMMON
 
 
 def _bank(plain: Runtime, path: Path, tasks: dict, template: str) -> dict[int, set]:
     """Bank with every train example; returns entry id -> subject words."""
     m = plain.manifest
-    with Bank.create(path, 512 << 20, force=True, fingerprint=m.fingerprint, scheme="int8", num_layers=m.num_layers,
-                     kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=m.retrieval_key["dim"], max_tokens=96) as b:
+    with Bank.create_for(path, 512 << 20, m, force=True, max_tokens=96) as b:
         for name, (train, _) in tasks.items():
             add_examples(plain, b, train, name, template=template)
         ids = sorted(e.entry_id for e in b.entries())
@@ -77,11 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     tasks = {n: (load_task(TASKS / f"{n}.train.jsonl")[: args.n_train], load_task(TASKS / f"{n}.test.jsonl")[: args.n_test])
              for n in args.tasks.split(",")}
-    from collections import Counter
-
-    counts = Counter(w for train, tests in tasks.values() for ex in [*train, *tests] for w in _words(ex.prompt))
-    n_prompts = sum(len(a) + len(b) for a, b in tasks.values())
-    _COMMON.update(w for w, c in counts.items() if c > 0.05 * n_prompts)
+    _COMMON.update(template_words(ex.prompt for train, tests in tasks.values() for ex in [*train, *tests]))
     plain = Runtime.open(args.bundle)
     results = []
     for task, (_, tests) in tasks.items():

@@ -122,6 +122,15 @@ class Bank:
         return cls.open(path, writable=True)
 
     @classmethod
+    def create_for(cls, path, cap: int, manifest, *, scheme: str = "int8", force: bool = False, **plan) -> "Bank":
+        """``create`` with the model shape, fingerprint and key size taken from a bundle manifest."""
+        if not manifest.retrieval_key:
+            raise BankError("this bundle has no retrieval-key graph; re-export it with this inducekv version")
+        return cls.create(path, cap, force=force, fingerprint=manifest.fingerprint, scheme=scheme,
+                          num_layers=manifest.num_layers, kv_heads=manifest.num_kv_heads, head_dim=manifest.head_dim,
+                          key_dim=int(manifest.retrieval_key["dim"]), **plan)
+
+    @classmethod
     def open(cls, path, *, writable: bool = False, fingerprint: str | None = None) -> "Bank":
         path = Path(path)
         if not path.is_file():

@@ -150,11 +150,7 @@ def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tok
         return Bank.open(bank_path, writable=True, fingerprint=m.fingerprint)
     if budget is None:
         raise BankError(f"{bank_path} does not exist; pass --budget (e.g. 16MiB) to create it")
-    if not m.retrieval_key:
-        raise InduceKVError("this bundle has no retrieval-key graph; re-export it with this inducekv version")
-    return Bank.create(bank_path, budget, fingerprint=m.fingerprint, scheme=scheme, num_layers=m.num_layers,
-                       kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=m.retrieval_key["dim"],
-                       max_tokens=max_tokens)
+    return Bank.create_for(bank_path, budget, m, scheme=scheme, max_tokens=max_tokens)
 
 
 def plan_and_write(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights: sel.Weights = sel.Weights(),

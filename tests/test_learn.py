@@ -71,8 +71,7 @@ def tiny_rt(tiny_bundles):
 
 def _new_bank(rt, path, cap=100_000):
     m = rt.manifest
-    return Bank.create(path, cap, force=True, fingerprint=m.fingerprint, scheme="int8", num_layers=m.num_layers,
-                       kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=m.retrieval_key["dim"], max_tokens=96)
+    return Bank.create_for(path, cap, m, force=True, max_tokens=96)
 
 
 def test_two_tasks_under_a_cap_keep_anchors(tiny_rt, tmp_path):

@@ -23,8 +23,7 @@ def rt(tiny_bundles):
 
 def _bank(rt, path, scheme="fp16", cap=1 << 20, facts=FACTS, policy=None):
     m = rt.manifest
-    b = Bank.create(path, cap, force=True, fingerprint=m.fingerprint, scheme=scheme, num_layers=m.num_layers,
-                    kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=m.retrieval_key["dim"], max_tokens=64)
+    b = Bank.create_for(path, cap, m, scheme=scheme, force=True, max_tokens=64)
     if facts:
         add_examples(rt, b, facts, "facts", policy=policy)
     return b
