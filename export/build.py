@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from inducekv.export import contract, registry, source as sources
+from inducekv.export import contract, registry, source as sources, vlm
 from inducekv.export.bundle import Manifest, describe_files, write_manifest
 from inducekv.runtime.errors import InduceKVError
 
@@ -117,13 +117,18 @@ def _optimum_graph(hf_model, tokenizer, spec, tmp: Path):
     return onnx.load(onnx_dir / "model.onnx")
 
 
-def _native_graph(hf_model, weights: str, key_layers: int | None = None):
-    from inducekv.export.graph import build_llama_graph
-
+def _state_of(hf_model) -> dict:
     state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
     if hf_model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return build_llama_graph(state, hf_model.config, share_tied=(weights == "fp32"), key_layers=key_layers)
+    return state
+
+
+def _native_graph(state: dict, cfg, weights: str, key_layers: int | None = None, embeds: bool = False):
+    from inducekv.export.graph import build_llama_graph
+
+    return build_llama_graph(state, cfg, share_tied=(weights == "fp32"), key_layers=key_layers,
+                             embeds_input=embeds)
 
 
 def key_layers_for(num_layers: int) -> int:
@@ -131,12 +136,12 @@ def key_layers_for(num_layers: int) -> int:
     return max(1, round(num_layers / 4))
 
 
-def _save_key_graph(hf_model, weights: str, stage: Path, key_layers: int) -> list[str]:
+def _save_key_graph(state: dict, cfg, weights: str, stage: Path, key_layers: int, embeds: bool = False) -> list[str]:
     """Write ``key.onnx``; every weight it shares with the decoder points into the decoder's
     external data file (checked byte for byte), so the key graph costs no extra disk."""
     import onnx
 
-    key_model = _native_graph(hf_model, weights, key_layers)
+    key_model = _native_graph(state, cfg, weights, key_layers, embeds)
     if weights != "fp32":
         key_model = quantize_weights_checked(key_model, weights)
     dec = onnx.load(stage / contract.DECODER_FILE, load_external_data=False)
@@ -191,20 +196,29 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
         raise InduceKVError(f"architecture {spec.model_type!r} has no native graph yet; pass --graph optimum")
     bar.update()
     step("load")
-    hf_model, tokenizer = sources.load(src)
-    cfg = hf_model.config
+    multimodal = spec.model_type in vlm.VLM_TYPES
+    if multimodal:
+        if graph != "native":
+            raise InduceKVError("multimodal models export with the native graph only; drop --graph optimum")
+        hf_model, processor = vlm.load(src.directory)
+        tokenizer = processor.tokenizer
+        state, cfg = vlm.text_view(hf_model)
+    else:
+        hf_model, tokenizer = sources.load(src)
+        cfg = hf_model.config
+        state = _state_of(hf_model) if graph == "native" else None
     bar.update()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".ikv-export-", dir=out.parent) as tmp:
         tmp = Path(tmp)
         step("onnx export")
-        onnx_model = _native_graph(hf_model, weights) if graph == "native" else \
+        onnx_model = _native_graph(state, cfg, weights, embeds=multimodal) if graph == "native" else \
             _optimum_graph(hf_model, tokenizer, spec, tmp)
         names_in = [i.name for i in onnx_model.graph.input]
         names_out = [o.name for o in onnx_model.graph.output]
         L = cfg.num_hidden_layers
-        if names_in != contract.decoder_inputs(L) or names_out != contract.decoder_outputs(L):
+        if names_in != contract.decoder_inputs(L, multimodal) or names_out != contract.decoder_outputs(L):
             raise InduceKVError(f"optimum produced a graph with inputs {names_in[:4]}... that do not match "
                                 "the bundle contract; this architecture cannot be exported yet")
         bar.update()
@@ -218,7 +232,13 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
         del onnx_model
         key_layers = key_layers_for(L)
         if graph == "native":
-            files += _save_key_graph(hf_model, weights, stage, key_layers)
+            files += _save_key_graph(state, cfg, weights, stage, key_layers, multimodal)
+        image = None
+        if multimodal:
+            image = vlm.image_settings(hf_model, processor)
+            vlm.export_vision(hf_model, stage / contract.VISION_FILE, vlm.tile_shape(image))
+            vlm.write_embeddings(state, stage / contract.EMBED_FILE, weights)
+            files += [contract.VISION_FILE, contract.EMBED_FILE]
         bar.update()
 
         step("tokenizer")
@@ -231,7 +251,16 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
         bar.update()
 
         step("validate")
-        report = _validate(hf_model, tok_json, stage / contract.DECODER_FILE, weights, threads) if validate else {}
+        if not validate:
+            report = {}
+        elif multimodal:
+            report = vlm.validate(hf_model, processor, stage, weights, threads)
+            if weights == "fp32" and report["max_abs_logit_diff"] > FP32_TOLERANCE:
+                raise InduceKVError(
+                    f"export check failed: ONNX logits differ from the torch model by {report['max_abs_logit_diff']:.3g} "
+                    f"(> {FP32_TOLERANCE}) on an image prompt; the exported graph is wrong, please report it")
+        else:
+            report = _validate(hf_model, tok_json, stage / contract.DECODER_FILE, weights, threads)
         bar.update()
 
         step("manifest")
@@ -240,7 +269,7 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
             schema_version=contract.SCHEMA_VERSION,
             source_model=src.model_id,
             fingerprint=hashlib.sha256(f"{src.digest}:{weights}".encode()).hexdigest(),
-            architecture=cfg.model_type,
+            architecture=spec.model_type,
             num_layers=cfg.num_hidden_layers,
             num_attention_heads=cfg.num_attention_heads,
             num_kv_heads=cfg.num_key_value_heads,
@@ -252,11 +281,15 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
                   "scaling": getattr(cfg, "rope_scaling", None)},
             special_tokens=_special_tokens(tokenizer, cfg),
             add_bos_token=add_bos,
-            chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+            chat_template=(vlm.chat_template(processor, tokenizer) if multimodal else
+                           tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None),
+            image=image,
             weights=weights,
             files=describe_files(stage, files),
             retrieval_key=({"graph": contract.KEY_FILE, "layers": key_layers, "pooling": "mean",
-                            "dim": cfg.hidden_size, "input": "prompt text, no chat template"}
+                            "dim": cfg.hidden_size,
+                            "input": "image tokens + prompt text, no chat template" if multimodal
+                            else "prompt text, no chat template"}
                            if graph == "native" else None),
             extra={"export_validation": report, "graph": graph, "opset": _opset(stage)},
         )

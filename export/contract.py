@@ -30,11 +30,24 @@ KEY_FILE = "key.onnx"
 KEY_OUTPUT = "key"
 
 INPUT_IDS = "input_ids"
+INPUTS_EMBEDS = "inputs_embeds"   # multimodal decoders: float (batch, seq, hidden) instead of input_ids
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
+
+# Multimodal bundles (manifest["image"] is set) add:
+#   vision.onnx              pixel_values float (tiles, 3, H, W) -> image_features float (tiles, n, hidden)
+#                            (vision tower + projector/connector; n image tokens per tile)
+#   embed_tokens.safetensors tensor "embed_tokens" (vocab, hidden): the token-embedding table the
+#                            runtime gathers from (fp32 for fp32 bundles, fp16 otherwise)
+# and their decoder and key graphs take inputs_embeds instead of input_ids.
+VISION_FILE = "vision.onnx"
+EMBED_FILE = "embed_tokens.safetensors"
+EMBED_TENSOR = "embed_tokens"
+PIXEL_VALUES = "pixel_values"
+IMAGE_FEATURES = "image_features"
 
 
 def past_key(layer: int) -> str:
@@ -53,8 +66,8 @@ def present_value(layer: int) -> str:
     return f"present.{layer}.value"
 
 
-def decoder_inputs(num_layers: int) -> list[str]:
-    names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS]
+def decoder_inputs(num_layers: int, embeds: bool = False) -> list[str]:
+    names = [INPUTS_EMBEDS if embeds else INPUT_IDS, ATTENTION_MASK, POSITION_IDS]
     for i in range(num_layers):
         names += [past_key(i), past_value(i)]
     return names

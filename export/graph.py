@@ -55,7 +55,7 @@ class _G:
 
 
 def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True,
-                      key_layers: int | None = None) -> onnx.ModelProto:
+                      key_layers: int | None = None, embeds_input: bool = False) -> onnx.ModelProto:
     """ONNX decoder from an HF Llama state dict (numpy fp32) and its config.
 
     ``key_layers``: build the *retrieval-key graph* instead: the first ``key_layers``
@@ -65,6 +65,10 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
     ``share_tied``: with tied embeddings, the LM head reads the embedding table
     through a Transpose node (one copy on disk). Pass False before weight
     quantization, so the head is a constant MatMul the quantizer can compress.
+
+    ``embeds_input``: the first input is ``inputs_embeds`` (B, S, hidden) float instead of
+    ``input_ids`` (multimodal bundles: the runtime looks up tokens and splices image
+    features in; see ``contract.EMBED_FILE``).
     """
     L, H, Hkv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     if key_layers is not None:
@@ -75,10 +79,11 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
     cos, sin = rope_cache(float(cfg.rope_theta), D, cfg.max_position_embeddings, getattr(cfg, "rope_scaling", None))
     g.init("rope.cos", cos)
     g.init("rope.sin", sin)
+    first = contract.INPUTS_EMBEDS if embeds_input else contract.INPUT_IDS
     emb = g.init("model.embed_tokens.weight", state["model.embed_tokens.weight"])  # (V, hidden)
 
     # -- mask: (B, 1, S, T) bool, True = attend; built once, shared by all layers ----------------
-    ids_shape = g.op("Shape", [contract.INPUT_IDS], "mask/ids_shape")
+    ids_shape = g.op("Shape", [first], "mask/ids_shape")
     mask_shape = g.op("Shape", [contract.ATTENTION_MASK], "mask/shape")
     one = g.init("const.one", np.array([1], np.int64))
     zero_s = g.init("const.zero_scalar", np.array(0, np.int64))
@@ -94,7 +99,7 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
     keep4 = g.op("Unsqueeze", [keep, g.init("const.axes12", np.array([1, 2], np.int64))], "mask/keep4")  # (B,1,1,T)
     mask = g.op("And", [keep4, causal], "mask/bool")                                # (B, 1, S, T)
 
-    x = g.op("Gather", [emb, contract.INPUT_IDS], "embed", axis=0)                  # (B, S, hidden)
+    x = first if embeds_input else g.op("Gather", [emb, contract.INPUT_IDS], "embed", axis=0)  # (B, S, hidden)
     present = []
 
     def linear(inp, key, name):
@@ -139,7 +144,7 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
         x = g.op("Add", [x, linear(act, p + "mlp.down_proj.weight", f"l{i}/down")], f"l{i}/res2")
 
     if key_layers is not None:
-        return _key_model(g, x, cfg.hidden_size)
+        return _key_model(g, x, cfg.hidden_size, embeds_input)
     h = rmsnorm(x, "model.norm.weight", "final_norm")
     head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     tied = "lm_head.weight" not in state or head is state["model.embed_tokens.weight"]
@@ -156,7 +161,7 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
     V = head.shape[0]
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
-        helper.make_tensor_value_info(contract.INPUT_IDS, i64, ["batch_size", "sequence_length"]),
+        _first_input(embeds_input, cfg.hidden_size),
         helper.make_tensor_value_info(contract.ATTENTION_MASK, i64, ["batch_size", "total_sequence_length"]),
         helper.make_tensor_value_info(contract.POSITION_IDS, i64, ["batch_size", "sequence_length"]),
     ]
@@ -166,13 +171,21 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
             inputs.append(helper.make_tensor_value_info(name, f32, ["batch_size", Hkv, "past_sequence_length", D]))
         for name in (contract.present_key(i), contract.present_value(i)):
             outputs.append(helper.make_tensor_value_info(name, f32, ["batch_size", Hkv, "total_sequence_length", D]))
-    graph = helper.make_graph(g.nodes, "inducekv-decoder", inputs, outputs, g.inits)
+    used = {n for node in g.nodes for n in node.input}
+    graph = helper.make_graph(g.nodes, "inducekv-decoder", inputs, outputs, [t for t in g.inits if t.name in used])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inducekv")
     model.ir_version = 10
     return model
 
 
-def _key_model(g: _G, x: str, hidden: int) -> onnx.ModelProto:
+def _first_input(embeds_input: bool, hidden: int):
+    if embeds_input:
+        return helper.make_tensor_value_info(contract.INPUTS_EMBEDS, TensorProto.FLOAT,
+                                             ["batch_size", "sequence_length", hidden])
+    return helper.make_tensor_value_info(contract.INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])
+
+
+def _key_model(g: _G, x: str, hidden: int, embeds_input: bool = False) -> onnx.ModelProto:
     """Finish the key graph: masked mean of ``x`` (B, S, hidden) over S -> ``key`` (B, hidden)."""
     m = g.op("Cast", [contract.ATTENTION_MASK], "key/maskf", to=TensorProto.FLOAT)           # (B, S)
     m3 = g.op("Unsqueeze", [m, g.init("key.axis2", np.array([2], np.int64))], "key/mask3")   # (B, S, 1)
@@ -182,7 +195,7 @@ def _key_model(g: _G, x: str, hidden: int) -> onnx.ModelProto:
     g.nodes.append(helper.make_node("Div", [num, den], [contract.KEY_OUTPUT], name="out/key"))
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
-        helper.make_tensor_value_info(contract.INPUT_IDS, i64, ["batch_size", "sequence_length"]),
+        _first_input(embeds_input, hidden),
         helper.make_tensor_value_info(contract.ATTENTION_MASK, i64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info(contract.POSITION_IDS, i64, ["batch_size", "sequence_length"]),
     ]

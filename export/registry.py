@@ -21,6 +21,7 @@ class ArchSpec:
 
 
 def _head_dim(cfg) -> int:
+    cfg = getattr(cfg, "text_config", None) or cfg   # multimodal: the text model's
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
@@ -28,6 +29,9 @@ REGISTRY: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
         ArchSpec("llama", "text-generation-with-past", _head_dim, native=True),
+        # multimodal: Llama text model + vision tower, exported by export/vlm.py
+        ArchSpec("llava", "image-text-to-text", _head_dim, native=True),
+        ArchSpec("idefics3", "image-text-to-text", _head_dim, native=True),
     )
 }
 

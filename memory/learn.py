@@ -37,7 +37,7 @@ from inducekv.kernels import kvquant
 from inducekv.memory import select as sel
 from inducekv.memory.bank import Bank, NewEntry, example_hash
 from inducekv.runtime.errors import BankError, InduceKVError
-from inducekv.runtime.memory import Layout, template_from
+from inducekv.runtime.memory import Layout, image_of, key_of, template_from
 from inducekv.runtime.session import KeyEncoder
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class Candidate:
     key: np.ndarray      # (K,)
     base: float = 0.0    # mean log p(answer | prompt) with no memory
     gain: float = 0.0    # ... with this entry in memory, minus base
+    image: str | None = None  # the example's image file (image-bearing entries)
 
 
 @dataclass
@@ -74,16 +75,30 @@ class Scorer:
     def __init__(self, rt, layout: Layout):
         self.rt, self.layout = rt, layout
 
-    def logp(self, prompt: str, answer: str, entries: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    def logp(self, prompt: str, answer: str, entries: list[tuple[np.ndarray, np.ndarray]], image=None) -> float:
+        """``image``: the query's ``vision.ImageInput`` (image questions)."""
         cache, pos = self.layout.assemble(entries)
-        q = self.layout.query_ids(prompt)
+        q = self.layout.query_ids(prompt, image)
         a = self.rt.tokenizer.encode(answer, bos=False)
         ids = q + a
-        logits, _ = self.rt.decoder.forward(ids, cache, positions=np.arange(pos, pos + len(ids)))
+        logits, _ = self.rt.decoder.forward(ids, cache, positions=np.arange(pos, pos + len(ids)),
+                                            features=image.features if image is not None else None)
         rows = logits[len(q) - 1: len(ids) - 1].astype(np.float64)               # (len(a), V)
         rows -= rows.max(axis=1, keepdims=True)
         lse = np.log(np.exp(rows).sum(axis=1))
         return float(np.mean(rows[np.arange(len(a)), a] - lse))
+
+
+def _anchor_image(rt, anchor: dict):
+    """An image anchor's image, None for text anchors, False when its file is gone (skipped:
+    anchors keep the path of the task file's image, not its pixels)."""
+    path = anchor.get("image")
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        log.warning("anchor image %s is missing; that anchor is skipped", path)
+        return False
+    return rt.encode_image(path)
 
 
 def _unpack(bank: Bank, payload: bytes, tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,14 +110,16 @@ def encode_candidates(rt, bank: Bank, layout: Layout, keys: KeyEncoder, examples
     scorer, g, out = Scorer(rt, layout), bank.geo, []
     for ex in tqdm(examples, desc="encode", unit="ex", disable=not progress):
         prompt, answer = ex.prompt, ex.answers[0]
-        k, v = layout.encode_entry(prompt, answer)
+        image = image_of(rt, ex)
+        k, v = layout.encode_entry(prompt, answer, image)
         if k.shape[2] > g.max_tokens:
             raise InduceKVError(f"example {prompt[:40]!r} renders to {k.shape[2]} tokens; this bank holds "
                                 f"entries of at most {g.max_tokens}")
         payload = kvquant.pack(k, v, g.scheme)
-        c = Candidate(prompt, answer, payload, k.shape[2], keys(rt.tokenizer.encode(prompt)))
-        c.base = scorer.logp(prompt, answer, [])
-        c.gain = scorer.logp(prompt, answer, [_unpack(bank, payload, c.tokens)]) - c.base
+        c = Candidate(prompt, answer, payload, k.shape[2], key_of(rt, keys, prompt, image),
+                      image=str(Path(ex.image).resolve()) if getattr(ex, "image", None) else None)
+        c.base = scorer.logp(prompt, answer, [], image)
+        c.gain = scorer.logp(prompt, answer, [_unpack(bank, payload, c.tokens)], image) - c.base
         out.append(c)
     return out
 
@@ -190,14 +207,17 @@ def plan_and_write(rt, bank: Bank, examples, task: str, *, strategy: str = "full
     if old_slots and anchors:
         amap = calib["apply"]
         for _, a in tqdm(anchors, desc="retain", unit="anchor", disable=not progress):
-            q = amap(keys(rt.tokenizer.encode(a["prompt"])))
+            image = _anchor_image(rt, a)
+            if image is False:
+                continue
+            q = amap(key_of(rt, keys, a["prompt"], image))
             sims = _cos(q, old_keys)
-            base = scorer.logp(a["prompt"], a["answer"], [])
+            base = scorer.logp(a["prompt"], a["answer"], [], image)
             for j in np.argsort(-sims)[:k]:
                 payload = bank.read_payload(old_slots[j])
                 if payload is None:
                     continue
-                gain = scorer.logp(a["prompt"], a["answer"], [_unpack(bank, payload[0], payload[1].tokens)]) - base
+                gain = scorer.logp(a["prompt"], a["answer"], [_unpack(bank, payload[0], payload[1].tokens)], image) - base
                 retention[j] += max(gain, 0.0)
     timings["retain_s"] = time.perf_counter() - t
 
@@ -248,12 +268,13 @@ def plan_and_write(rt, bank: Bank, examples, task: str, *, strategy: str = "full
         first_id = tx._next_id
         for n, ci in enumerate(plan.add):
             c = cands[ci]
-            h = example_hash({"prompt": c.prompt, "answer": c.answer})
+            h = example_hash({"prompt": c.prompt, "answer": c.answer, **({"image": c.image} if c.image else {})})
             slot = tx.add(NewEntry(None, None, c.key, task, h, payload=c.payload, tokens=c.tokens))
             if slot is None:
                 raise BankError("the selected entries did not fit; this is a bug in the byte accounting")
             gains[str(first_id + n)] = round(c.gain, 4)
-        tx.set_anchors(task, [{"prompt": cands[i].prompt, "answer": cands[i].answer} for i in picks])
+        tx.set_anchors(task, [{"prompt": cands[i].prompt, "answer": cands[i].answer,
+                               **({"image": cands[i].image} if cands[i].image else {})} for i in picks])
         tx.set_extra(GAINS_KEY, gains)
         if calib.get("accepted"):
             tx.set_calibration(*calib["arrays"])
@@ -288,6 +309,7 @@ def calibrate(bank: Bank, cands: list[Candidate], old_slots, old_keys, scorer: S
         if own not in near:
             near.append(own)
         base = c.base
+        image = scorer.rt.encode_image(c.image) if c.image else None
         gains = []
         for j in near:
             if j >= len(old_keys):
@@ -296,7 +318,7 @@ def calibrate(bank: Bank, cands: list[Candidate], old_slots, old_keys, scorer: S
             else:
                 got = bank.read_payload(old_slots[j])
                 kv = _unpack(bank, got[0], got[1].tokens)
-            gains.append(scorer.logp(c.prompt, c.answer, [kv]) - base)
+            gains.append(scorer.logp(c.prompt, c.answer, [kv], image) - base)
         w = np.zeros(len(pool_keys))
         e = np.exp((np.array(gains) - max(gains)) / 0.25)
         w[near] = e / e.sum()

@@ -22,6 +22,7 @@ from inducekv.runtime.errors import InduceKVError, PromptError
 from inducekv.runtime.sampling import SamplingConfig, choose
 from inducekv.runtime.session import Decoder, KVCache
 from inducekv.runtime.tokenizer import ChatTokenizer
+from inducekv.runtime.vision import with_image
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Timings:
     tokenize_ms: float = 0.0       # render the chat template + encode
+    image_ms: float = 0.0          # image preprocessing + vision graph (image prompts only)
     key_ms: float = 0.0            # retrieval-key pass + calibration (memory only)
     retrieval_ms: float = 0.0      # index search (memory only)
     dequant_ms: float = 0.0        # read + checksum + dequantize entries (memory only)
@@ -44,7 +46,7 @@ class Timings:
         return (self.new_tokens - 1) / (self.decode_ms / 1e3) if self.new_tokens > 1 and self.decode_ms > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {"tokenize_ms": self.tokenize_ms, "key_ms": self.key_ms, "retrieval_ms": self.retrieval_ms,
+        return {"tokenize_ms": self.tokenize_ms, "image_ms": self.image_ms, "key_ms": self.key_ms, "retrieval_ms": self.retrieval_ms,
                 "dequant_ms": self.dequant_ms, "prefill_ms": self.prefill_ms, "ttft_ms": self.ttft_ms,
                 "decode_ms": self.decode_ms, "prompt_tokens": self.prompt_tokens,
                 "new_tokens": self.new_tokens, "tokens_per_s": self.tokens_per_s}
@@ -72,6 +74,16 @@ class Runtime:
         self.decoder = Decoder(bundle_dir, manifest, profile)
         self.eos_ids = set(int(i) for i in st.get("eos_token_ids", []))
         self.memory = None  # runtime.memory.Memory when opened with a bank
+        self._vision = None
+
+    def encode_image(self, image):
+        """An image (path, PIL image or uint8 array) as ``vision.ImageInput``: its features and
+        the placeholder text that stands for it in a prompt. Text-only bundles refuse it."""
+        if self._vision is None:
+            from inducekv.runtime.vision import Vision
+
+            self._vision = Vision(self.bundle_dir, self.manifest, self.profile)
+        return self._vision.encode(image)
 
     @classmethod
     def open(cls, bundle: str | Path, memory: str | Path | None = None, device: str | DeviceProfile = "cpu",
@@ -89,9 +101,12 @@ class Runtime:
         return rt
 
     # -- prompt ---------------------------------------------------------------
-    def encode_prompt(self, prompt: str, system: str | None = None, chat: bool = True) -> list[int]:
+    def encode_prompt(self, prompt: str, system: str | None = None, chat: bool = True, image=None) -> list[int]:
+        """Token ids of a prompt; ``image`` (an ``ImageInput``) goes where the prompt has the
+        image token (e.g. ``<image>``), else before the prompt text."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty; pass some text")
+        prompt = with_image(prompt, image, self.manifest)
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             text = self.tokenizer.render(messages)
@@ -117,24 +132,29 @@ class Runtime:
         ``use_memory=False`` ignores the bank (plain chat prompt); ``k_margin`` keeps only
         entries scoring within that much of the best (adaptive k, at most ``k``)."""
         t0 = time.perf_counter()
-        if image is not None:
-            raise InduceKVError("this bundle is text-only; images need a multimodal bundle")
         if max_new_tokens < 1:
             raise InduceKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         cfg = SamplingConfig(temperature, top_k, top_p, seed)
         rng = np.random.default_rng(seed)
         res = result if result is not None else Result("", [], "length")
         tm = res.timings
+        img = None
+        if image is not None:
+            ti = time.perf_counter()
+            img = self.encode_image(image)
+            tm.image_ms = (time.perf_counter() - ti) * 1e3
         if self.memory is not None and use_memory:
-            ids, cache, pos = self._with_memory(prompt, k, system, res, k_margin)
+            ids, cache, pos = self._with_memory(prompt, k, system, res, k_margin, img)
         else:
-            ids, cache, pos = self.encode_prompt(prompt, system=system, chat=chat), KVCache.empty(self.manifest), 0
+            ids, cache, pos = (self.encode_prompt(prompt, system=system, chat=chat, image=img),
+                               KVCache.empty(self.manifest), 0)
         tm.prompt_tokens = len(ids)
         t1 = time.perf_counter()
-        tm.tokenize_ms = (t1 - t0) * 1e3 - tm.key_ms - tm.retrieval_ms - tm.dequant_ms
+        tm.tokenize_ms = (t1 - t0) * 1e3 - tm.image_ms - tm.key_ms - tm.retrieval_ms - tm.dequant_ms
         budget = min(max_new_tokens, self.manifest.max_context - pos - len(ids))
 
-        logits, cache = self.decoder.forward(ids, cache, positions=np.arange(pos, pos + len(ids)))
+        logits, cache = self.decoder.forward(ids, cache, positions=np.arange(pos, pos + len(ids)),
+                                             features=img.features if img is not None else None)
         pos += len(ids)
         tm.prefill_ms = (time.perf_counter() - t1) * 1e3
         out: list[int] = []
@@ -168,7 +188,8 @@ class Runtime:
         res.token_ids = out
         res.text = emitted if res.stop_reason == "stop" else self.tokenizer.decode(out)
 
-    def _with_memory(self, prompt: str, k: int | None, system: str | None, res: Result, margin: float | None):
+    def _with_memory(self, prompt: str, k: int | None, system: str | None, res: Result, margin: float | None,
+                     img=None):
         """Query ids, past KV (prefix + retrieved entries) and the query's first position."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty; pass some text")
@@ -176,12 +197,12 @@ class Runtime:
         if k < 0:
             raise InduceKVError(f"k must be >= 0, got {k}")
         layout = self.memory.layout(system)
-        found = self.memory.retrieve(prompt, k, res.timings, margin) if k > 0 else []
+        found = self.memory.retrieve(prompt, k, res.timings, margin, image=img) if k > 0 else []
         res.entries = [info for info, _ in found]
         t = time.perf_counter()
         cache, pos = layout.assemble_payloads([(buf, info["tokens"]) for info, buf in found], self.memory.bank.geo.scheme)
         res.timings.dequant_ms = (time.perf_counter() - t) * 1e3
-        ids = layout.query_ids(prompt)
+        ids = layout.query_ids(prompt, img)
         limit = self.manifest.max_context - 1
         if pos + len(ids) > limit:
             raise PromptError(f"the prompt with {len(found)} memory entries is {pos + len(ids)} tokens; this model "

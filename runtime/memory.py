@@ -28,6 +28,7 @@ from inducekv.memory.bank import Bank, NewEntry, example_hash
 from inducekv.memory.index import open_index
 from inducekv.runtime.errors import InduceKVError
 from inducekv.runtime.session import KVCache, KeyEncoder
+from inducekv.runtime.vision import with_image
 
 POLICIES = ("rerotate", "parallel")
 _ENTRIES, _USER = "\x00IKV-ENTRIES\x00", "\x00IKV-USER\x00"
@@ -100,16 +101,20 @@ class Layout:
     def p0(self) -> int:
         return len(self.prefix_ids)
 
-    def query_ids(self, prompt: str) -> list[int]:
-        return self.rt.tokenizer.encode(self._mid + prompt + self._tail, bos=False)
+    def query_ids(self, prompt: str, image=None) -> list[int]:
+        """The query after the entries; ``image`` (``vision.ImageInput``) goes into the user turn."""
+        return self.rt.tokenizer.encode(self._mid + with_image(prompt, image, self.rt.manifest) + self._tail, bos=False)
 
-    def entry_ids(self, prompt: str, answer: str) -> list[int]:
-        return self.rt.tokenizer.encode(render_entry(self.template, prompt, answer), bos=False)
+    def entry_ids(self, prompt: str, answer: str, image=None) -> list[int]:
+        """One entry's tokens: the image's placeholders (if any), then the rendered template."""
+        return self.rt.tokenizer.encode((image.text if image is not None else "")
+                                        + render_entry(self.template, prompt, answer), bos=False)
 
-    def encode_entry(self, prompt: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
-        """K/V (L, H_kv, T, D) of one rendered entry, computed after the shared prefix."""
-        ids = self.entry_ids(prompt, answer)
-        _, cache = self.rt.decoder.forward(ids, self.prefix_cache)
+    def encode_entry(self, prompt: str, answer: str, image=None) -> tuple[np.ndarray, np.ndarray]:
+        """K/V (L, H_kv, T, D) of one rendered entry, computed after the shared prefix; an
+        image-bearing entry's payload holds its image tokens' K/V too."""
+        ids = self.entry_ids(prompt, answer, image)
+        _, cache = self.rt.decoder.forward(ids, self.prefix_cache, features=_features(image))
         P0 = self.p0
         k = np.stack([x[0, :, P0:] for x in cache.keys])                     # (L, H_kv, T, D)
         v = np.stack([x[0, :, P0:] for x in cache.values])
@@ -172,10 +177,11 @@ class Memory:
             self._layouts[key] = Layout(self.rt, template, policy, system)
         return self._layouts[key]
 
-    def query_key(self, prompt: str) -> np.ndarray:
-        return self.keys(self.rt.tokenizer.encode(prompt))
+    def query_key(self, prompt: str, image=None) -> np.ndarray:
+        return key_of(self.rt, self.keys, prompt, image)
 
-    def retrieve(self, prompt: str, k: int, timings=None, margin: float | None = None) -> list[tuple[dict, bytes]]:
+    def retrieve(self, prompt: str, k: int, timings=None, margin: float | None = None,
+                 image=None) -> list[tuple[dict, bytes]]:
         """Top-k entries for ``prompt``: ``[(info, verified payload)]``, best first.
 
         ``margin`` makes k adaptive: only entries scoring within ``margin`` of the best
@@ -183,7 +189,7 @@ class Memory:
         t0 = time.perf_counter()
         if self.bank.refresh():  # a writer committed: follow it
             self.index.sync(self.bank)
-        q = self.bank.calibrate(self.query_key(prompt))
+        q = self.bank.calibrate(self.query_key(prompt, image))
         t1 = time.perf_counter()
         ids, scores = self.index.search(q, k)
         if margin is not None and len(scores):
@@ -202,13 +208,30 @@ class Memory:
         return out
 
 
+def _features(image):
+    return image.features if image is not None else None
+
+
+def key_of(rt, keys: KeyEncoder, prompt: str, image=None) -> np.ndarray:
+    """The frozen retrieval key of a prompt (and its image: the key pass sees both)."""
+    text = with_image(prompt, image, rt.manifest)
+    return keys(rt.tokenizer.encode(text), _features(image))
+
+
+def image_of(rt, ex):
+    """An example's image (path in a task file or dict) encoded, or None."""
+    path = ex.get("image") if isinstance(ex, dict) else getattr(ex, "image", None)
+    return rt.encode_image(path) if path is not None else None
+
+
 def encode_examples(rt, examples, task: str, layout: Layout, keys: KeyEncoder) -> list[NewEntry]:
-    """Memory entries for task examples (``{"prompt", "answer"}`` dicts or ``tasks.Example``)."""
+    """Memory entries for task examples (``{"prompt", "answer"[, "image"]}`` dicts or ``tasks.Example``)."""
     out = []
     for ex in examples:
         prompt, answer = _prompt_answer(ex)
-        k, v = layout.encode_entry(prompt, answer)
-        key = keys(rt.tokenizer.encode(prompt))
+        image = image_of(rt, ex)
+        k, v = layout.encode_entry(prompt, answer, image)
+        key = key_of(rt, keys, prompt, image)
         out.append(NewEntry(k, v, key, task, example_hash({"prompt": prompt, "answer": answer})))
     return out
 

@@ -56,6 +56,23 @@ def _session(path: Path, profile: DeviceProfile) -> ort.InferenceSession:
         raise BundleError(f"cannot load {path}: {str(e).splitlines()[0][:200]}; re-export the bundle") from None
 
 
+def _embedder(bundle_dir: Path, manifest: Manifest):
+    """The token-embedding lookup of a multimodal bundle (None for text bundles)."""
+    if not manifest.image:
+        return None
+    from inducekv.runtime.vision import Embedder
+
+    return Embedder(bundle_dir, manifest)
+
+
+def _first_input(embed, ids, features) -> dict:
+    if embed is None:
+        if features is not None:
+            raise BundleError("image features given to a text-only bundle")
+        return {contract.INPUT_IDS: np.asarray(ids, dtype=np.int64)[None]}    # (1, T)
+    return {contract.INPUTS_EMBEDS: embed(ids, features)}                   # (1, T, hidden)
+
+
 class KeyEncoder:
     """The retrieval-key pass: the first layers of the model over a prompt, mean-pooled."""
 
@@ -63,15 +80,16 @@ class KeyEncoder:
         spec = manifest.retrieval_key or {}
         self.dim = int(spec.get("dim", 0))
         self.sess = _session(bundle_dir / spec.get("graph", contract.KEY_FILE), profile)
+        self.embed = _embedder(bundle_dir, manifest)
         outs = [o.name for o in self.sess.get_outputs()]
         if outs != [contract.KEY_OUTPUT] or self.sess.get_outputs()[0].shape[-1] != self.dim:
             raise BundleError(f"key graph outputs {outs} do not match the manifest (key of {self.dim}); re-export the bundle")
 
-    def __call__(self, ids: list[int]) -> np.ndarray:
-        """Key (dim,) float32 of one token sequence."""
+    def __call__(self, ids: list[int], features: np.ndarray | None = None) -> np.ndarray:
+        """Key (dim,) float32 of one token sequence (``features``: its image tokens' rows)."""
         T = len(ids)
         feed = {
-            contract.INPUT_IDS: np.asarray(ids, np.int64)[None],                  # (1, T)
+            **_first_input(self.embed, ids, features),
             contract.ATTENTION_MASK: np.ones((1, T), np.int64),
             contract.POSITION_IDS: np.arange(T, dtype=np.int64)[None],
         }
@@ -82,6 +100,7 @@ class Decoder:
     def __init__(self, bundle_dir: Path, manifest: Manifest, profile: DeviceProfile):
         self.m = manifest
         self.sess = _session(bundle_dir / contract.DECODER_FILE, profile)
+        self.embed = _embedder(bundle_dir, manifest)
         self._check_io()
         L = manifest.num_layers
         self.key_names = [contract.present_key(i) for i in range(L)]
@@ -92,7 +111,7 @@ class Decoder:
         L = self.m.num_layers
         ins = [i.name for i in self.sess.get_inputs()]
         outs = [o.name for o in self.sess.get_outputs()]
-        if ins != contract.decoder_inputs(L) or outs != contract.decoder_outputs(L):
+        if ins != contract.decoder_inputs(L, self.embed is not None) or outs != contract.decoder_outputs(L):
             raise BundleError(
                 f"decoder graph I/O does not match the manifest ({len(ins)} inputs for {L} layers); "
                 "the bundle is mismatched, re-export it")
@@ -103,11 +122,12 @@ class Decoder:
                 f"head_dim={self.m.head_dim}; re-export the bundle")
 
     def forward(self, ids: list[int], cache: KVCache, positions: np.ndarray | None = None,
-                mask: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
+                mask: np.ndarray | None = None, features: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
         """Run ``ids`` after ``cache``; return (logits (T, V), the grown cache).
 
         ``positions`` (T,) defaults to cache.length + arange(T); ``mask`` (past+T,)
-        defaults to all ones.
+        defaults to all ones; ``features`` (n, hidden) replace the image tokens in ``ids``
+        (multimodal bundles).
         """
         T, P = len(ids), cache.length
         if positions is None:
@@ -115,7 +135,7 @@ class Decoder:
         if mask is None:
             mask = np.ones(P + T, dtype=np.int64)
         feed = {
-            contract.INPUT_IDS: np.asarray(ids, dtype=np.int64)[None],        # (1, T)
+            **_first_input(self.embed, ids, features),                       # (1, T) ids or (1, T, hidden)
             contract.ATTENTION_MASK: np.asarray(mask, dtype=np.int64)[None],  # (1, P+T)
             contract.POSITION_IDS: np.asarray(positions, dtype=np.int64)[None],  # (1, T)
         }
