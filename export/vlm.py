@@ -157,7 +157,6 @@ def validate(model, processor, stage: Path, weights: str, threads: int) -> dict:
     rng = np.random.default_rng(0)
     from PIL import Image
     img = Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
-    tok = processor.tokenizer
     text = processor.image_token + "What is in the image?" if hasattr(processor, "image_token") else "<image>What?"
     batch = processor(text=[text], images=[[img]] if model.config.model_type == "idefics3" else [img],
                       return_tensors="pt")

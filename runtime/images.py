@@ -128,7 +128,10 @@ def load_image(image) -> Image.Image:
         return _read_file(Path(image))
     if isinstance(image, Image.Image):
         _check_pixels(image.width, image.height, "(PIL)")
-        return ImageOps.exif_transpose(image).convert("RGB")
+        try:
+            return ImageOps.exif_transpose(image).convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # e.g. a lazily opened, truncated file
+            raise ImageError(f"cannot read image (PIL): {_one_line(e)}") from None
     if isinstance(image, np.ndarray):
         return _from_array(image).convert("RGB")
     raise ImageError(f"an image must be a path, a PIL image or a uint8 numpy array, got {type(image).__name__}")
@@ -146,6 +149,10 @@ def _working_image(image, keep_alpha: bool) -> Image.Image:
         im = _from_array(image)
     elif isinstance(image, Image.Image):
         _check_pixels(image.width, image.height, "(PIL)")
+        try:
+            image.load()  # a lazily opened file decodes here; corrupt data fails here, not mid-pipeline
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise ImageError(f"cannot read image (PIL): {_one_line(e)}") from None
         im = image
     else:
         raise ImageError(f"an image must be a path, a PIL image or a uint8 numpy array, got {type(image).__name__}")

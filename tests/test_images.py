@@ -293,6 +293,11 @@ def test_idefics3_encoder_size():
 
 # ---------------------------------------------------------------------------- bad inputs
 
+CLIP_MIN = {"processor": "clip", "image_token": "<image>", "image_seq_len": 1, "do_resize": False, "size": {},
+            "resample": 3, "do_center_crop": False, "crop_size": None, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": False, "image_mean": None, "image_std": None}
+
+
 def assert_one_line(exc_info, *needles):
     msg = str(exc_info.value)
     assert "\n" not in msg and msg, msg
@@ -317,6 +322,9 @@ def test_truncated_png(tmp_path):
     with pytest.raises(I.ImageError) as e:
         I.load_image(str(p))
     assert_one_line(e, "cannot read image", "cut.png")
+    with Image.open(p) as lazy, pytest.raises(I.ImageError) as e:  # opened by the caller, decoded by us
+        I.preprocess(lazy, CLIP_MIN)
+    assert_one_line(e, "cannot read image")
 
 
 def test_missing_and_directory(tmp_path):
@@ -337,9 +345,7 @@ def test_too_many_pixels(tmp_path, monkeypatch):
             I.load_image(image)
         assert_one_line(e, "10,000 pixels", "9,900")
     with pytest.raises(I.ImageError):
-        I.preprocess(p, {"processor": "clip", "image_token": "<image>", "do_resize": True, "size": {},
-                         "resample": 3, "do_center_crop": False, "crop_size": None, "do_rescale": True,
-                         "rescale_factor": 1 / 255, "do_normalize": False, "image_mean": None, "image_std": None})
+        I.preprocess(p, CLIP_MIN)
 
 
 def test_bad_arrays_and_types():

@@ -1,0 +1,243 @@
+"""Train the default VLM's vision tower + connector on generated images (2 CPU cores).
+
+    python -m inducekv.export.train_vlm --out export/default_vlm/vision.safetensors
+
+The text backbone (SmolLM2-135M-Instruct) stays frozen; only the vision tower, the
+connector and the rows of the added special tokens train. Recipe:
+
+1. **tower pre-training** (``--steps1``): the ViT alone, mean-pooled, with linear heads
+   for colour / shape / count / digit (cross-entropy). Cheap, and gives the second stage
+   features that already separate what the questions ask about.
+2. **alignment through the frozen LM** (``--steps2``): image + question rendered with the
+   backbone's chat template exactly as the runtime renders it, loss = cross-entropy of the
+   answer tokens (+ ``<|im_end|>``), gradients flow through the frozen LM into the
+   connector and the tower. The system turn is computed once and reused as past KV; half
+   the batches use the memory template's system text so answers also work with ``ikv-learn``.
+
+Pixels are made by the runtime's own preprocessing (``runtime/images.py``), so training
+and inference see the same numbers. Everything is seeded; the data is
+``export/imagedata.py`` (shapes and scikit-learn's digits 0-1399; 1400+ are held out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from inducekv.export import default_vlm as dv
+from inducekv.export import imagedata as data
+
+
+def _pixels(samples, settings):
+    import torch
+
+    from inducekv.runtime import images
+
+    return torch.from_numpy(np.concatenate([images.preprocess(s.image, settings)[0] for s in samples]))
+
+
+class Tower:
+    """The trainable part: vision transformer + connector + added-token rows."""
+
+    def __init__(self, cfg, hidden: int, table_mean):
+        import torch
+        from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector, Idefics3VisionTransformer
+
+        self.vision = Idefics3VisionTransformer(cfg.vision_config)
+        self.connector = Idefics3Connector(cfg)
+        self.added = torch.nn.Parameter(table_mean.repeat(len(dv.NEW_TOKENS), 1).clone())
+        self.cfg = cfg
+
+    def parameters(self):
+        return list(self.vision.parameters()) + list(self.connector.parameters()) + [self.added]
+
+    def hidden(self, px):
+        import torch
+
+        B = px.shape[0]
+        g = self.cfg.vision_config.image_size // self.cfg.vision_config.patch_size
+        mask = torch.ones(B, g, g, dtype=torch.bool)
+        return self.vision(pixel_values=px, patch_attention_mask=mask).last_hidden_state    # (B, g*g, C)
+
+    def features(self, px):
+        return self.connector(self.hidden(px))                                                # (B, n, hidden)
+
+    def state_dict(self) -> dict:
+        out = {"model.vision_model." + k: v for k, v in self.vision.state_dict().items()}
+        out.update({"model.connector." + k: v for k, v in self.connector.state_dict().items()})
+        out[dv.ADDED_KEY] = self.added.detach()
+        return {k: v.detach().contiguous().float() for k, v in out.items()}
+
+
+def stage1(tower, settings, steps: int, batch: int, rng, log):
+    """Tower pre-training with attribute heads."""
+    import torch
+
+    C = tower.cfg.vision_config.hidden_size
+    heads = torch.nn.ModuleDict({"colour": torch.nn.Linear(C, len(data.COLOURS)), "shape": torch.nn.Linear(C, len(data.SHAPES)),
+                                 "count": torch.nn.Linear(C, len(data.NUMBERS)), "digit": torch.nn.Linear(C, 10)})
+    labels = {"colour": list(data.COLOURS), "shape": list(data.SHAPES), "count": list(data.NUMBERS),
+              "digit": [str(i) for i in range(10)]}
+    params = list(tower.vision.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    t0 = time.time()
+    for step in range(steps):
+        shp = [data.shapes(rng, count=1 if rng.random() < 0.5 else None) for _ in range(batch // 2)]
+        dig = [data.digit(rng, "train") for _ in range(batch - batch // 2)]
+        pooled = tower.hidden(_pixels(shp + dig, settings)).mean(1)                         # (B, C)
+        loss = 0.0
+        for name in ("colour", "shape", "count"):
+            y = torch.tensor([labels[name].index(s.facts[name]) for s in shp])
+            loss = loss + torch.nn.functional.cross_entropy(heads[name](pooled[: len(shp)]), y)
+        y = torch.tensor([int(s.facts["digit"]) for s in dig])
+        loss = loss + torch.nn.functional.cross_entropy(heads["digit"](pooled[len(shp):]), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"stage1 step {step} loss {float(loss):.3f} ({time.time() - t0:.0f} s)")
+
+
+class Renderer:
+    """Chat-template token ids for (question, answer), split at the image and the answer."""
+
+    def __init__(self, tok, image_text: str, systems: list[str | None]):
+        self.tok = tok
+        marker_img, marker_ans = "\x00IMG\x00", "\x00ANS\x00"
+        self.prefixes, self.parts = [], []
+        for system in systems:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": marker_img + "QUESTION"}, {"role": "assistant", "content": marker_ans}]
+            text = tok.apply_chat_template(msgs, tokenize=False)
+            pre, rest = text.split("<|im_start|>user", 1)
+            self.prefixes.append(tok.encode(pre, add_special_tokens=False))
+            self.parts.append("<|im_start|>user" + rest)
+        self.image_text = image_text
+        self.end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def ids(self, which: int, question: str, answer: str) -> tuple[list[int], int]:
+        """(ids after the system prefix, index where the answer starts)."""
+        text = self.parts[which].replace("\x00IMG\x00", self.image_text).replace("QUESTION", question)
+        before = text.split("\x00ANS\x00")[0]
+        q = self.tok.encode(before, add_special_tokens=False)
+        a = self.tok.encode(answer, add_special_tokens=False) + [self.end]
+        return q + a, len(q)
+
+
+def stage2(tower, lm, tok, settings, steps: int, batch: int, rng, log, image_token_id: int, new_ids: list[int]):
+    import torch
+    from transformers import DynamicCache
+
+    from inducekv.runtime.memory import TEMPLATES
+    from inducekv.runtime import images
+
+    image_text = images.preprocess(np.zeros((8, 8, 3), np.uint8), settings)[2]
+    render = Renderer(tok, image_text, [None, TEMPLATES["facts"].system])
+    emb = lm.model.embed_tokens
+    prefix_kv = []
+    with torch.no_grad():
+        for p in render.prefixes:
+            out = lm.model(input_ids=torch.tensor([p]), use_cache=True)
+            prefix_kv.append(out.past_key_values.to_legacy_cache() if hasattr(out.past_key_values, "to_legacy_cache")
+                             else out.past_key_values)
+    new_ids_t = torch.tensor(new_ids)
+    groups = [{"params": list(tower.vision.parameters()), "lr": 3e-4},
+              {"params": list(tower.connector.parameters()) + [tower.added], "lr": 1e-3}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[3e-4, 1e-3], total_steps=steps, pct_start=0.05)
+    t0, run_loss, run_acc = time.time(), None, None
+    for step in range(steps):
+        which = int(rng.random() < 0.5)
+        fams = rng.choice(data.TRAINED, size=batch)
+        items = [data.sample(str(f), rng) for f in fams]
+        seqs = [render.ids(which, q, a) for _, q, a in items]
+        S = max(len(s) for s, _ in seqs)
+        P = len(render.prefixes[which])
+        ids = torch.full((batch, S), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(batch, P + S, dtype=torch.long)
+        mask[:, :P] = 1
+        target = torch.full((batch, S), -100, dtype=torch.long)
+        for i, (s, a0) in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, P: P + len(s)] = 1
+            target[i, a0 - 1: len(s) - 1] = torch.tensor(s[a0:])      # logits at t predict token t+1
+        feats = tower.features(_pixels([s for s, _, _ in items], settings))              # (B, n, hidden)
+        with torch.no_grad():
+            x = emb(ids.clamp(max=emb.num_embeddings - 1))
+        x = x.clone()
+        is_new = torch.isin(ids, new_ids_t)
+        if is_new.any():
+            rows = (ids[is_new][:, None] == new_ids_t[None]).float().argmax(1)
+            x[is_new] = tower.added[rows]
+        x[ids == image_token_id] = feats.reshape(-1, feats.shape[-1])
+        cache = DynamicCache.from_legacy_cache(tuple((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                                     for k, v in prefix_kv[which]))
+        h = lm.model(inputs_embeds=x, attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state
+        sel = target != -100
+        logits = lm.lm_head(h[sel])                                                      # (n_answer_tokens, V)
+        loss = torch.nn.functional.cross_entropy(logits, target[sel])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        acc = float((logits.argmax(-1) == target[sel]).float().mean())
+        run_loss = float(loss) if run_loss is None else 0.95 * run_loss + 0.05 * float(loss)
+        run_acc = acc if run_acc is None else 0.95 * run_acc + 0.05 * acc
+        if step % 25 == 0 or step == steps - 1:
+            log(f"stage2 step {step} loss {run_loss:.3f} token-acc {run_acc:.3f} ({time.time() - t0:.0f} s)")
+
+
+def main(argv=None):
+    import torch
+    from safetensors.torch import save_file
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=dv.WEIGHTS)
+    ap.add_argument("--steps1", type=int, default=600, help="tower pre-training steps (batch --batch1)")
+    ap.add_argument("--batch1", type=int, default=64)
+    ap.add_argument("--steps2", type=int, default=700, help="alignment steps through the frozen LM")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    log_lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        log_lines.append(msg)
+
+    t0 = time.time()
+    lm, tok = dv.load_text_model()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    new_ids = [tok.convert_tokens_to_ids(t) for t in dv.NEW_TOKENS]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    cfg = dv.config(lm.config, len(tok), image_id)
+    from inducekv.runtime import images
+
+    settings = images.settings_from_hf(dv.processor(tok))
+    tower = Tower(cfg, lm.config.hidden_size, lm.model.embed_tokens.weight.detach().mean(0, keepdim=True))
+    log(f"loaded backbone in {time.time() - t0:.0f} s; tower {sum(p.numel() for p in tower.parameters()):,} params")
+    stage1(tower, settings, args.steps1, args.batch1, rng, log)
+    t1 = time.time()
+    stage2(tower, lm, tok, settings, args.steps2, args.batch, rng, log, image_id, new_ids)
+    total = time.time() - t0
+    log(f"trained in {total / 60:.1f} min (stage 2 {(time.time() - t1) / 60:.1f} min)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"recipe": json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}),
+            "vision": json.dumps(dv.VISION), "train_minutes": f"{total / 60:.1f}"}
+    save_file(tower.state_dict(), str(args.out), metadata=meta)
+    (args.out.with_suffix(".log")).write_text("\n".join(log_lines) + "\n")
+    log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Multimodal bundles from tiny random LLaVA and Idefics3 checkpoints: export, HF parity of
+the whole image path (numpy preprocessing + vision graph + decoder), image-bearing memory
+entries, ikv-learn on an image task, and bad input."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from inducekv.export import contract
+from inducekv.memory.bank import Bank
+from inducekv.runtime.api import Runtime
+from inducekv.runtime.errors import InduceKVError
+from inducekv.runtime.memory import TEMPLATES, Layout, add_examples
+from inducekv.runtime.session import KVCache, KeyEncoder
+from inducekv.runtime.vision import with_image
+
+ARCHS = ("llava", "idefics3")
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(tmp_path_factory):
+    from vlmutil import make_idefics3, make_llava
+
+    root = tmp_path_factory.mktemp("tiny-vlm")
+    return {"llava": make_llava(root / "llava"), "idefics3": make_idefics3(root / "idefics3")}
+
+
+@pytest.fixture(scope="module")
+def vlm_bundles(vlm_dirs, tmp_path_factory):
+    from inducekv.export.build import export_bundle
+
+    root = tmp_path_factory.mktemp("tiny-vlm-bundles")
+    out = {}
+    for arch, d in vlm_dirs.items():
+        _, report = export_bundle(str(d), root / arch, progress=False)
+        assert report["max_abs_logit_diff"] < 1e-3 and report["image_tokens"] > 0
+        out[arch] = root / arch
+    return out
+
+
+def _image(seed: int, h: int = 45, w: int = 60) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_bundle_has_vision_graph_embeddings_and_image_settings(vlm_bundles):
+    for arch in ARCHS:
+        m = json.loads((vlm_bundles[arch] / contract.MANIFEST_NAME).read_text())
+        assert m["architecture"] == arch
+        assert {contract.VISION_FILE, contract.EMBED_FILE, contract.KEY_FILE} <= set(m["files"])
+        assert m["image"]["image_token_id"] > 0 and m["image"]["image_seq_len"] > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_runtime_image_path_matches_hf(arch, vlm_dirs, vlm_bundles):
+    """Runtime (numpy preprocessing, vision.onnx, embedding splice, decoder) vs the HF processor +
+    model: same prompt ids, logits within 1e-3, same greedy continuation."""
+    import torch
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
+
+    cls = {"llava": LlavaForConditionalGeneration, "idefics3": Idefics3ForConditionalGeneration}[arch]
+    model = cls.from_pretrained(vlm_dirs[arch]).eval()
+    proc = AutoProcessor.from_pretrained(vlm_dirs[arch], use_fast=False)
+    rt = Runtime.open(vlm_bundles[arch])
+    prompt = "<image>What is in the picture?"
+    for seed, (h, w) in enumerate([(45, 60), (90, 31)]):
+        img = _image(seed, h, w)
+        batch = proc(text=[prompt], images=[[Image.fromarray(img)]] if arch == "idefics3" else [Image.fromarray(img)],
+                     return_tensors="pt")
+        batch.pop("token_type_ids", None)
+        enc = rt.encode_image(img)
+        ids = rt.tokenizer.encode(with_image(prompt, enc, rt.manifest))
+        assert ids == batch["input_ids"][0].tolist()
+        got, _ = rt.decoder.forward(ids, KVCache.empty(rt.manifest), features=enc.features)
+        with torch.no_grad():
+            ref = model(**batch).logits[0].numpy()
+            gen = model.generate(**batch, do_sample=False, max_new_tokens=6, min_new_tokens=6)[0, len(ids):].tolist()
+        assert np.abs(got - ref).max() < 1e-3
+        res = rt.generate(prompt, image=img, chat=False, max_new_tokens=6, ignore_eos=True)
+        assert res.token_ids == gen
+        assert res.timings.image_ms > 0
+
+
+def test_image_entry_injected_equals_joint_prefill(vlm_bundles):
+    """An image-bearing entry (its image tokens' K/V in the payload) injected where it was
+    computed reproduces a joint prefill of prefix + entry + image query."""
+    rt = Runtime.open(vlm_bundles["idefics3"])
+    lay = Layout(rt, TEMPLATES["facts"], "rerotate")
+    a, b = rt.encode_image(_image(1)), rt.encode_image(_image(2))
+    k, v = lay.encode_entry("What colour is the shape?", "teal", a)
+    assert k.shape[2] == len(lay.entry_ids("What colour is the shape?", "teal", a)) > a.features.shape[0]
+    cache, pos = lay.assemble([(k, v)])
+    q = lay.query_ids("What colour is the shape?", b)
+    injected, _ = rt.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)), features=b.features)
+    joint_ids = lay.prefix_ids + lay.entry_ids("What colour is the shape?", "teal", a) + q
+    joint, _ = rt.decoder.forward(joint_ids, KVCache.empty(rt.manifest),
+                                  features=np.concatenate([a.features, b.features]))
+    assert np.abs(injected - joint[-len(q):]).max() <= 1e-3
+
+
+def test_key_sees_the_image(vlm_bundles):
+    rt = Runtime.open(vlm_bundles["llava"])
+    keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
+    from inducekv.runtime.memory import key_of
+
+    k1 = key_of(rt, keys, "What is it?", rt.encode_image(_image(1)))
+    k1b = key_of(rt, keys, "What is it?", rt.encode_image(_image(1)))
+    k2 = key_of(rt, keys, "What is it?", rt.encode_image(_image(2)))
+    np.testing.assert_array_equal(k1, k1b)
+    assert np.abs(k1 - k2).max() > 1e-4
+
+
+def _image_task(tmp_path, n=6):
+    lines = []
+    for i in range(n):
+        Image.fromarray(_image(100 + i)).save(tmp_path / f"img{i}.png")
+        lines.append(json.dumps({"prompt": "What is the code word?", "answer": f"word{i}", "image": f"img{i}.png"}))
+    task = tmp_path / "codes.jsonl"
+    task.write_text("\n".join(lines) + "\n")
+    return task
+
+
+def test_learn_image_task_and_retrieve_by_image(vlm_bundles, tmp_path):
+    from inducekv.runtime.learn_cli import cli
+
+    task = _image_task(tmp_path)
+    bank = tmp_path / "bank.ikv"
+    r = CliRunner().invoke(cli, ["--bundle", str(vlm_bundles["idefics3"]), "--memory", str(bank), "--task", str(task),
+                                 "--budget", "8MiB", "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    b = Bank.open(bank)
+    assert len(b.slots()) == 6
+    anchors = b.anchors("codes")
+    assert anchors and all("image" in a for a in anchors)
+    rt = Runtime.open(vlm_bundles["idefics3"], memory=bank)
+    for i in (0, 3, 5):  # the same image retrieves its own entry first
+        res = rt.generate("What is the code word?", image=str(tmp_path / f"img{i}.png"), k=1, max_new_tokens=2)
+        assert res.entries
+        got = [e for e in b.entries() if e.entry_id == res.entries[0]["id"]][0]
+        assert got.example_hash == _hash_for(tmp_path, i)
+
+
+def _hash_for(tmp_path, i):
+    from inducekv.memory.bank import example_hash
+
+    return example_hash({"prompt": "What is the code word?", "answer": f"word{i}", "image": str((tmp_path / f"img{i}.png").resolve())})
+
+
+def test_add_examples_with_image_dicts(vlm_bundles, tmp_path):
+    rt = Runtime.open(vlm_bundles["llava"])
+    Image.fromarray(_image(7)).save(tmp_path / "a.png")
+    b = Bank.create_for(tmp_path / "b.ikv", 4 << 20, rt.manifest, scheme="int8", max_tokens=128)
+    slots = add_examples(rt, b, [{"prompt": "Name?", "answer": "Zed", "image": str(tmp_path / "a.png")}], "t")
+    assert len(slots) == 1
+    assert b.entry(slots[0]).tokens > rt.manifest.image["image_seq_len"]
+
+
+def test_text_bundle_refuses_images(tiny_bundles):
+    rt = Runtime.open(tiny_bundles["fp32"])
+    with pytest.raises(InduceKVError, match="text-only"):
+        rt.generate("What is this?", image=_image(0))
+
+
+def test_bad_images_are_one_line_errors(vlm_bundles, tmp_path):
+    from inducekv.runtime.cli import cli
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    for path in (bad, tmp_path / "missing.png"):
+        r = CliRunner().invoke(cli, ["--bundle", str(vlm_bundles["llava"]), "--prompt", "What?", "--image", str(path)])
+        assert r.exit_code == 2, r.output
+        assert "cannot read image" in r.output and len(r.output.strip().splitlines()) == 1
+    rt = Runtime.open(vlm_bundles["llava"])
+    with pytest.raises(InduceKVError, match="image tokens"):
+        rt.generate("<image> typed by hand", max_new_tokens=1)
