@@ -174,3 +174,32 @@ def test_bad_images_are_one_line_errors(vlm_bundles, tmp_path):
     rt = Runtime.open(vlm_bundles["llava"])
     with pytest.raises(InduceKVError, match="image tokens"):
         rt.generate("<image> typed by hand", max_new_tokens=1)
+
+
+def test_image_path_runs_without_torch(vlm_bundles, tmp_path):
+    """Preprocessing, vision graph, image generation and learning an image task, with torch,
+    transformers and onnx blocked from import."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_torch_free import BLOCKER
+
+    task = _image_task(tmp_path, n=3)
+    script = BLOCKER + textwrap.dedent("""
+        import json
+        from pathlib import Path
+        from inducekv.runtime import Runtime
+        from inducekv.memory.learn import open_or_create, plan_and_write, read_examples
+        bundle, task = sys.argv[1], Path(sys.argv[2])
+        rt = Runtime.open(bundle)
+        r = rt.generate("What?", image=str(task.parent / "img0.png"), max_new_tokens=3, ignore_eos=True)
+        with open_or_create(task.parent / "b.ikv", rt, 4_000_000, "int8", max_tokens=128) as bank:
+            plan = plan_and_write(rt, bank, read_examples(task), "codes", n_anchors=1)
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print(json.dumps({"tokens": len(r.token_ids), "added": len(plan.add), "heavy": heavy}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(vlm_bundles["idefics3"]), str(task)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"tokens": 3, "added": 3, "heavy": []}
