@@ -88,7 +88,8 @@ def shapes(rng: np.random.Generator, count: int | None = None, colour: str | Non
     xs = [c[0] for c in centres]
     side = "left" if np.mean(xs) < SIZE / 2 else "right"
     return Sample(_finish(img, rng, domain), {"colour": colour, "shape": shape, "count": NUMBERS[len(centres) - 1],
-                                              "side": side, "domain": domain})
+                                              "side": side, "domain": domain, "vexcolour": VEX_COLOURS[colour],
+                                              "vexshape": VEX_SHAPES[shape]})
 
 
 _DIGITS = None
@@ -125,6 +126,10 @@ def digit(rng: np.random.Generator, split: str = "train", index: int | None = No
                                               "domain": domain, "index": i})
 
 
+# made-up names for continual tasks with a new answer vocabulary
+VEX_COLOURS = dict(zip(COLOURS, ("blick", "moxa", "terp", "quill", "zandor", "frell")))
+VEX_SHAPES = dict(zip(SHAPES, ("plonk", "siva", "drent", "yorra")))
+
 # question families: name -> (generator kind, prompt, fact the answer is)
 QUESTIONS = {
     "colour": ("shapes", "What colour is the shape?", "colour"),
@@ -134,6 +139,8 @@ QUESTIONS = {
     # not used to train the tower: continual tasks
     "side": ("shapes", "Is the shape on the left or the right?", "side"),
     "parity": ("digit", "Is this digit even or odd?", "parity"),
+    "vexcolour": ("shapes", "What is this colour called in Vexish?", "vexcolour"),
+    "vexshape": ("shapes", "What is this shape called in Vexish?", "vexshape"),
 }
 TRAINED = ("colour", "shape", "count", "digit")
 
@@ -144,5 +151,5 @@ def sample(family: str, rng: np.random.Generator, split: str = "train", domain: 
     if kind == "digit":
         s = digit(rng, split, domain=domain)
     else:
-        s = shapes(rng, count=1 if family in ("colour", "shape", "side") else None, domain=domain)
+        s = shapes(rng, count=None if family == "count" else 1, domain=domain)
     return s, prompt, s.facts[fact]
