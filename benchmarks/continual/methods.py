@@ -1,0 +1,165 @@
+"""The methods the continual benchmark compares, behind one small interface.
+
+    m.learn(task, examples, candidates)   absorb one task (candidates: encoded once, shared)
+    m.answer(example) -> (text, ttft_ms)  answer one test question
+
+- ``ZeroShot``: the frozen model, no memory.
+- ``BankMethod``: an inducekv bank under the cap, filled by ``ikv-learn``'s selection with a
+  strategy: ``full`` (InduceKV), ``random``, ``fifo``; ``unbounded`` is a bank large enough
+  for every entry, fp16 KV (upper bound).
+- ``PromptRetrieval``: the raw examples (prompt, answer, image file bytes, fp16 key) kept
+  under the same cap by reservoir sampling, retrieved with the same keys, and re-encoded
+  at query time: the retrieved example is rendered with the same template into the
+  prompt and prefilled with the query. More examples per byte, more prefill per query.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from inducekv.kernels import kvquant
+from inducekv.memory import learn as L
+from inducekv.memory.bank import Bank
+from inducekv.runtime.api import Runtime
+from inducekv.runtime.memory import Layout, image_of, key_of, template_from
+from inducekv.runtime.session import KVCache, KeyEncoder
+
+MAX_NEW = 8
+
+
+def _image(ex):
+    return str(ex.image) if getattr(ex, "image", None) is not None else None
+
+
+class ZeroShot:
+    name = "zero-shot"
+
+    def __init__(self, bundle: str):
+        self.rt = Runtime.open(bundle)
+
+    def learn(self, task, examples, candidates):
+        pass
+
+    def answer(self, ex):
+        r = self.rt.generate(ex.prompt, image=_image(ex), max_new_tokens=MAX_NEW, stop=["\n"])
+        return r.text, r.timings.ttft_ms
+
+
+class BankMethod:
+    def __init__(self, name: str, bundle: str, path: Path, cap: int, strategy: str, scheme: str = "int8",
+                 reserve: float = 0.25, seed: int = 0):
+        self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, strategy, reserve, seed
+        rt = Runtime.open(bundle)
+        self.plain = rt
+        Bank.create_for(path, cap, rt.manifest, scheme=scheme, force=True, max_tokens=192).close()
+        self.rt = None
+
+    def learn(self, task, examples, candidates):
+        with Bank.open(self.path, writable=True) as bank:
+            candidates = repack(candidates, bank.geo)
+            L.plan_and_write(self.plain, bank, examples, task, strategy=self.strategy, seed=self.seed,
+                             reserve=self.reserve, candidates=candidates)
+        self.rt = Runtime.open(self.bundle, memory=self.path)
+
+    def answer(self, ex):
+        r = self.rt.generate(ex.prompt, image=_image(ex), max_new_tokens=MAX_NEW, k=1, stop=["\n"])
+        return r.text, r.timings.ttft_ms
+
+    def entries(self) -> dict:
+        with Bank.open(self.path) as b:
+            return b.tasks()
+
+
+class PromptRetrieval:
+    """Raw examples under the cap; retrieved by the same frozen keys; re-encoded per query."""
+
+    name = "prompt-retrieval"
+
+    def __init__(self, bundle: str, cap: int, seed: int = 0):
+        self.rt = Runtime.open(bundle)
+        self.cap, self.rng = cap, np.random.default_rng(seed)
+        self.keys = KeyEncoder(self.rt.bundle_dir, self.rt.manifest, self.rt.profile)
+        self.layout = Layout(self.rt, *template_from(None))
+        self.items: list[dict] = []
+        self.seen = 0
+
+    @staticmethod
+    def nbytes(item) -> int:
+        img = Path(item["image"]).stat().st_size if item["image"] else 0
+        return item["key"].nbytes + len(item["prompt"].encode()) + len(item["answer"].encode()) + img + 16
+
+    def learn(self, task, examples, candidates):
+        for ex, c in zip(examples, candidates):
+            item = {"prompt": ex.prompt, "answer": ex.answers[0], "image": _image(ex), "task": task,
+                    "key": c.key.astype(np.float16)}
+            self.seen += 1
+            self.items.append(item)
+            while sum(self.nbytes(i) for i in self.items) > self.cap:   # reservoir: evict uniformly at random
+                self.items.pop(int(self.rng.integers(len(self.items))))
+
+    def entries(self) -> dict:
+        out: dict = {}
+        for i in self.items:
+            out[i["task"]] = out.get(i["task"], 0) + 1
+        return out
+
+    def answer(self, ex):
+        rt, lay = self.rt, self.layout
+        t0 = time.perf_counter()
+        q_img = image_of(rt, ex)
+        features = [q_img.features] if q_img is not None else []
+        entry_ids = []
+        if self.items:
+            q = key_of(rt, self.keys, ex.prompt, q_img)
+            keys = np.stack([i["key"] for i in self.items]).astype(np.float32)
+            sims = keys @ q / (np.linalg.norm(keys, axis=1) * np.linalg.norm(q) + 1e-12)
+            best = self.items[int(np.argmax(sims))]
+            e_img = rt.encode_image(best["image"]) if best["image"] else None
+            entry_ids = lay.entry_ids(best["prompt"], best["answer"], e_img)
+            if e_img is not None:
+                features.insert(0, e_img.features)
+        ids = entry_ids + lay.query_ids(ex.prompt, q_img)
+        feats = np.concatenate(features) if features else None
+        logits, cache = rt.decoder.forward(ids, lay.prefix_cache, features=feats)
+        out, pos = [], lay.p0 + len(ids)
+        ttft = None
+        for _ in range(MAX_NEW):
+            nxt = int(np.argmax(logits[-1]))
+            if ttft is None:
+                ttft = (time.perf_counter() - t0) * 1e3
+            if nxt in rt.eos_ids:
+                break
+            out.append(nxt)
+            if "\n" in rt.tokenizer.decode(out):
+                break
+            logits, cache = rt.decoder.forward([nxt], cache, positions=np.array([pos]))
+            pos += 1
+        return rt.tokenizer.decode(out), ttft
+
+
+def repack(cands: list, geo) -> list:
+    """fp16 candidates re-packed for a bank's KV scheme (gains and keys unchanged)."""
+    if geo.scheme == "fp16":
+        return cands
+    out = []
+    for c in cands:
+        k, v = kvquant.unpack(c.payload, "fp16", geo.num_layers, geo.kv_heads, c.tokens, geo.head_dim)
+        out.append(dataclasses.replace(c, payload=kvquant.pack(k, v, geo.scheme)))
+    return out
+
+
+def encode(bundle: str, work: Path, examples_by_task: dict) -> dict:
+    """Candidates (fp16 payload, key, gains) for every task, encoded once and shared by methods."""
+    rt = Runtime.open(bundle)
+    probe = work / "probe.ikv"
+    out = {}
+    with Bank.create_for(probe, 16 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=192) as b:
+        layout = Layout(rt, *template_from(None))
+        keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
+        for task, examples in examples_by_task.items():
+            out[task] = L.encode_candidates(rt, b, layout, keys, examples, progress=False)
+    probe.unlink()
+    return out

@@ -1,0 +1,118 @@
+"""Tables and plots for ``run.py``'s results: results.md, results.json, *.png."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CAPPED = ("inducekv", "random", "fifo", "prompt-retrieval")
+ONCE = ("zero-shot", "unbounded-fp16")
+
+
+def _mib(cap) -> str:
+    return f"{int(cap) / 2 ** 20:.3g} MiB"
+
+
+def summary(results: dict) -> dict:
+    """Per sequence and method (capped methods per cap): final avg, forgetting, median TTFT."""
+    out = {"seed": results["seed"], "quick": results["quick"], "wall_s": round(results["wall_s"], 1), "sequences": {}}
+    for seq, r in results["sequences"].items():
+        rows = {}
+        for m in ONCE:
+            rows[m] = {k: round(r[m][k], 4) for k in ("final_avg", "forgetting", "bwt", "avg_incremental", "median_ttft_ms")}
+        for cap, per in r["caps"].items():
+            for m, v in per.items():
+                rows[f"{m}@{_mib(cap)}"] = {k: round(v[k], 4) for k in
+                                            ("final_avg", "forgetting", "bwt", "avg_incremental", "median_ttft_ms")}
+        out["sequences"][seq] = rows
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Continual-learning benchmark (seed {results['seed']}{', quick' if results['quick'] else ''})", "",
+             f"Wall time {results['wall_s'] / 60:.1f} min. Accuracy is DESIGN.md scoring (answer in the first line), "
+             "k=1, greedy. Forgetting: mean drop from a task's best to its final accuracy; BWT: final minus "
+             "just-learned accuracy.", ""]
+    for seq, r in results["sequences"].items():
+        lines += [f"## {seq}: {', '.join(r['tasks'])} ({r['n_train']} train / {r['n_test']} test per task)", "",
+                  "| method | cap | final avg acc | avg incremental | forgetting | BWT | median TTFT ms |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in ONCE:
+            v = r[m]
+            lines.append(f"| {m} | {'-' if m == 'zero-shot' else 'unbounded'} | {v['final_avg']:.3f} | "
+                         f"{v['avg_incremental']:.3f} | {v['forgetting']:.3f} | {v['bwt']:.3f} | {v['median_ttft_ms']:.0f} |")
+        for cap, per in r["caps"].items():
+            for m in CAPPED:
+                v = per[m]
+                lines.append(f"| {m} | {_mib(cap)} | {v['final_avg']:.3f} | {v['avg_incremental']:.3f} | "
+                             f"{v['forgetting']:.3f} | {v['bwt']:.3f} | {v['median_ttft_ms']:.0f} |")
+        lines.append("")
+        cap = list(r["caps"])[-1]
+        lines += [f"Accuracy matrices at {_mib(cap)} (row: after learning task i; column: task j):", ""]
+        for m in CAPPED:
+            lines.append(f"- {m}: " + " / ".join(" ".join("-" if a is None else f"{a:.2f}" for a in row)
+                                                  for row in r["caps"][cap][m]["matrix"]))
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    files = []
+    for seq, r in results["sequences"].items():
+        cap = list(r["caps"])[-1]
+        mats = [("zero-shot", r["zero-shot"])] + [(m, r["caps"][cap][m]) for m in CAPPED] + [("unbounded-fp16", r["unbounded-fp16"])]
+        fig, axes = plt.subplots(1, len(mats), figsize=(3 * len(mats), 3.2))
+        for ax, (m, v) in zip(axes, mats):
+            a = np.array([[np.nan if x is None else x for x in row] for row in v["matrix"]])
+            ax.imshow(a, vmin=0, vmax=1, cmap="viridis")
+            ax.set_title(m if m in ONCE else f"{m}\n{_mib(cap)}", fontsize=9)
+            ax.set_xticks(range(len(r["tasks"])), r["tasks"], rotation=60, fontsize=7)
+            ax.set_yticks(range(len(r["tasks"])), r["tasks"], fontsize=7)
+            for i in range(a.shape[0]):
+                for j in range(a.shape[1]):
+                    if not np.isnan(a[i, j]):
+                        ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+        fig.tight_layout()
+        name = f"{seq}_matrices.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+
+        caps = [int(c) for c in r["caps"]]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for m in CAPPED:
+            a1.plot([c / 2 ** 20 for c in caps], [r["caps"][str(c)][m]["final_avg"] for c in caps], marker="o", label=m)
+            a2.scatter([r["caps"][str(c)][m]["median_ttft_ms"] for c in caps],
+                       [r["caps"][str(c)][m]["final_avg"] for c in caps], label=m)
+        for m, style in (("zero-shot", ":"), ("unbounded-fp16", "--")):
+            a1.axhline(r[m]["final_avg"], linestyle=style, color="grey", label=m)
+            a2.scatter([r[m]["median_ttft_ms"]], [r[m]["final_avg"]], marker="x", label=m)
+        a1.set_xscale("log", base=2)
+        a1.set_xlabel("cap (MiB)")
+        a1.set_ylabel("final average accuracy")
+        a1.set_title(f"{seq}: accuracy vs budget")
+        a2.set_xlabel("median time to first token (ms)")
+        a2.set_ylabel("final average accuracy")
+        a2.set_title(f"{seq}: TTFT vs accuracy (all caps)")
+        a1.legend(fontsize=7)
+        a2.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"{seq}_budget_ttft.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write_report(results: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    s = summary(results)
+    s["plots"] = plots(results, out)
+    return s
