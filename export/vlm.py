@@ -40,7 +40,11 @@ def load(directory: Path):
     import json
     model_type = json.loads((directory / "config.json").read_text())["model_type"]
     cls = {"llava": LlavaForConditionalGeneration, "idefics3": Idefics3ForConditionalGeneration}[model_type]
-    processor = AutoProcessor.from_pretrained(directory, use_fast=False)
+    processor = AutoProcessor.from_pretrained(directory)
+    if type(processor.image_processor).__name__.endswith("Fast"):  # the runtime reproduces the slow (PIL) one
+        from transformers import AutoImageProcessor
+
+        processor.image_processor = AutoImageProcessor.from_pretrained(directory, use_fast=False)
     model = cls.from_pretrained(directory, dtype=torch.float32).eval()
     return model, processor
 
@@ -120,9 +124,12 @@ def tile_shape(settings: dict) -> tuple[int, int]:
 def export_vision(model, path: Path, hw: tuple[int, int]) -> None:
     import torch
 
+    import warnings
+
     module = _vision_module(model)
     dummy = torch.zeros(1, 3, *hw)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about shapes: the tile shape is fixed by design
         torch.onnx.export(module, (dummy,), str(path), dynamo=False, opset_version=18,
                           input_names=[contract.PIXEL_VALUES], output_names=[contract.IMAGE_FEATURES],
                           dynamic_axes={contract.PIXEL_VALUES: {0: "tiles"}, contract.IMAGE_FEATURES: {0: "tiles"}})

@@ -61,7 +61,8 @@ def test_runtime_image_path_matches_hf(arch, vlm_dirs, vlm_bundles):
 
     cls = {"llava": LlavaForConditionalGeneration, "idefics3": Idefics3ForConditionalGeneration}[arch]
     model = cls.from_pretrained(vlm_dirs[arch]).eval()
-    proc = AutoProcessor.from_pretrained(vlm_dirs[arch], use_fast=False)
+    from inducekv.export.vlm import load
+    _, proc = load(vlm_dirs[arch])
     rt = Runtime.open(vlm_bundles[arch])
     prompt = "<image>What is in the picture?"
     for seed, (h, w) in enumerate([(45, 60), (90, 31)]):
