@@ -24,26 +24,39 @@ from inducekv.kernels import kvquant
 from inducekv.memory import learn as L
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
-from inducekv.runtime.memory import Layout, image_of, key_of, template_from
+from inducekv.runtime.memory import Layout, Memory, image_of, key_of, template_from
 from inducekv.runtime.session import KVCache, KeyEncoder
 
 MAX_NEW = 8
+N_ANCHORS = 8   # anchors kept per task (ikv-learn's default); run.py lowers it for --quick
 
 
 def _image(ex):
     return str(ex.image) if getattr(ex, "image", None) is not None else None
 
 
+_RUNTIMES: dict = {}
+
+
+def runtime(bundle: str) -> Runtime:
+    """One Runtime per bundle, shared by every method (sessions load once); a bank method
+    attaches its memory before each answer."""
+    if bundle not in _RUNTIMES:
+        _RUNTIMES[bundle] = Runtime.open(bundle)
+    return _RUNTIMES[bundle]
+
+
 class ZeroShot:
     name = "zero-shot"
 
     def __init__(self, bundle: str):
-        self.rt = Runtime.open(bundle)
+        self.rt = runtime(bundle)
 
     def learn(self, task, examples, candidates):
         pass
 
     def answer(self, ex):
+        self.rt.memory = None
         r = self.rt.generate(ex.prompt, image=_image(ex), max_new_tokens=MAX_NEW, stop=["\n"])
         return r.text, r.timings.ttft_ms
 
@@ -52,19 +65,22 @@ class BankMethod:
     def __init__(self, name: str, bundle: str, path: Path, cap: int, strategy: str, scheme: str = "int8",
                  reserve: float = 0.25, seed: int = 0):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, strategy, reserve, seed
-        rt = Runtime.open(bundle)
-        self.plain = rt
-        Bank.create_for(path, cap, rt.manifest, scheme=scheme, force=True, max_tokens=192).close()
-        self.rt = None
+        self.rt = runtime(bundle)
+        Bank.create_for(path, cap, self.rt.manifest, scheme=scheme, force=True, max_tokens=192).close()
+        self.memory = None
 
     def learn(self, task, examples, candidates):
+        self.rt.memory = None
+        if self.memory is not None:
+            self.memory.bank.close()
         with Bank.open(self.path, writable=True) as bank:
             candidates = repack(candidates, bank.geo)
-            L.plan_and_write(self.plain, bank, examples, task, strategy=self.strategy, seed=self.seed,
-                             reserve=self.reserve, candidates=candidates)
-        self.rt = Runtime.open(self.bundle, memory=self.path)
+            L.plan_and_write(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed,
+                             reserve=self.reserve, candidates=candidates, n_anchors=N_ANCHORS)
+        self.memory = Memory(self.rt, Bank.open(self.path, fingerprint=self.rt.manifest.fingerprint))
 
     def answer(self, ex):
+        self.rt.memory = self.memory
         r = self.rt.generate(ex.prompt, image=_image(ex), max_new_tokens=MAX_NEW, k=1, stop=["\n"])
         return r.text, r.timings.ttft_ms
 
@@ -79,7 +95,7 @@ class PromptRetrieval:
     name = "prompt-retrieval"
 
     def __init__(self, bundle: str, cap: int, seed: int = 0):
-        self.rt = Runtime.open(bundle)
+        self.rt = runtime(bundle)
         self.cap, self.rng = cap, np.random.default_rng(seed)
         self.keys = KeyEncoder(self.rt.bundle_dir, self.rt.manifest, self.rt.profile)
         self.layout = Layout(self.rt, *template_from(None))
@@ -108,6 +124,7 @@ class PromptRetrieval:
 
     def answer(self, ex):
         rt, lay = self.rt, self.layout
+        rt.memory = None
         t0 = time.perf_counter()
         q_img = image_of(rt, ex)
         features = [q_img.features] if q_img is not None else []
@@ -153,7 +170,8 @@ def repack(cands: list, geo) -> list:
 
 def encode(bundle: str, work: Path, examples_by_task: dict) -> dict:
     """Candidates (fp16 payload, key, gains) for every task, encoded once and shared by methods."""
-    rt = Runtime.open(bundle)
+    rt = runtime(bundle)
+    rt.memory = None
     probe = work / "probe.ikv"
     out = {}
     with Bank.create_for(probe, 16 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=192) as b:

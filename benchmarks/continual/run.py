@@ -154,8 +154,10 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = ap.parse_args(argv)
     caps = [parse_bytes(c) for c in (args.caps or ("2MiB,4MiB,8MiB" if args.quick else "4MiB,16MiB,64MiB")).split(",")]
-    n_train = args.n_train or (12 if args.quick else 60)
-    n_test = args.n_test or (8 if args.quick else 30)
+    n_train = args.n_train or (6 if args.quick else 24)
+    n_test = args.n_test or (3 if args.quick else 12)
+    if args.quick:
+        M.N_ANCHORS = 4
     seqs = [s for s in args.sequences.split(",") if s]
     for s in seqs:
         if s not in SEQUENCES:
