@@ -146,7 +146,7 @@ def main(argv=None):
     ap.add_argument("--vlm-bundle", default="bundles/vlm")
     ap.add_argument("--sequences", default="text,vqa,domain")
     ap.add_argument("--caps", default=None, help="comma-separated byte caps (default 4MiB,16MiB,64MiB; --quick 2MiB,4MiB,8MiB)")
-    ap.add_argument("--quick", action="store_true", help="small tasks (about 10 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="small tasks: 6 train / 3 test per task, a smoke run")
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
