@@ -146,9 +146,7 @@ def image_settings(model, processor) -> dict:
     import inducekv.runtime.images as images
 
     s = images.settings_from_hf(processor)
-    cfg = model.config
-    s["image_token_id"] = int(getattr(cfg, "image_token_id", None) if getattr(cfg, "image_token_id", None) is not None
-                              else cfg.image_token_index)
+    s["image_token_id"] = image_token_id(model)
     s["vision_graph"] = contract.VISION_FILE
     s["embeddings"] = contract.EMBED_FILE
     return s
@@ -177,7 +175,7 @@ def validate(model, processor, stage: Path, weights: str, threads: int) -> dict:
     table = load_file(str(stage / contract.EMBED_FILE))[contract.EMBED_TENSOR].astype(np.float32)
     ids = batch["input_ids"][0].numpy()
     x = table[ids]
-    img_id = image_settings_token(model)
+    img_id = image_token_id(model)
     if int((ids == img_id).sum()) != feats.shape[0] * feats.shape[1]:
         raise InduceKVError("export check failed: image token count does not match the vision graph's output")
     x[ids == img_id] = feats.reshape(-1, feats.shape[-1])
@@ -195,7 +193,8 @@ def validate(model, processor, stage: Path, weights: str, threads: int) -> dict:
             "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
 
 
-def image_settings_token(model) -> int:
+def image_token_id(model) -> int:
+    """Idefics3 calls it image_token_id, LLaVA image_token_index."""
     cfg = model.config
     tid = getattr(cfg, "image_token_id", None)
     return int(tid if tid is not None else cfg.image_token_index)
