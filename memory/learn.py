@@ -204,7 +204,8 @@ def plan_and_write(rt, bank: Bank, examples, task: str, *, strategy: str = "full
     retention = np.zeros(len(old_slots))
     anchors = [(tt["name"], a) for tt in bank.catalog["tasks"].values() for a in tt.get("anchors", [])
                if tt["name"] != task]
-    if old_slots and anchors:
+    uses_retention = strategy not in ("random", "fifo") and sel.weights_for(strategy, weights).ret > 0
+    if old_slots and anchors and uses_retention:   # random/fifo/likelihood/no-anchors ignore it: skip the passes
         amap = calib["apply"]
         for _, a in tqdm(anchors, desc="retain", unit="anchor", disable=not progress):
             image = _anchor_image(rt, a)

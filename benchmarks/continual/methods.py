@@ -7,6 +7,9 @@
 - ``BankMethod``: an inducekv bank under the cap, filled by ``ikv-learn``'s selection with a
   strategy: ``full`` (InduceKV), ``random``, ``fifo``; ``unbounded`` is a bank large enough
   for every entry, fp16 KV (upper bound).
+- ``lora.SequentialLoRA``: one LoRA adapter (torch + peft) trained task after task, rank
+  chosen so its fp16 bytes fit the cap; answers a task's questions in one batch
+  (``answer_all``); TTFT is the zero-shot model's (a merged adapter costs nothing).
 - ``PromptRetrieval``: the raw examples (prompt, answer, image file bytes, fp16 key) kept
   under the same cap by reservoir sampling, retrieved with the same keys, and re-encoded
   at query time: the retrieved example is rendered with the same template into the
@@ -51,14 +54,21 @@ class ZeroShot:
 
     def __init__(self, bundle: str):
         self.rt = runtime(bundle)
+        self.seen: dict = {}   # the model never changes: each question is answered (and timed) once
 
     def learn(self, task, examples, candidates):
         pass
 
     def answer(self, ex):
-        self.rt.memory = None
-        r = self.rt.generate(ex.prompt, image=_image(ex), max_new_tokens=MAX_NEW, stop=["\n"])
-        return r.text, r.timings.ttft_ms
+        key = (ex.prompt, _image(ex))
+        if key not in self.seen:
+            self.rt.memory = None
+            r = self.rt.generate(ex.prompt, image=_image(ex), max_new_tokens=MAX_NEW, stop=["\n"])
+            self.seen[key] = (r.text, r.timings.ttft_ms)
+        return self.seen[key]
+
+    def ttft(self, ex) -> float:
+        return self.answer(ex)[1]
 
 
 class BankMethod:

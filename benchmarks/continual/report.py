@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CAPPED = ("inducekv", "random", "fifo", "prompt-retrieval")
+CAPPED = ("inducekv", "random", "fifo", "prompt-retrieval", "lora")
 ONCE = ("zero-shot", "unbounded-fp16")
 
 
@@ -41,14 +41,14 @@ def markdown(results: dict) -> str:
             lines.append(f"| {m} | {'-' if m == 'zero-shot' else 'unbounded'} | {v['final_avg']:.3f} | "
                          f"{v['avg_incremental']:.3f} | {v['forgetting']:.3f} | {v['bwt']:.3f} | {v['median_ttft_ms']:.0f} |")
         for cap, per in r["caps"].items():
-            for m in CAPPED:
+            for m in (m for m in CAPPED if m in per):
                 v = per[m]
                 lines.append(f"| {m} | {_mib(cap)} | {v['final_avg']:.3f} | {v['avg_incremental']:.3f} | "
                              f"{v['forgetting']:.3f} | {v['bwt']:.3f} | {v['median_ttft_ms']:.0f} |")
         lines.append("")
         cap = list(r["caps"])[-1]
         lines += [f"Accuracy matrices at {_mib(cap)} (row: after learning task i; column: task j):", ""]
-        for m in CAPPED:
+        for m in (m for m in CAPPED if m in r["caps"][cap]):
             lines.append(f"- {m}: " + " / ".join(" ".join("-" if a is None else f"{a:.2f}" for a in row)
                                                   for row in r["caps"][cap][m]["matrix"]))
         lines.append("")
@@ -65,7 +65,7 @@ def plots(results: dict, out: Path) -> list[str]:
     files = []
     for seq, r in results["sequences"].items():
         cap = list(r["caps"])[-1]
-        mats = [("zero-shot", r["zero-shot"])] + [(m, r["caps"][cap][m]) for m in CAPPED] + [("unbounded-fp16", r["unbounded-fp16"])]
+        mats = [("zero-shot", r["zero-shot"])] + [(m, r["caps"][cap][m]) for m in CAPPED if m in r["caps"][cap]] + [("unbounded-fp16", r["unbounded-fp16"])]
         fig, axes = plt.subplots(1, len(mats), figsize=(3 * len(mats), 3.2))
         for ax, (m, v) in zip(axes, mats):
             a = np.array([[np.nan if x is None else x for x in row] for row in v["matrix"]])
@@ -85,7 +85,7 @@ def plots(results: dict, out: Path) -> list[str]:
 
         caps = [int(c) for c in r["caps"]]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        for m in CAPPED:
+        for m in (m for m in CAPPED if m in r["caps"][str(caps[0])]):
             a1.plot([c / 2 ** 20 for c in caps], [r["caps"][str(c)][m]["final_avg"] for c in caps], marker="o", label=m)
             a2.scatter([r["caps"][str(c)][m]["median_ttft_ms"] for c in caps],
                        [r["caps"][str(c)][m]["final_avg"] for c in caps], label=m)

@@ -13,7 +13,8 @@ set is answered (k=1, greedy): accuracy matrix; final average accuracy, average
 incremental accuracy, forgetting, backward transfer; median time to first token.
 
 Methods at each cap: inducekv (``ikv-learn``'s full selection), random, fifo (bank
-strategies), prompt-retrieval (raw examples, same cap, re-encoded per query), and, once per
+strategies), prompt-retrieval (raw examples, same cap, re-encoded per query), sequential
+LoRA (peft, all linear layers, fp16 adapter bytes <= the cap; ``lora.py``), and, once per
 sequence, zero-shot and an unbounded fp16 bank (upper bound). Results: ``--out``/
 ``results.md``, ``results.json`` and PNG plots.
 """
@@ -69,12 +70,11 @@ def image_task(name: str, n_train: int, n_test: int, seed: int, work: Path):
 
 
 def evaluate(method, test) -> tuple[float, list[float]]:
-    hits, ttfts = [], []
-    for ex in test:
-        text, ttft = method.answer(ex)
-        hits.append(score(text, ex.answers)[0])
-        ttfts.append(ttft)
-    return float(np.mean(hits)), ttfts
+    if hasattr(method, "answer_all"):    # LoRA: batched in torch; TTFT = the zero-shot model's
+        texts, ttfts = method.answer_all(test), [method.ttft(ex) for ex in test]
+    else:
+        texts, ttfts = zip(*(method.answer(ex) for ex in test))
+    return float(np.mean([score(t, ex.answers)[0] for t, ex in zip(texts, test)])), list(ttfts)
 
 
 def metrics(matrix: list[list[float | None]]) -> dict:
@@ -113,7 +113,8 @@ def run_method(method, tasks: dict, cands: dict, log) -> dict:
             "learn_s": learn_s}
 
 
-def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: int, seed: int, work: Path, log) -> dict:
+def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: int, seed: int, work: Path, log,
+                 with_lora: bool = True, lora_epochs: int | None = None) -> dict:
     spec = SEQUENCES[seq]
     if spec["bundle"] == "text":
         tasks = {n: text_task(n, n_train, n_test, seed) for n in spec["tasks"]}
@@ -125,7 +126,8 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
     encode_s = time.perf_counter() - t
     log(f"[{seq}] encoded candidates once in {encode_s:.0f} s")
     res = {"tasks": list(tasks), "encode_s": encode_s, "caps": {}, "n_train": n_train, "n_test": n_test}
-    res["zero-shot"] = run_method(M.ZeroShot(bundle), tasks, cands, log)
+    zero = M.ZeroShot(bundle)
+    res["zero-shot"] = run_method(zero, tasks, cands, log)
     res["unbounded-fp16"] = run_method(
         M.BankMethod("unbounded-fp16", bundle, work / f"{seq}-unbounded.ikv", 1 << 30, "full", scheme="fp16",
                      reserve=0.0, seed=seed), tasks, cands, log)
@@ -136,6 +138,13 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
             per[name] = run_method(M.BankMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, strategy, seed=seed),
                                    tasks, cands, log)
         per["prompt-retrieval"] = run_method(M.PromptRetrieval(bundle, cap, seed), tasks, cands, log)
+        if with_lora:
+            from lora import SequentialLoRA
+
+            method = SequentialLoRA(M.runtime(bundle), cap, zero.ttft, seed, epochs=lora_epochs)
+            per["lora"] = run_method(method, tasks, cands, log)
+            per["lora"].update(rank=method.rank, adapter_bytes=method.adapter_bytes, train_s=method.train_s)
+            del method
         res["caps"][str(cap)] = per
     return res
 
@@ -152,6 +161,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("results/continual"))
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--no-lora", action="store_true", help="skip the sequential LoRA baseline (needs torch + peft)")
+    ap.add_argument("--lora-epochs", type=int, default=None, help="LoRA epochs per task (default 12; --quick 4)")
     args = ap.parse_args(argv)
     caps = [parse_bytes(c) for c in (args.caps or ("2MiB,4MiB,8MiB" if args.quick else "4MiB,16MiB,64MiB")).split(",")]
     n_train = args.n_train or (6 if args.quick else 24)
@@ -167,13 +178,22 @@ def main(argv=None):
         if not (Path(bundles[SEQUENCES[s]["bundle"]]) / "manifest.json").is_file():
             ap.error(f"sequence {s} needs the {SEQUENCES[s]['bundle']} bundle at {bundles[SEQUENCES[s]['bundle']]} "
                      f"(ikv-export {'default' if SEQUENCES[s]['bundle'] == 'text' else 'default-vlm'} -o ...)")
+    if not args.no_lora:
+        try:
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError:
+            ap.error("the LoRA baseline needs torch and peft: pip install -e '.[export,bench]' "
+                     "(or pass --no-lora)")
+    lora_epochs = args.lora_epochs or (4 if args.quick else None)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
     t0 = time.time()
-    results = {"seed": args.seed, "quick": args.quick, "caps": caps, "sequences": {}}
+    results = {"seed": args.seed, "quick": args.quick, "caps": caps, "sequences": {},
+               "lora_epochs": None if args.no_lora else (lora_epochs or 12)}
     with tempfile.TemporaryDirectory() as d:
         for s in seqs:
             results["sequences"][s] = run_sequence(s, bundles[SEQUENCES[s]["bundle"]], caps, n_train, n_test,
-                                                   args.seed, Path(d), log)
+                                                   args.seed, Path(d), log, not args.no_lora, lora_epochs)
     results["wall_s"] = time.time() - t0
     from report import write_report
 
