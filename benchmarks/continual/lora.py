@@ -81,25 +81,60 @@ def bytes_per_rank(lm) -> int:
                    if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS)
 
 
+def attach(base, cap: int, seed: int = 0):
+    """(peft model over a copy of ``base``, rank, adapter bytes): the largest rank whose
+    fp16 adapter on TARGETS fits ``cap`` bytes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    per_rank = bytes_per_rank(base)
+    rank = cap // per_rank
+    if rank < 1:
+        raise SystemExit(f"a {cap}-byte cap is smaller than a rank-1 LoRA adapter ({per_rank} bytes)")
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=ALPHA, use_rslora=True, lora_dropout=0.0,
+                     target_modules=list(TARGETS), bias="none")
+    model = get_peft_model(copy.deepcopy(base), cfg)
+    nbytes = 2 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if nbytes > cap:
+        raise AssertionError(f"rank {rank} adapter is {nbytes} bytes > cap {cap}")
+    return model, rank, nbytes
+
+
+def shared_prefix(rows, image_token_id: int | None) -> int:
+    """Length of the token prefix every row's prompt shares (the chat template's system
+    turn), ending before any image token. rows: (ids, prompt length, ...)."""
+    first = rows[0][0]
+    n = min(r[1] for r in rows)
+    for r in rows[1:]:
+        n = next((i for i in range(n) if r[0][i] != first[i]), n)
+    if image_token_id is not None and image_token_id in first[:n]:
+        n = first.index(image_token_id)
+    return max(n, 1)
+
+
+def hidden_after_prefix(lm, prefix, x, mask):
+    """Last hidden states of ``x`` (B, T, H) after a prefix (1, P, H) all rows share: the
+    prefix's K/V is computed once and repeated over the batch (gradients flow through it).
+    ``mask`` (B, T) marks real tokens (right padding)."""
+    import torch
+
+    pre = lm.model(inputs_embeds=prefix, use_cache=True).past_key_values
+    if x.shape[0] > 1:
+        pre.batch_repeat_interleave(x.shape[0])
+    full = torch.cat([torch.ones(x.shape[0], prefix.shape[1], dtype=mask.dtype), mask], dim=1)
+    return lm.model(inputs_embeds=x, attention_mask=full, past_key_values=pre, use_cache=True).last_hidden_state
+
+
 class SequentialLoRA:
     name = "lora"
 
     def __init__(self, rt, cap: int, ttft, seed: int = 0, epochs: int | None = None):
         import torch
-        from peft import LoraConfig, get_peft_model
 
         self.rt, self.seed, self.ttft, self.epochs = rt, seed, ttft, epochs or EPOCHS
-        base = base_model(rt)
-        self.rank = cap // bytes_per_rank(base)
-        if self.rank < 1:
-            raise SystemExit(f"a {cap}-byte cap is smaller than a rank-1 LoRA adapter ({bytes_per_rank(base)} bytes)")
-        torch.manual_seed(seed)
-        cfg = LoraConfig(r=self.rank, lora_alpha=ALPHA, use_rslora=True, lora_dropout=0.0,
-                         target_modules=list(TARGETS), bias="none")
-        self.model = get_peft_model(copy.deepcopy(base), cfg)
+        self.model, self.rank, self.adapter_bytes = attach(base_model(rt), cap, seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.adapter_bytes = 2 * sum(p.numel() for p in params)
-        assert self.adapter_bytes <= cap, (self.adapter_bytes, cap)
         self.opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
         self.rng = np.random.default_rng(seed)
         self.table = self.model.get_input_embeddings().weight
@@ -123,30 +158,6 @@ class SequentialLoRA:
         img = self.rt.encode_image(ex.image) if getattr(ex, "image", None) is not None else None
         return self.rt.encode_prompt(ex.prompt, image=img), (img.features if img is not None else None)
 
-    def _prefix(self, rows) -> int:
-        """Length of the token prefix every row shares (the chat template's system turn),
-        stopping before any image token: its K/V is computed once per step, not per row."""
-        first = rows[0][0]
-        n = min(r[1] for r in rows)
-        for ids, _, _ in rows[1:]:
-            n = next((i for i in range(n) if ids[i] != first[i]), n)
-        if self.image_token_id is not None and self.image_token_id in first[:n]:
-            n = first.index(self.image_token_id)
-        return max(n, 1)
-
-    def _run(self, ids_prefix: list[int], x, mask, cache_grad: bool):
-        """Hidden states of ``x`` (B, T, H) after the shared prefix; returns (h, cache)."""
-        import torch
-
-        lm = self.model.base_model.model                      # LlamaForCausalLM with LoRA layers
-        with torch.set_grad_enabled(cache_grad):
-            pre = lm.model(inputs_embeds=self._embeds(ids_prefix, None)[None], use_cache=True).past_key_values
-        if x.shape[0] > 1:
-            pre.batch_repeat_interleave(x.shape[0])
-        full = torch.cat([torch.ones(x.shape[0], len(ids_prefix), dtype=mask.dtype), mask], dim=1)
-        out = lm.model(inputs_embeds=x, attention_mask=full, past_key_values=pre, use_cache=True)
-        return out.last_hidden_state, out.past_key_values
-
     def learn(self, task, examples, candidates):
         import torch
 
@@ -156,7 +167,7 @@ class SequentialLoRA:
             ids, feats = self._prompt(ex)
             target = self.rt.tokenizer.encode(ex.answers[0], bos=False) + self.end_ids
             rows.append((ids + target, len(ids), feats))
-        P = self._prefix(rows)
+        P = shared_prefix(rows, self.image_token_id)
         lm = self.model.base_model.model
         self.model.train()
         for _ in range(self.epochs):
@@ -171,7 +182,7 @@ class SequentialLoRA:
                     x[b, :len(ids) - P] = self._embeds(ids, feats)[P:].detach()
                     mask[b, :len(ids) - P] = 1
                     labels[b, n_prompt - P:len(ids) - P] = torch.tensor(ids[n_prompt:])
-                h, _ = self._run(batch[0][0][:P], x, mask, cache_grad=True)
+                h = hidden_after_prefix(lm, self._embeds(batch[0][0][:P], None)[None], x, mask)
                 pick = labels[:, 1:] != -100       # next-token loss; the vocabulary projection on those only
                 loss = torch.nn.functional.cross_entropy(lm.lm_head(h[:, :-1][pick]), labels[:, 1:][pick])
                 self.opt.zero_grad()

@@ -28,7 +28,7 @@ from inducekv.memory import learn as L
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
 from inducekv.runtime.memory import Layout, Memory, image_of, key_of, template_from
-from inducekv.runtime.session import KVCache, KeyEncoder
+from inducekv.runtime.session import KeyEncoder
 
 MAX_NEW = 8
 N_ANCHORS = 8   # anchors kept per task (ikv-learn's default); run.py lowers it for --quick

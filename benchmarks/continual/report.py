@@ -17,7 +17,7 @@ def summary(results: dict) -> dict:
     out = {"seed": results["seed"], "quick": results["quick"], "wall_s": round(results["wall_s"], 1), "sequences": {}}
     for seq, r in results["sequences"].items():
         rows = {}
-        for m in ONCE:
+        for m in (m for m in ONCE if m in r):
             rows[m] = {k: round(r[m][k], 4) for k in ("final_avg", "forgetting", "bwt", "avg_incremental", "median_ttft_ms")}
         for cap, per in r["caps"].items():
             for m, v in per.items():
@@ -29,14 +29,17 @@ def summary(results: dict) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [f"# Continual-learning benchmark (seed {results['seed']}{', quick' if results['quick'] else ''})", "",
-             f"Wall time {results['wall_s'] / 60:.1f} min. Accuracy is DESIGN.md scoring (answer in the first line), "
+             f"Wall time {results['wall_s'] / 60:.1f} min"
+             + "".join(f" + {w / 60:.1f} min (merged run)" for w in results.get("merged_wall_s", []))
+             + (f"; LoRA {results['lora_epochs']} epochs per task" if results.get("lora_epochs") else "")
+             + ". Accuracy is DESIGN.md scoring (answer in the first line), "
              "k=1, greedy. Forgetting: mean drop from a task's best to its final accuracy; BWT: final minus "
              "just-learned accuracy.", ""]
     for seq, r in results["sequences"].items():
         lines += [f"## {seq}: {', '.join(r['tasks'])} ({r['n_train']} train / {r['n_test']} test per task)", "",
                   "| method | cap | final avg acc | avg incremental | forgetting | BWT | median TTFT ms |",
                   "|---|---|---|---|---|---|---|"]
-        for m in ONCE:
+        for m in (m for m in ONCE if m in r):
             v = r[m]
             lines.append(f"| {m} | {'-' if m == 'zero-shot' else 'unbounded'} | {v['final_avg']:.3f} | "
                          f"{v['avg_incremental']:.3f} | {v['forgetting']:.3f} | {v['bwt']:.3f} | {v['median_ttft_ms']:.0f} |")
@@ -65,7 +68,7 @@ def plots(results: dict, out: Path) -> list[str]:
     files = []
     for seq, r in results["sequences"].items():
         cap = list(r["caps"])[-1]
-        mats = [("zero-shot", r["zero-shot"])] + [(m, r["caps"][cap][m]) for m in CAPPED if m in r["caps"][cap]] + [("unbounded-fp16", r["unbounded-fp16"])]
+        mats = [("zero-shot", r["zero-shot"])] + [(m, r["caps"][cap][m]) for m in CAPPED if m in r["caps"][cap]] + [(m, r[m]) for m in ONCE[1:] if m in r]
         fig, axes = plt.subplots(1, len(mats), figsize=(3 * len(mats), 3.2))
         for ax, (m, v) in zip(axes, mats):
             a = np.array([[np.nan if x is None else x for x in row] for row in v["matrix"]])
@@ -89,7 +92,7 @@ def plots(results: dict, out: Path) -> list[str]:
             a1.plot([c / 2 ** 20 for c in caps], [r["caps"][str(c)][m]["final_avg"] for c in caps], marker="o", label=m)
             a2.scatter([r["caps"][str(c)][m]["median_ttft_ms"] for c in caps],
                        [r["caps"][str(c)][m]["final_avg"] for c in caps], label=m)
-        for m, style in (("zero-shot", ":"), ("unbounded-fp16", "--")):
+        for m, style in ((m, st) for m, st in (("zero-shot", ":"), ("unbounded-fp16", "--")) if m in r):
             a1.axhline(r[m]["final_avg"], linestyle=style, color="grey", label=m)
             a2.scatter([r[m]["median_ttft_ms"]], [r[m]["final_avg"]], marker="x", label=m)
         a1.set_xscale("log", base=2)

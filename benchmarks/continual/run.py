@@ -92,7 +92,7 @@ def metrics(matrix: list[list[float | None]]) -> dict:
 
 def run_method(method, tasks: dict, cands: dict, log) -> dict:
     names = list(tasks)
-    matrix, ttfts, learn_s = [], [], []
+    matrix, ttfts, learn_s, eval_s = [], [], [], 0.0
     for i, n in enumerate(names):
         t = time.perf_counter()
         method.learn(n, tasks[n][0], cands[n])
@@ -102,7 +102,9 @@ def run_method(method, tasks: dict, cands: dict, log) -> dict:
             if j > i:
                 row.append(None)
                 continue
+            t = time.perf_counter()
             acc, tt = evaluate(method, tasks[names[j]][1])
+            eval_s += time.perf_counter() - t
             row.append(acc)
             ttfts += tt
         matrix.append(row)
@@ -110,35 +112,44 @@ def run_method(method, tasks: dict, cands: dict, log) -> dict:
         log(f"  {method.name:>16} after {n:<16} " + " ".join("  -  " if a is None else f"{a:.2f} " for a in row)
             + (f"  kept {held}" if held else ""))
     return {"matrix": matrix, **metrics(matrix), "median_ttft_ms": statistics.median(ttfts),
-            "learn_s": learn_s}
+            "learn_s": learn_s, "eval_s": eval_s}
+
+
+ALL_METHODS = ("unbounded-fp16", "inducekv", "random", "fifo", "prompt-retrieval", "lora")
 
 
 def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: int, seed: int, work: Path, log,
-                 with_lora: bool = True, lora_epochs: int | None = None) -> dict:
-    spec = SEQUENCES[seq]
+                 methods=ALL_METHODS, lora_epochs: int | None = None) -> dict:
+    """Zero-shot, then each of ``methods`` (unbounded once; the rest at every cap)."""
+    spec, t0 = SEQUENCES[seq], time.perf_counter()
     if spec["bundle"] == "text":
         tasks = {n: text_task(n, n_train, n_test, seed) for n in spec["tasks"]}
     else:
         tasks = {n: image_task(n, n_train, n_test, seed, work) for n in spec["tasks"]}
     log(f"[{seq}] {len(tasks)} tasks: " + ", ".join(f"{n} ({len(a)} train / {len(b)} test)" for n, (a, b) in tasks.items()))
-    t = time.perf_counter()
-    cands = M.encode(bundle, work, {n: tr for n, (tr, _) in tasks.items()})
-    encode_s = time.perf_counter() - t
-    log(f"[{seq}] encoded candidates once in {encode_s:.0f} s")
-    res = {"tasks": list(tasks), "encode_s": encode_s, "caps": {}, "n_train": n_train, "n_test": n_test}
+    res = {"tasks": list(tasks), "encode_s": 0.0, "caps": {}, "n_train": n_train, "n_test": n_test}
+    cands = {n: None for n in tasks}
+    if set(methods) - {"lora"}:          # every other method uses the candidates' keys or payloads
+        t = time.perf_counter()
+        cands = M.encode(bundle, work, {n: tr for n, (tr, _) in tasks.items()})
+        res["encode_s"] = time.perf_counter() - t
+        log(f"[{seq}] encoded candidates once in {res['encode_s']:.0f} s")
     zero = M.ZeroShot(bundle)
     res["zero-shot"] = run_method(zero, tasks, cands, log)
-    res["unbounded-fp16"] = run_method(
-        M.BankMethod("unbounded-fp16", bundle, work / f"{seq}-unbounded.ikv", 1 << 30, "full", scheme="fp16",
-                     reserve=0.0, seed=seed), tasks, cands, log)
+    if "unbounded-fp16" in methods:
+        res["unbounded-fp16"] = run_method(
+            M.BankMethod("unbounded-fp16", bundle, work / f"{seq}-unbounded.ikv", 1 << 30, "full", scheme="fp16",
+                         reserve=0.0, seed=seed), tasks, cands, log)
     for cap in caps:
         log(f"[{seq}] cap {cap / 2 ** 20:g} MiB")
         per = {}
         for name, strategy in BANK_METHODS.items():
-            per[name] = run_method(M.BankMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, strategy, seed=seed),
-                                   tasks, cands, log)
-        per["prompt-retrieval"] = run_method(M.PromptRetrieval(bundle, cap, seed), tasks, cands, log)
-        if with_lora:
+            if name in methods:
+                per[name] = run_method(M.BankMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, strategy,
+                                                    seed=seed), tasks, cands, log)
+        if "prompt-retrieval" in methods:
+            per["prompt-retrieval"] = run_method(M.PromptRetrieval(bundle, cap, seed), tasks, cands, log)
+        if "lora" in methods:
             from lora import SequentialLoRA
 
             method = SequentialLoRA(M.runtime(bundle), cap, zero.ttft, seed, epochs=lora_epochs)
@@ -146,7 +157,30 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
             per["lora"].update(rank=method.rank, adapter_bytes=method.adapter_bytes, train_s=method.train_s)
             del method
         res["caps"][str(cap)] = per
+    res["wall_s"] = time.perf_counter() - t0
     return res
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``new``'s methods laid over an earlier results.json of the same settings."""
+    for k in ("seed", "quick", "caps"):
+        if old.get(k) != new.get(k):
+            raise SystemExit(f"--merge: the earlier results have {k}={old.get(k)!r}, this run {new.get(k)!r}")
+    for seq, r in new["sequences"].items():
+        o = old["sequences"].setdefault(seq, r)
+        if o is r:
+            continue
+        if (o["n_train"], o["n_test"], o["tasks"]) != (r["n_train"], r["n_test"], r["tasks"]):
+            raise SystemExit(f"--merge: sequence {seq} has different tasks or sizes in the earlier results")
+        if "unbounded-fp16" in r:
+            o["unbounded-fp16"] = r["unbounded-fp16"]
+        for cap, per in r["caps"].items():
+            o["caps"].setdefault(cap, {}).update(per)
+        o.setdefault("runs", []).append({"methods": sorted({m for per in r["caps"].values() for m in per}),
+                                         "wall_s": r["wall_s"]})
+    old["merged_wall_s"] = old.get("merged_wall_s", []) + [new["wall_s"]]
+    old.update({k: v for k, v in new.items() if k == "lora_epochs" and v})
+    return old
 
 
 def main(argv=None):
@@ -154,18 +188,22 @@ def main(argv=None):
     ap.add_argument("--text-bundle", default="bundles/default/fp32")
     ap.add_argument("--vlm-bundle", default="bundles/vlm")
     ap.add_argument("--sequences", default="text,vqa,domain")
-    ap.add_argument("--caps", default=None, help="comma-separated byte caps (default 4MiB,16MiB,64MiB; --quick 2MiB,4MiB,8MiB)")
-    ap.add_argument("--quick", action="store_true", help="small tasks: 6 train / 3 test per task, a smoke run")
+    ap.add_argument("--caps", default=None, help="comma-separated byte caps (default 4MiB,16MiB,64MiB; --quick 2MiB,8MiB)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 4 train / 3 test per task, caps 2MiB,8MiB, LoRA 3 epochs (numbers not meaningful)")
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("results/continual"))
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
-    ap.add_argument("--no-lora", action="store_true", help="skip the sequential LoRA baseline (needs torch + peft)")
-    ap.add_argument("--lora-epochs", type=int, default=None, help="LoRA epochs per task (default 12; --quick 4)")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS),
+                    help="comma-separated methods to run (zero-shot always runs); lora needs torch + peft")
+    ap.add_argument("--merge", action="store_true",
+                    help="lay this run's methods over --out/results.json from an earlier run of the same settings")
+    ap.add_argument("--lora-epochs", type=int, default=None, help="LoRA epochs per task (default 12; --quick 3)")
     args = ap.parse_args(argv)
-    caps = [parse_bytes(c) for c in (args.caps or ("2MiB,4MiB,8MiB" if args.quick else "4MiB,16MiB,64MiB")).split(",")]
-    n_train = args.n_train or (6 if args.quick else 24)
+    caps = [parse_bytes(c) for c in (args.caps or ("2MiB,8MiB" if args.quick else "4MiB,16MiB,64MiB")).split(",")]
+    n_train = args.n_train or (4 if args.quick else 24)
     n_test = args.n_test or (3 if args.quick else 12)
     if args.quick:
         M.N_ANCHORS = 4
@@ -178,23 +216,31 @@ def main(argv=None):
         if not (Path(bundles[SEQUENCES[s]["bundle"]]) / "manifest.json").is_file():
             ap.error(f"sequence {s} needs the {SEQUENCES[s]['bundle']} bundle at {bundles[SEQUENCES[s]['bundle']]} "
                      f"(ikv-export {'default' if SEQUENCES[s]['bundle'] == 'text' else 'default-vlm'} -o ...)")
-    if not args.no_lora:
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in ALL_METHODS:
+            ap.error(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
+    if "lora" in methods:
         try:
             import peft  # noqa: F401
             import torch  # noqa: F401
         except ImportError:
             ap.error("the LoRA baseline needs torch and peft: pip install -e '.[export,bench]' "
-                     "(or pass --no-lora)")
-    lora_epochs = args.lora_epochs or (4 if args.quick else None)
+                     "(or leave lora out of --methods)")
+    if args.merge and not (args.out / "results.json").is_file():
+        ap.error(f"--merge: no earlier results at {args.out / 'results.json'}")
+    lora_epochs = args.lora_epochs or (3 if args.quick else None)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
     t0 = time.time()
     results = {"seed": args.seed, "quick": args.quick, "caps": caps, "sequences": {},
-               "lora_epochs": None if args.no_lora else (lora_epochs or 12)}
+               "lora_epochs": (lora_epochs or 12) if "lora" in methods else None}
     with tempfile.TemporaryDirectory() as d:
         for s in seqs:
             results["sequences"][s] = run_sequence(s, bundles[SEQUENCES[s]["bundle"]], caps, n_train, n_test,
-                                                   args.seed, Path(d), log, not args.no_lora, lora_epochs)
+                                                   args.seed, Path(d), log, methods, lora_epochs)
     results["wall_s"] = time.time() - t0
+    if args.merge:
+        results = merge(json.loads((args.out / "results.json").read_text()), results)
     from report import write_report
 
     summary = write_report(results, args.out)
