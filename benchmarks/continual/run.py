@@ -190,7 +190,7 @@ def main(argv=None):
     ap.add_argument("--sequences", default="text,vqa,domain")
     ap.add_argument("--caps", default=None, help="comma-separated byte caps (default 4MiB,16MiB,64MiB; --quick 2MiB,8MiB)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 4 train / 3 test per task, caps 2MiB,8MiB, LoRA 3 epochs (numbers not meaningful)")
+                    help="smoke run: 4 train / 2 test per task, caps 2MiB,8MiB, LoRA 3 epochs (numbers not meaningful)")
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -204,7 +204,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     caps = [parse_bytes(c) for c in (args.caps or ("2MiB,8MiB" if args.quick else "4MiB,16MiB,64MiB")).split(",")]
     n_train = args.n_train or (4 if args.quick else 24)
-    n_test = args.n_test or (3 if args.quick else 12)
+    n_test = args.n_test or (2 if args.quick else 12)
     if args.quick:
         M.N_ANCHORS = 4
     seqs = [s for s in args.sequences.split(",") if s]
