@@ -2,6 +2,7 @@
 
     python benchmarks/continual/run.py --text-bundle bundles/default/fp32 --vlm-bundle bundles/vlm \\
         [--quick] [--sequences text,vqa,domain] [--caps 4MiB,16MiB,64MiB] [--seed 0] [--out results/continual] [--json]
+        [--methods unbounded-fp16,inducekv,random,fifo,prompt-retrieval,lora] [--merge]
 
 Sequences (task data generated with ``--seed``; train and test disjoint):
 - ``text``: task-incremental made-up facts (examples/tasks: capitals, inventors, planets, foods).
