@@ -26,9 +26,10 @@ import time
 
 import numpy as np
 
+from methods import MAX_NEW  # the same answer length as every other method
+
 LR, ALPHA, BATCH, EPOCHS = 1e-3, 16, 8, 12
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MAX_NEW = 8
 
 _BASES: dict = {}
 
@@ -59,20 +60,16 @@ def check_same_model(rt, lm, tol: float = 1e-2) -> None:
     """Refuse to run if the torch model is not the bundle's model (e.g. a non-default bundle)."""
     import torch
 
+    from inducekv.runtime.session import KVCache
+
     ids = rt.encode_prompt("What is the capital of France?")
-    onnx_logits, _ = rt.decoder.forward(ids, _empty(rt))
+    onnx_logits, _ = rt.decoder.forward(ids, KVCache.empty(rt.manifest))
     with torch.no_grad():
         t = lm(input_ids=torch.tensor([ids])).logits[0].numpy()
     diff = float(np.abs(t - onnx_logits).max())
     if diff > tol:
         raise SystemExit(f"the LoRA baseline needs the default bundles (ikv-export default / default-vlm, fp32): "
                          f"torch and ONNX logits differ by {diff:.3g}")
-
-
-def _empty(rt):
-    from inducekv.runtime.session import KVCache
-
-    return KVCache.empty(rt.manifest)
 
 
 def bytes_per_rank(lm) -> int:
@@ -134,7 +131,7 @@ class SequentialLoRA:
     def __init__(self, rt, cap: int, ttft, seed: int = 0, epochs: int | None = None):
         import torch
 
-        self.rt, self.seed, self.ttft, self.epochs = rt, seed, ttft, epochs or EPOCHS
+        self.rt, self.ttft, self.epochs = rt, ttft, epochs or EPOCHS
         self.model, self.rank, self.adapter_bytes = attach(base_model(rt), cap, seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
