@@ -40,7 +40,7 @@ import numpy as np
 
 from inducekv.devices.profile import load_profile
 from inducekv.runtime import Runtime
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core.errors import InduceKVError
 from inducekv.runtime.session import KVCache
 
 PROMPT = "Write a long story about a brave knight and a dragon."

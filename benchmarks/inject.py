@@ -24,7 +24,8 @@ import numpy as np
 
 from inducekv.memory.bank import Bank, NewEntry
 from inducekv.runtime.api import Runtime
-from inducekv.runtime.memory import add_examples, render_entry
+from inducekv.learn import absorb
+from inducekv.runtime.memory import render_entry
 from inducekv.runtime.session import KVCache
 
 WORDS = ("amber river quiet lantern copper meadow silver orchard harbor velvet thunder maple canyon "
@@ -58,7 +59,7 @@ def ttft_table(bundle: str, ks: list[int], rounds: int, work: Path) -> dict:
     bank_path = work / "inject.ikv"
     facts = _facts(max(ks) * 2, rng)
     with Bank.create_for(bank_path, 64 << 20, m, force=True, max_tokens=128) as b:
-        add_examples(plain, b, facts, "bench")
+        absorb(plain, b, facts, "bench", strategy="all", reserve=0.0, n_anchors=0)
         tokens = [e.tokens for e in b.entries()]
     rt = Runtime.open(bundle, memory=bank_path)
     query = facts[0]["prompt"]

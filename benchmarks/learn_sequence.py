@@ -7,7 +7,7 @@ Train examples are the facts the test files ask about (examples/tasks; made-up f
 zero-shot accuracy ~0), so a kept entry can answer a test question and a lost one
 cannot. The cap holds about a third of all candidates. Every strategy starts from
 the same candidate encodings (phase 1 runs once per task) and the same seed.
-Rows: after learning task t; columns: accuracy on task j (DESIGN.md scoring, k=1).
+Rows: after learning task t; columns: accuracy on task j (README scoring, k=1).
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from facts import TASKS, template_words, words
-from inducekv.memory import learn as L
+from inducekv import learn as L
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
-from inducekv.runtime.cliutil import parse_bytes
+from inducekv.core.cli import parse_bytes
 from inducekv.runtime.memory import Layout, template_from
 from inducekv.runtime.scoring import score
 from inducekv.runtime.session import KeyEncoder
@@ -53,7 +53,7 @@ def run(bundle: str, tasks: dict, budget: int, strategies: list[str], seed: int,
         layout = Layout(plain, *template_from(None))
         keys = KeyEncoder(plain.bundle_dir, m, plain.profile)
         t = time.perf_counter()
-        cands = {n: L.encode_candidates(plain, b, layout, keys, train, progress=False) for n, (train, _) in tasks.items()}
+        cands = {n: L.encode_candidates(plain, b.geo, layout, keys, train, progress=False) for n, (train, _) in tasks.items()}
         encode_s = {n: (time.perf_counter() - t) / len(tasks) for n in tasks}
     zero = {n: float(np.mean([score(plain.generate(e.prompt, max_new_tokens=16, stop=["\n"]).text, e.answers)[0]
                               for e in test])) for n, (_, test) in tasks.items()}
@@ -64,7 +64,7 @@ def run(bundle: str, tasks: dict, budget: int, strategies: list[str], seed: int,
         matrix, phase = [], []
         with Bank.create_for(path, budget, m, force=True, max_tokens=96) as bank:
             for i, n in enumerate(names):
-                plan = L.plan_and_write(plain, bank, tasks[n][0], n, strategy=strategy, seed=seed, candidates=cands[n])
+                plan = L.absorb(plain, bank, tasks[n][0], n, strategy=strategy, seed=seed, candidates=cands[n])
                 phase.append(plan.timings)
                 rt = Runtime.open(bundle, memory=path)
                 matrix.append([accuracy(rt, tasks[names[j]][1]) if j <= i else None for j in range(len(names))])

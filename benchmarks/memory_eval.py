@@ -4,7 +4,7 @@
 
 Every train example of each task goes into one int8 bank per template; the test
 prompts ask the same facts in other words (examples/tasks, made-up facts, so the
-model cannot know them). Reports accuracy (DESIGN.md scoring) and retrieval@1 (the
+model cannot know them). Reports accuracy (README scoring) and retrieval@1 (the
 top entry is the example about the same subject).
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 from facts import TASKS, template_words, words
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
-from inducekv.runtime.memory import TEMPLATES, add_examples
+from inducekv.learn import absorb
+from inducekv.runtime.memory import TEMPLATES
 from inducekv.runtime.scoring import score, summarize
 from inducekv.runtime.tasks import load_task
 
@@ -37,7 +38,7 @@ def _bank(plain: Runtime, path: Path, tasks: dict, template: str) -> dict[int, s
     m = plain.manifest
     with Bank.create_for(path, 512 << 20, m, force=True, max_tokens=96) as b:
         for name, (train, _) in tasks.items():
-            add_examples(plain, b, train, name, template=template)
+            absorb(plain, b, train, name, strategy="all", reserve=0.0, n_anchors=0, template=template)
         ids = sorted(e.entry_id for e in b.entries())
     subjects = [_subject(ex.prompt) for train, _ in tasks.values() for ex in train]
     return dict(zip(ids, subjects))

@@ -1,4 +1,4 @@
-"""Device profiles: TOML files loaded into one frozen dataclass."""
+"""Device profiles: TOML files loaded into one frozen dataclass, checked when loaded."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +6,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core.cli import parse_bytes
+from inducekv.core.errors import InduceKVError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,10 @@ class DeviceProfile:
     default_budget: str = "16MiB"      # cap of a new bank
     k: int = 1                         # entries per query (see devices/cpu.toml)
     kv_bits: int = 8                   # payload quantization of new entries
+
+    @property
+    def default_budget_bytes(self) -> int:
+        return parse_bytes(self.default_budget)
 
     def providers(self) -> list[str]:
         """The profile's providers that this onnxruntime build has, CPU always last."""
@@ -65,6 +70,12 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     prof = DeviceProfile(**raw)
     if prof.graph_optimization not in OPT_LEVELS:
         raise InduceKVError(f"device profile {path}: graph_optimization must be one of {OPT_LEVELS}")
+    try:
+        budget = parse_bytes(prof.default_budget)
+    except ValueError as e:
+        raise InduceKVError(f"device profile {path}: default_budget: {e}") from None
+    if budget <= 0:
+        raise InduceKVError(f"device profile {path}: default_budget must be positive, got {prof.default_budget!r}")
     if prof.intra_op_threads < 0 or prof.inter_op_threads < 0 or prof.k < 1 or prof.kv_bits not in (4, 8, 16):
         raise InduceKVError(f"device profile {path}: threads must be >= 0, k >= 1, kv_bits one of 4, 8, 16")
     return prof

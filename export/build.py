@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from inducekv.export import contract, registry, source as sources, vlm
-from inducekv.export.bundle import Manifest, describe_files, write_manifest
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core import contract
+from inducekv.export import registry, source as sources, vlm
+from inducekv.core.manifest import Manifest, describe_files, write_manifest
+from inducekv.core.errors import InduceKVError
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +237,8 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
         names_out = [o.name for o in onnx_model.graph.output]
         L = cfg.num_hidden_layers
         if names_in != contract.decoder_inputs(L, multimodal) or names_out != contract.decoder_outputs(L):
-            raise InduceKVError(f"optimum produced a graph with inputs {names_in[:4]}... that do not match "
-                                "the bundle contract; this architecture cannot be exported yet")
+            raise InduceKVError(f"the {graph} export produced a graph with inputs {names_in[:4]}... that do not "
+                                "match the bundle contract; this architecture cannot be exported yet")
         bar.update()
 
         step("quantize")
@@ -327,6 +328,22 @@ def _opset(stage: Path) -> int:
 
 
 def quantize_weights_checked(onnx_model, weights: str):
-    from inducekv.export.quantize import quantize_weights
+    """``quantize_weights``, then check that it did: the graph's inputs and outputs are
+    unchanged and its MatMul weights became ``MatMulNBits`` (any MatMul with a constant
+    float weight left behind is named in a warning; none quantized at all is an error)."""
+    from inducekv.export import quantize as q
 
-    return quantize_weights(onnx_model, weights)
+    io = ([i.name for i in onnx_model.graph.input], [o.name for o in onnx_model.graph.output])
+    before = len(q.float_matmul_weights(onnx_model))
+    out = q.quantize_weights(onnx_model, weights)
+    if ([i.name for i in out.graph.input], [o.name for o in out.graph.output]) != io:
+        raise InduceKVError(f"{weights} weight quantization changed the graph's inputs or outputs; please report it")
+    left = q.float_matmul_weights(out)
+    packed = sum(n.op_type == "MatMulNBits" for n in out.graph.node)
+    if before and not packed:
+        raise InduceKVError(f"{weights} weight quantization left all {before} MatMul weights in float; "
+                            "check the onnxruntime version (MatMulNBitsQuantizer) or export with --weights fp32")
+    if left:
+        log.warning("%s quantization left %d of %d MatMul weights in float: %s", weights, len(left), before,
+                    ", ".join(left[:4]))
+    return out

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from inducekv.export import contract
-from inducekv.runtime.cliutil import fail_on_bad_input, progress_enabled
+from inducekv.core import contract
+from inducekv.core.cli import fail_on_bad_input, progress_enabled
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

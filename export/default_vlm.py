@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core.errors import InduceKVError
 
 WEIGHTS = Path(__file__).parent / "default_vlm" / "vision.safetensors"
 SOURCE_ID = "default-vlm:SmolLM2-135M-Instruct+inducekv-vision"

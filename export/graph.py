@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from inducekv.export import contract
-from inducekv.runtime.errors import UnsupportedModelError
+from inducekv.core import contract
+from inducekv.core.errors import UnsupportedModelError
 
 OPSET = 23
 

@@ -25,3 +25,9 @@ def quantize_weights(model: onnx.ModelProto, weights: str) -> onnx.ModelProto:
         model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL)
     quantizer.process()
     return quantizer.model.model
+
+
+def float_matmul_weights(model: onnx.ModelProto) -> list[str]:
+    """Names of the float initializers that MatMul nodes multiply by (what quantization should pack)."""
+    floats = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    return [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in floats]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from inducekv.runtime.errors import UnsupportedModelError
+from inducekv.core.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core.errors import InduceKVError
 
 log = logging.getLogger(__name__)
 

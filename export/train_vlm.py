@@ -221,9 +221,9 @@ def main(argv=None):
     new_ids = [tok.convert_tokens_to_ids(t) for t in dv.NEW_TOKENS]
     image_id = tok.convert_tokens_to_ids("<image>")
     cfg = dv.config(lm.config, len(tok), image_id)
-    from inducekv.runtime import images
+    from inducekv.export import hfimages
 
-    settings = images.settings_from_hf(dv.processor(tok))
+    settings = hfimages.settings_from_hf(dv.processor(tok))
     tower = Tower(cfg, lm.config.hidden_size, lm.model.embed_tokens.weight.detach().mean(0, keepdim=True))
     log(f"loaded backbone in {time.time() - t0:.0f} s; tower {sum(p.numel() for p in tower.parameters()):,} params")
     stage1(tower, settings, args.steps1, args.batch1, rng, log)

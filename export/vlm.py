@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inducekv.export import contract
-from inducekv.runtime.errors import InduceKVError, UnsupportedModelError
+from inducekv.core import contract
+from inducekv.core.errors import InduceKVError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,9 @@ def write_embeddings(state: dict, path: Path, weights: str) -> None:
 
 
 def image_settings(model, processor) -> dict:
-    import inducekv.runtime.images as images
+    from inducekv.export import hfimages
 
-    s = images.settings_from_hf(processor)
+    s = hfimages.settings_from_hf(processor)
     s["image_token_id"] = image_token_id(model)
     s["vision_graph"] = contract.VISION_FILE
     s["embeddings"] = contract.EMBED_FILE

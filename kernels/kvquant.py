@@ -32,6 +32,14 @@ from __future__ import annotations
 import numpy as np
 
 SCHEMES = ("fp16", "int8", "int4")
+_BITS = {16: "fp16", 8: "int8", 4: "int4"}
+
+
+def scheme_for_bits(bits: int) -> str:
+    """The scheme of a device profile's ``kv_bits`` (16, 8 or 4)."""
+    if bits not in _BITS:
+        raise ValueError(f"kv_bits must be one of {sorted(_BITS)}, got {bits!r}")
+    return _BITS[bits]
 INT4_GROUP = 32  # channels per value scale for int4 (whole head when D is not a multiple)
 
 _F16_MAX = float(np.finfo(np.float16).max)

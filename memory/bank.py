@@ -21,6 +21,7 @@ time holds ``flock(LOCK_EX)`` on the file.
 """
 from __future__ import annotations
 
+from copy import deepcopy
 import fcntl
 import hashlib
 import json
@@ -35,7 +36,7 @@ import numpy as np
 
 from inducekv.kernels import kvquant
 from inducekv.memory import format as fmt
-from inducekv.runtime.errors import BankError
+from inducekv.core.errors import BankError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,29 @@ class EntryInfo:
     nbytes: int          # payload bytes (quantized)
     pages: int           # pages it occupies
     example_hash: bytes  # 16 bytes, see ``example_hash``
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A bank's committed state, read-only (``Bank.snapshot``)."""
+    gen: int
+    next_entry_id: int               # the id the next added entry gets
+    entries: tuple[EntryInfo, ...]   # live entries, slot order
+    keys: np.ndarray                 # (N, key_dim) float32 retrieval keys, row i = entries[i]
+    catalog: dict                    # tasks, anchors, template, extras (a copy)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One live record as stored (``Bank.records``), for consistency checks."""
+    slot: int
+    entry_id: int
+    task_id: int
+    tokens: int
+    nbytes: int
+    n_pages: int
+    pages: np.ndarray    # (n_pages,) int64 page numbers
+    payload_crc: int
 
 
 @dataclass(frozen=True)
@@ -88,11 +112,11 @@ class Bank:
     def __init__(self, path: Path, fd: int, geo: fmt.Geometry, writable: bool):
         self.path, self._fd, self.geo, self.writable = path, fd, geo, writable
         self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        self._off = geo.offsets()
+        self.offsets = geo.offsets()  # section name -> byte offset in the file
         self._rdt = geo.record_dtype
         self._crc_at = self._rdt.fields["crc"][1]  # byte offset of the record CRC
         self.gen = -1
-        self._load()
+        self.reload()
 
     # ---------------------------------------------------------------- open/create
     @classmethod
@@ -168,8 +192,13 @@ class Bank:
     def _region(self, name: str, copy: int, n: int | None = None) -> bytes:
         shape = self.geo.section_shapes()[name]
         size = shape[-1]
-        start = self._off[name] + copy * size
+        start = self.offsets[name] + copy * size
         return self._mm[start:start + (size if n is None else n)]
+
+    def region(self, name: str, copy: int, n: int | None = None) -> bytes:
+        """Raw bytes of copy ``copy`` (0/1) of a double-buffered section (``superblock``,
+        ``catalog``, ``calibration``), unchecked: for ``verify``."""
+        return self._region(name, copy, n)
 
     def _superblock(self) -> tuple[fmt.Superblock, int]:
         best = None
@@ -184,7 +213,7 @@ class Bank:
     def _records(self, bitmap: np.ndarray) -> np.ndarray:
         """Current record copy of every slot, raw bytes (S, R)."""
         S, R = self.geo.slots, self.geo.record_bytes
-        raw = np.frombuffer(self._mm, np.uint8, S * 2 * R, self._off["records"]).reshape(S, 2, R)
+        raw = np.frombuffer(self._mm, np.uint8, S * 2 * R, self.offsets["records"]).reshape(S, 2, R)
         return raw[np.arange(S), bitmap.astype(np.intp)].copy()
 
     def _record_ok(self, raw: np.ndarray) -> bool:
@@ -192,25 +221,38 @@ class Bank:
         at = self._crc_at
         return raw[:4].tobytes() == fmt.RECORD_MAGIC and int.from_bytes(raw[at:at + 4].tobytes(), "little") == fmt.record_crc(raw, self._rdt)
 
-    def _load(self) -> None:
+    def reload(self) -> None:
+        """Read the committed state (superblock, records, catalog) again. A commit racing the
+        read is retried up to ``READ_RETRIES`` times; a bad checksum with no commit in between
+        is damage and raises."""
         for _ in range(READ_RETRIES):
-            sb, copy = self._superblock()
-            raw = self._records(sb.bitmap)
-            catalog = self._read_catalog(sb)
-            if self._superblock()[0].gen == sb.gen:  # nothing committed while we read
+            got = self._read_state()
+            if got is not None:
                 break
         else:
             raise BankError(f"{self.path}: the bank changed on every read attempt; retry later")
+        sb, copy, recs, live, catalog = got
+        self.gen, self._sb, self._sb_copy, self._recs, self._live, self.catalog = sb.gen, sb, copy, recs, live, catalog
+        self._task_names = {int(k): v["name"] for k, v in catalog["tasks"].items()}
+
+    _load = reload
+
+    def _read_state(self):
+        """One attempt: (superblock, copy, records, live mask, catalog), or None when a commit raced it."""
+        sb, copy = self._superblock()
+        raw = self._records(sb.bitmap)
+        catalog = self._read_catalog(sb)
+        if self._superblock()[0].gen != sb.gen:
+            return None
         recs = raw.view(self._rdt).reshape(-1)
         live = np.zeros(self.geo.slots, bool)
         for s in np.flatnonzero(recs["magic"] != b""):
             if not self._record_ok(raw[s]):
                 if self._superblock()[0].gen != sb.gen:
-                    return self._load()  # a commit raced us: start over
+                    return None
                 raise BankError(f"{self.path}: record of slot {s} is corrupt (checksum); run ikv-bank verify")
             live[s] = recs[s]["state"] == fmt.STATE_LIVE
-        self.gen, self._sb, self._sb_copy, self._recs, self._live, self.catalog = sb.gen, sb, copy, recs, live, catalog
-        self._task_names = {int(k): v["name"] for k, v in catalog["tasks"].items()}
+        return sb, copy, recs, live, catalog
 
     def _read_catalog(self, sb: fmt.Superblock) -> dict:
         if sb.catalog_len == 0:
@@ -230,7 +272,7 @@ class Bank:
         """Pick up commits made by a writer since the last look. True when something changed."""
         if self._superblock()[0].gen == self.gen:
             return False
-        self._load()
+        self.reload()
         return True
 
     # ---------------------------------------------------------------- queries
@@ -252,6 +294,39 @@ class Bank:
         """(entry_ids (N,), keys (N, key_dim)) of the live entries, slot order."""
         s = self.slots()
         return self._recs["entry_id"][s].astype(np.int64), self._recs["key"][s].astype(np.float32)
+
+    def snapshot(self) -> "Snapshot":
+        """The committed state as typed, read-only values (what the learner plans from)."""
+        s = self.slots()
+        return Snapshot(self.gen, int(self._sb.next_entry_id), tuple(self.entry(int(x)) for x in s),
+                        self._recs["key"][s].astype(np.float32), deepcopy(self.catalog))
+
+    @property
+    def superblock(self) -> fmt.Superblock:
+        """The committed superblock (a copy: changing it changes nothing)."""
+        return deepcopy(self._sb)
+
+    def live_mask(self) -> np.ndarray:
+        """(slots,) bool: which slots hold a live entry in the committed state (a copy)."""
+        return self._live.copy()
+
+    def task_ids(self) -> np.ndarray:
+        """(slots,) task id in each slot's current record (meaningful where live)."""
+        return self._recs["task_id"].astype(np.int64)
+
+    def records(self) -> list["Record"]:
+        """The live records as stored, unchecked against each other: for ``verify``."""
+        out = []
+        for s in self.slots():
+            r = self._recs[s]
+            n = int(r["n_pages"])
+            out.append(Record(int(s), int(r["entry_id"]), int(r["task_id"]), int(r["tokens"]), int(r["nbytes"]), n,
+                              r["pages"][:min(n, len(r["pages"]))].astype(np.int64), int(r["payload_crc"])))
+        return out
+
+    def stored_bytes(self, pages: np.ndarray, n: int) -> bytes:
+        """The first ``n`` bytes stored in ``pages`` (in order), unchecked."""
+        return self._gather(pages, n)
 
     def slot_of(self) -> dict[int, int]:
         return {int(self._recs["entry_id"][s]): int(s) for s in self.slots()}
@@ -299,7 +374,7 @@ class Bank:
         R = self.geo.record_bytes
         for _ in range(READ_RETRIES):
             sb, _copy = self._superblock()
-            start = self._off["records"] + (slot * 2 + int(sb.bitmap[slot])) * R
+            start = self.offsets["records"] + (slot * 2 + int(sb.bitmap[slot])) * R
             raw = np.frombuffer(self._mm[start:start + R], np.uint8)
             rec = raw.view(self._rdt)[0]
             if rec["magic"] == b"":
@@ -310,7 +385,7 @@ class Bank:
                 n, pg = int(rec["nbytes"]), rec["pages"][: rec["n_pages"]]
                 t = int(rec["tokens"])
                 if 1 <= t <= self.geo.max_tokens and len(pg) == self.geo.pages_for(t) and int(pg.max(initial=0)) < self.geo.pages:
-                    buf = self._gather(pg, n)
+                    buf = self.stored_bytes(pg, n)
                     if zlib.crc32(buf) == rec["payload_crc"]:
                         info = EntryInfo(slot, int(rec["entry_id"]), self._task_name(int(rec["task_id"])), t, n,
                                          len(pg), bytes(rec["example_hash"]))
@@ -325,7 +400,7 @@ class Bank:
         return self._task_names.get(task_id, "?")
 
     def _gather(self, pages: np.ndarray, n: int) -> bytes:
-        P, base = self.geo.page_bytes, self._off["pages"]
+        P, base = self.geo.page_bytes, self.offsets["pages"]
         if len(pages) and (np.diff(pages.astype(np.int64)) == 1).all():  # contiguous run: one slice
             start = base + int(pages[0]) * P
             return self._mm[start:start + n]
@@ -380,14 +455,15 @@ class Bank:
         self.refresh()
         return Transaction(self)
 
-    def _pwrite(self, data: bytes, offset: int) -> None:
+    def write_at(self, data: bytes, offset: int) -> None:
         """Every byte the writer puts on disk goes through here (crash tests hook it)."""
         view = memoryview(data)
         while view:
             n = os.pwrite(self._fd, view, offset)
             view, offset = view[n:], offset + n
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """fdatasync: everything written so far is on disk."""
         os.fdatasync(self._fd)
 
 

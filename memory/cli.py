@@ -6,7 +6,8 @@ import logging
 
 import click
 
-from inducekv.runtime.cliutil import ByteSize, fail_on_bad_input
+from inducekv.core.cli import ByteSize, fail_on_bad_input
+from inducekv.kernels.kvquant import SCHEMES
 
 _CTX = {"help_option_names": ["-h", "--help"]}
 
@@ -109,7 +110,7 @@ def remove_task(bank, task, as_json):
 @click.argument("bank", type=click.Path())
 @click.option("--bundle", required=True, type=click.Path(), help="Bundle the bank will serve (fixes model and key size).")
 @click.option("--budget", required=True, type=ByteSize(), help="Hard cap on the file's bytes, e.g. 16MiB, 500KB.")
-@click.option("--scheme", type=click.Choice(["fp16", "int8", "int4"]), default="int8", show_default=True,
+@click.option("--scheme", type=click.Choice(SCHEMES), default="int8", show_default=True,
               help="Payload quantization.")
 @click.option("--max-tokens", type=click.IntRange(1, 65536), default=256, show_default=True, help="Longest entry.")
 @click.option("--page-tokens", type=click.IntRange(1, 1024), default=4, show_default=True,
@@ -118,18 +119,16 @@ def remove_task(bank, task, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def create(bank, bundle, budget, scheme, max_tokens, page_tokens, force, as_json):
     """Create an empty bank of at most --budget bytes for --bundle (ikv-learn does this too)."""
-    from inducekv.export.bundle import read_manifest
+    from inducekv.core.errors import BankError
+    from inducekv.core.manifest import read_manifest
     from inducekv.memory.bank import Bank
-    from inducekv.runtime.errors import BankError
 
     with fail_on_bad_input():
         m = read_manifest(bundle)
-        key_dim = int((m.retrieval_key or {}).get("dim", m.hidden_size))
         if budget <= 0:
             raise BankError("--budget must be positive")
-        with Bank.create(bank, budget, force=force, fingerprint=m.fingerprint, scheme=scheme, num_layers=m.num_layers,
-                         kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=key_dim, max_tokens=max_tokens,
-                         page_tokens=page_tokens) as b:
+        with Bank.create_for(bank, budget, m, scheme=scheme, force=force, max_tokens=max_tokens,
+                             page_tokens=page_tokens) as b:
             g = b.geo
             obj = {"path": str(b.path), "cap": g.cap, "file_bytes": g.file_bytes, "slots": g.slots, "pages": g.pages,
                    "page_bytes": g.page_bytes, "entry_bytes_at_tokens": {t: g.entry_bytes(t) for t in (32, 64, 128)

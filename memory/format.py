@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from inducekv.kernels import kvquant
-from inducekv.runtime.errors import BankError
+from inducekv.core.errors import BankError
 
 FORMAT_NAME = "inducekv.bank"
 FORMAT_VERSION = 1

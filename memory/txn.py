@@ -4,7 +4,7 @@ Use as a context manager; it commits on a clean exit and leaves the bank untouch
 (as far as any reader can tell) when the block raises or the process dies::
 
     with bank.transaction() as tx:
-        slot = tx.add(NewEntry(keys, values, key, task="capitals"))   # None: no space
+        added = tx.add(NewEntry(keys, values, key, task="capitals"))  # Added(slot, entry_id); None: no space
         tx.remove(old_slot)
         tx.set_anchors("capitals", [{"prompt": ..., "answer": ...}])
 
@@ -17,20 +17,30 @@ from __future__ import annotations
 import copy
 import json
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 
 from inducekv.kernels import kvquant
 from inducekv.memory import format as fmt
 from inducekv.memory.bank import Bank, NewEntry, record_bytes_for
-from inducekv.runtime.errors import BankError
+from inducekv.core.errors import BankError
+
+
+class Added(NamedTuple):
+    """Where ``Transaction.add`` put an entry: its slot and its (never reused) entry id."""
+    slot: int
+    entry_id: int
 
 
 class Transaction:
     def __init__(self, bank: Bank):
         self.bank, self.geo = bank, bank.geo
-        self._sb = bank._sb
-        self._bitmap = bank._sb.bitmap.copy()
+        self._sb = bank.superblock
+        self._live = bank.live_mask()
+        self._task_ids = bank.task_ids()
+        self._off = bank.offsets
+        self._bitmap = self._sb.bitmap.copy()
         self._touched: dict[int, tuple[bool, np.ndarray | None]] = {}  # slot -> (live, pages) pending
         self._pending_task: dict[int, int] = {}  # slot -> task id of an entry added in this transaction
         self._committed_used = bank.used_pages()
@@ -38,7 +48,7 @@ class Transaction:
         self._catalog = copy.deepcopy(bank.catalog)
         self._catalog_dirty = False
         self._calib: bytes | None = None
-        self._next_id = bank._sb.next_entry_id
+        self._next_id = self._sb.next_entry_id
         self._done = False
 
     # ---------------------------------------------------------------- context manager
@@ -55,10 +65,10 @@ class Transaction:
     def _is_live(self, slot: int) -> bool:
         if slot in self._touched:
             return self._touched[slot][0]
-        return bool(self.bank._live[slot])
+        return bool(self._live[slot])
 
     def _free_slot(self) -> int | None:
-        for s in np.flatnonzero(~self.bank._live):
+        for s in np.flatnonzero(~self._live):
             if int(s) not in self._touched:
                 return int(s)
         for s, (live, _) in self._touched.items():
@@ -94,7 +104,7 @@ class Transaction:
     def _write_record(self, slot: int, data: bytes) -> None:
         other = 1 - int(self._bitmap[slot])
         R = self.geo.record_bytes
-        self.bank._pwrite(data, self.bank._off["records"] + (slot * 2 + other) * R)
+        self.bank.write_at(data, self._off["records"] + (slot * 2 + other) * R)
 
     def _forget_pending(self, slot: int) -> None:
         if slot in self._touched and self._touched[slot][1] is not None:
@@ -105,9 +115,19 @@ class Transaction:
             raise BankError("this transaction is already committed or abandoned; start a new one")
 
     # ---------------------------------------------------------------- operations
-    def add(self, entry: NewEntry, slot: int | None = None) -> int | None:
-        """Write ``entry`` into a free slot (or replace ``slot``). Returns the slot, or None when
-        there is no free slot or not enough free pages (a normal outcome, nothing written)."""
+    @property
+    def next_entry_id(self) -> int:
+        """The id the next added entry will get."""
+        return self._next_id
+
+    def task_names(self) -> set[str]:
+        """Tasks in the catalog as this transaction would commit it."""
+        return {t["name"] for t in self._catalog["tasks"].values()}
+
+    def add(self, entry: NewEntry, slot: int | None = None) -> Added | None:
+        """Write ``entry`` into a free slot (or replace ``slot``). Returns ``Added(slot, entry_id)``,
+        or None when there is no free slot or not enough free pages (a normal outcome, nothing
+        written)."""
         self._check_open()
         g = self.geo
         key = np.asarray(entry.key, np.float32).reshape(-1)
@@ -140,19 +160,20 @@ class Transaction:
         if pages is None:
             return None
         task_id = self._task_id(entry.task)
-        P, base = g.page_bytes, self.bank._off["pages"]
+        P, base = g.page_bytes, self._off["pages"]
         for i, p in enumerate(pages):  # payload first: nothing references these pages yet
-            self.bank._pwrite(payload[i * P:(i + 1) * P], base + int(p) * P)
+            self.bank.write_at(payload[i * P:(i + 1) * P], base + int(p) * P)
         rec = record_bytes_for(g, state=fmt.STATE_LIVE, gen=self._sb.gen + 1, entry_id=self._next_id, tokens=T,
                                nbytes=len(payload), payload_crc=zlib.crc32(payload), task_id=task_id,
                                example_hash=np.void(entry.example_hash), n_pages=len(pages), key=key, pages=pages)
+        entry_id = self._next_id
         self._next_id += 1
         self._write_record(slot, rec)
         self._forget_pending(slot)
         self._pending_used[pages] = True
         self._touched[slot] = (True, pages)
         self._pending_task[slot] = task_id
-        return slot
+        return Added(slot, entry_id)
 
     def replace(self, slot: int, entry: NewEntry) -> bool:
         """Swap the entry in ``slot`` for ``entry``; False (nothing changed) when there is no room."""
@@ -175,7 +196,7 @@ class Transaction:
             raise BankError(f"task {name!r} is not in this bank (see ikv-bank list)")
         n = 0
         for s in range(self.geo.slots):
-            owner = self._pending_task.get(s) if s in self._touched else int(self.bank._recs["task_id"][s])
+            owner = self._pending_task.get(s) if s in self._touched else int(self._task_ids[s])
             if self._is_live(s) and owner == tid:
                 self.remove(s)
                 n += 1
@@ -224,19 +245,19 @@ class Transaction:
                                 f"{g.catalog_bytes} (keep fewer anchors or create the bank with a larger catalog)")
             sb.catalog_copy = 1 - self._sb.catalog_copy
             sb.catalog_len, sb.catalog_crc = len(raw), zlib.crc32(raw)
-            b._pwrite(raw, b._off["catalog"] + sb.catalog_copy * g.catalog_bytes)
+            b.write_at(raw, self._off["catalog"] + sb.catalog_copy * g.catalog_bytes)
         if self._calib is not None:
             sb.calib_copy = 1 - self._sb.calib_copy
             sb.calib_crc = zlib.crc32(self._calib)
             if sb.calib_crc == 0:  # 0 marks "identity"; a 1-in-4-billion collision
                 self._done = True
                 raise BankError("calibration checksum collides with the identity marker; perturb it slightly")
-            b._pwrite(self._calib, b._off["calibration"] + sb.calib_copy * g.calib_bytes)
+            b.write_at(self._calib, self._off["calibration"] + sb.calib_copy * g.calib_bytes)
         for slot in self._touched:
             sb.bitmap[slot] ^= 1
-        b._sync()  # everything the new superblock will name is on disk
-        b._pwrite(sb.to_bytes(g), b._off["superblock"] + (sb.gen % 2) * g.superblock_bytes)
-        b._sync()
+        b.sync()  # everything the new superblock will name is on disk
+        b.write_at(sb.to_bytes(g), self._off["superblock"] + (sb.gen % 2) * g.superblock_bytes)
+        b.sync()
         self._done = True
-        b._load()
+        b.reload()
         return sb.gen

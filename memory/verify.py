@@ -7,7 +7,7 @@ import numpy as np
 
 from inducekv.memory import format as fmt
 from inducekv.memory.bank import Bank
-from inducekv.runtime.errors import BankError
+from inducekv.core.errors import BankError
 
 
 def verify(path, *, payloads: bool = True) -> dict:
@@ -25,38 +25,36 @@ def verify(path, *, payloads: bool = True) -> dict:
     with bank:
         g, p = bank.geo, report["problems"]
         for copy in (0, 1):
-            sb = fmt.Superblock.parse(bank._region("superblock", copy), g)
+            sb = fmt.Superblock.parse(bank.region("superblock", copy), g)
             report["superblocks"][copy] = None if sb is None else sb.gen
-        report["gen"] = bank.gen
+        snap = bank.snapshot()
+        report["gen"] = snap.gen
         owner = np.full(g.pages, -1, np.int64)
         seen_ids = set()
-        tasks = {int(k) for k in bank.catalog["tasks"]}
-        for s in bank.slots():
-            r = bank._recs[s]
-            t, n, np_ = int(r["tokens"]), int(r["nbytes"]), int(r["n_pages"])
-            eid = int(r["entry_id"])
+        tasks = {int(k) for k in snap.catalog["tasks"]}
+        for r in bank.records():
+            s, t, n, np_, eid = r.slot, r.tokens, r.nbytes, r.n_pages, r.entry_id
             if not (1 <= t <= g.max_tokens) or n != g.payload_nbytes(t) or np_ != g.pages_for(t):
                 p.append(f"slot {s}: tokens={t}, nbytes={n}, pages={np_} are inconsistent")
                 continue
-            pages = r["pages"][:np_].astype(np.int64)
-            if pages.max(initial=0) >= g.pages:
+            if r.pages.max(initial=0) >= g.pages:
                 p.append(f"slot {s}: page number out of range")
                 continue
-            clash = owner[pages][owner[pages] >= 0]
+            clash = owner[r.pages][owner[r.pages] >= 0]
             if len(clash):
                 p.append(f"slot {s}: shares pages with slot {int(clash[0])}")
-            owner[pages] = s
-            if eid in seen_ids or eid >= bank._sb.next_entry_id:
+            owner[r.pages] = s
+            if eid in seen_ids or eid >= snap.next_entry_id:
                 p.append(f"slot {s}: entry id {eid} is duplicated or beyond the bank's counter")
             seen_ids.add(eid)
-            if int(r["task_id"]) not in tasks:
-                p.append(f"slot {s}: task id {int(r['task_id'])} is not in the catalog")
-            if payloads and zlib.crc32(bank._gather(r["pages"][:np_], n)) != int(r["payload_crc"]):
+            if r.task_id not in tasks:
+                p.append(f"slot {s}: task id {r.task_id} is not in the catalog")
+            if payloads and zlib.crc32(bank.stored_bytes(r.pages, n)) != r.payload_crc:
                 p.append(f"slot {s}: payload checksum mismatch (entry {eid})")
         try:
             bank.calibration()
         except BankError as e:
             p.append(str(e))
-        report["entries"] = len(bank.slots())
+        report["entries"] = len(snap.entries)
     report["ok"] = not report["problems"]
     return report

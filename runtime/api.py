@@ -16,10 +16,10 @@ from typing import Iterator
 import numpy as np
 
 from inducekv.devices.profile import DeviceProfile, load_profile
-from inducekv.export import contract
-from inducekv.export.bundle import Manifest, read_manifest
-from inducekv.runtime.errors import InduceKVError, PromptError
-from inducekv.runtime.sampling import SamplingConfig, choose
+from inducekv.core import contract
+from inducekv.core.manifest import Manifest, read_manifest
+from inducekv.core.errors import InduceKVError, PromptError
+from inducekv.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingConfig, choose
 from inducekv.runtime.session import Decoder, KVCache
 from inducekv.runtime.tokenizer import ChatTokenizer
 from inducekv.runtime.vision import with_image
@@ -34,6 +34,7 @@ class Timings:
     key_ms: float = 0.0            # retrieval-key pass + calibration (memory only)
     retrieval_ms: float = 0.0      # index search (memory only)
     dequant_ms: float = 0.0        # read + checksum + dequantize entries (memory only)
+    prefix_ms: float = 0.0         # prefill of the memory layout's shared prefix (first use only, then cached)
     prefill_ms: float = 0.0        # the prompt through the decoder
     ttft_ms: float = 0.0           # call start to first token chosen
     decode_ms: float = 0.0         # all tokens after the first
@@ -47,9 +48,19 @@ class Timings:
 
     def as_dict(self) -> dict:
         return {"tokenize_ms": self.tokenize_ms, "image_ms": self.image_ms, "key_ms": self.key_ms, "retrieval_ms": self.retrieval_ms,
-                "dequant_ms": self.dequant_ms, "prefill_ms": self.prefill_ms, "ttft_ms": self.ttft_ms,
+                "dequant_ms": self.dequant_ms, "prefix_ms": self.prefix_ms, "prefill_ms": self.prefill_ms, "ttft_ms": self.ttft_ms,
                 "decode_ms": self.decode_ms, "prompt_tokens": self.prompt_tokens,
                 "new_tokens": self.new_tokens, "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass
+class Prepared:
+    """A prompt ready to decode (``Runtime.prepare``): what the decoder sees before the first token."""
+    ids: list[int]                       # tokens to prefill
+    cache: KVCache                       # past KV before them: empty, or shared prefix + injected entries
+    pos: int                             # position of ids[0]
+    features: np.ndarray | None = None   # (n_image_tokens, hidden) rows for the image tokens in ids
+    entries: list[dict] = field(default_factory=list)  # retrieved memory entries (id, task, score, tokens)
 
 
 @dataclass
@@ -94,11 +105,16 @@ class Runtime:
         bundle_dir = Path(bundle)
         rt = cls(bundle_dir, read_manifest(bundle_dir, verify_hashes=verify), profile)
         if memory is not None:
-            from inducekv.memory.bank import Bank
-            from inducekv.runtime.memory import Memory
-
-            rt.memory = Memory(rt, Bank.open(memory, fingerprint=rt.manifest.fingerprint))
+            rt.memory = rt.open_memory(memory)
         return rt
+
+    def open_memory(self, path: str | Path):
+        """A bank (.ikv) opened for retrieval with this model (``runtime.memory.Memory``): pass it
+        as ``memory=`` to ``generate``/``stream`` to use it for a call."""
+        from inducekv.memory.bank import Bank
+        from inducekv.runtime.memory import Memory
+
+        return Memory(self, Bank.open(path, fingerprint=self.manifest.fingerprint))
 
     # -- prompt ---------------------------------------------------------------
     def encode_prompt(self, prompt: str, system: str | None = None, chat: bool = True, image=None) -> list[int]:
@@ -120,41 +136,74 @@ class Runtime:
         return ids
 
     # -- generation -----------------------------------------------------------
-    def stream(self, prompt: str, image=None, max_new_tokens: int = 64, k: int | None = None,
+    def prepare(self, prompt: str, image=None, k: int | None = None, system: str | None = None, chat: bool = True,
+                memory=None, use_memory: bool = True, k_margin: float | None = None,
+                timings: Timings | None = None) -> Prepared:
+        """Everything before the first decoder pass: image, retrieval, past KV layout, query ids.
+
+        ``memory``: a ``runtime.memory.Memory`` for this call (default: the bank the runtime
+        was opened with); ``use_memory=False`` ignores any. See :meth:`stream` for the rest."""
+        t0 = time.perf_counter()
+        tm = timings if timings is not None else Timings()
+        img = None
+        if image is not None:
+            ti = time.perf_counter()
+            img = self.encode_image(image)
+            tm.image_ms = (time.perf_counter() - ti) * 1e3
+        mem = (memory if memory is not None else self.memory) if use_memory else None
+        features = img.features if img is not None else None
+        if mem is not None:
+            if not chat:
+                raise PromptError("chat=False cannot be used with memory (entries sit inside the chat template); "
+                                  "pass use_memory=False for a raw prompt")
+            prep = self._with_memory(mem, prompt, k, system, tm, k_margin, img)
+        else:
+            prep = Prepared(self.encode_prompt(prompt, system=system, chat=chat, image=img),
+                            KVCache.empty(self.manifest), 0, features)
+        tm.prompt_tokens = len(prep.ids)
+        tm.tokenize_ms = ((time.perf_counter() - t0) * 1e3 - tm.image_ms - tm.key_ms - tm.retrieval_ms
+                          - tm.dequant_ms - tm.prefix_ms)
+        return prep
+
+    def stream(self, prompt: str, image=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, k: int | None = None,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                stop: list[str] | None = None, system: str | None = None, chat: bool = True,
                ignore_eos: bool = False, use_memory: bool = True, k_margin: float | None = None,
-               result: Result | None = None) -> Iterator[str]:
+               result: Result | None = None, memory=None) -> Iterator[str]:
         """Yield the generated text piece by piece; fills ``result`` when given.
 
         With a memory bank, the ``k`` best entries (default: the device profile's k;
         0 = none, the bank's prompt layout still applies) are injected as past KV;
-        ``use_memory=False`` ignores the bank (plain chat prompt); ``k_margin`` keeps only
-        entries scoring within that much of the best (adaptive k, at most ``k``)."""
+        ``use_memory=False`` ignores the bank (plain chat prompt); ``memory`` uses another
+        opened bank (``open_memory``) for this call; ``k_margin`` keeps only entries scoring
+        within that much of the best (adaptive k, at most ``k``)."""
         t0 = time.perf_counter()
+        if max_new_tokens < 1:
+            raise InduceKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        res = result if result is not None else Result("", [], "length")
+        prep = self.prepare(prompt, image=image, k=k, system=system, chat=chat, memory=memory, use_memory=use_memory,
+                            k_margin=k_margin, timings=res.timings)
+        res.entries = prep.entries
+        yield from self.decode(prep, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed, stop=stop, ignore_eos=ignore_eos, result=res, started=t0)
+
+    def decode(self, prep: Prepared, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+               ignore_eos: bool = False, result: Result | None = None, started: float | None = None) -> Iterator[str]:
+        """Prefill a prepared prompt and decode from it, yielding text pieces; fills ``result``.
+        ``started``: ``time.perf_counter()`` at the call's start (TTFT counts from it)."""
+        t0 = started if started is not None else time.perf_counter()
         if max_new_tokens < 1:
             raise InduceKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         cfg = SamplingConfig(temperature, top_k, top_p, seed)
         rng = np.random.default_rng(seed)
         res = result if result is not None else Result("", [], "length")
         tm = res.timings
-        img = None
-        if image is not None:
-            ti = time.perf_counter()
-            img = self.encode_image(image)
-            tm.image_ms = (time.perf_counter() - ti) * 1e3
-        if self.memory is not None and use_memory:
-            ids, cache, pos = self._with_memory(prompt, k, system, res, k_margin, img)
-        else:
-            ids, cache, pos = (self.encode_prompt(prompt, system=system, chat=chat, image=img),
-                               KVCache.empty(self.manifest), 0)
-        tm.prompt_tokens = len(ids)
-        t1 = time.perf_counter()
-        tm.tokenize_ms = (t1 - t0) * 1e3 - tm.image_ms - tm.key_ms - tm.retrieval_ms - tm.dequant_ms
+        ids, pos = prep.ids, prep.pos
         budget = min(max_new_tokens, self.manifest.max_context - pos - len(ids))
-
-        logits, cache = self.decoder.forward(ids, cache, positions=np.arange(pos, pos + len(ids)),
-                                             features=img.features if img is not None else None)
+        t1 = time.perf_counter()
+        logits, cache = self.decoder.forward(ids, prep.cache, positions=np.arange(pos, pos + len(ids)),
+                                             features=prep.features)
         pos += len(ids)
         tm.prefill_ms = (time.perf_counter() - t1) * 1e3
         out: list[int] = []
@@ -188,28 +237,29 @@ class Runtime:
         res.token_ids = out
         res.text = emitted if res.stop_reason == "stop" else self.tokenizer.decode(out)
 
-    def _with_memory(self, prompt: str, k: int | None, system: str | None, res: Result, margin: float | None,
-                     img=None):
+    def _with_memory(self, mem, prompt: str, k: int | None, system: str | None, tm: Timings, margin: float | None,
+                     img=None) -> Prepared:
         """Query ids, past KV (prefix + retrieved entries) and the query's first position."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty; pass some text")
         k = self.profile.k if k is None else k
         if k < 0:
             raise InduceKVError(f"k must be >= 0, got {k}")
-        layout = self.memory.layout(system)
-        found = self.memory.retrieve(prompt, k, res.timings, margin, image=img) if k > 0 else []
-        res.entries = [info for info, _ in found]
         t = time.perf_counter()
-        cache, pos = layout.assemble_payloads([(buf, info["tokens"]) for info, buf in found], self.memory.bank.geo.scheme)
-        res.timings.dequant_ms = (time.perf_counter() - t) * 1e3
+        layout = mem.layout(system)   # the shared prefix is prefilled once per layout, then cached
+        tm.prefix_ms = (time.perf_counter() - t) * 1e3
+        found = mem.retrieve(prompt, k, tm, margin, image=img) if k > 0 else []
+        t = time.perf_counter()
+        cache, pos = layout.assemble_payloads([(buf, info["tokens"]) for info, buf in found], mem.bank.geo.scheme)
+        tm.dequant_ms = (time.perf_counter() - t) * 1e3
         ids = layout.query_ids(prompt, img)
         limit = self.manifest.max_context - 1
         if pos + len(ids) > limit:
             raise PromptError(f"the prompt with {len(found)} memory entries is {pos + len(ids)} tokens; this model "
                               f"takes at most {limit}: shorten it or lower k")
-        return ids, cache, pos
+        return Prepared(ids, cache, pos, img.features if img is not None else None, [info for info, _ in found])
 
-    def generate(self, prompt: str, image=None, max_new_tokens: int = 64, k: int | None = None,
+    def generate(self, prompt: str, image=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, k: int | None = None,
                  **kw) -> Result:
         """Generate a full answer; see :meth:`stream` for the options."""
         res = Result("", [], "length")

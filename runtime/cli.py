@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from inducekv.runtime.cliutil import fail_on_bad_input, progress_enabled
+from inducekv.core.cli import fail_on_bad_input, progress_enabled
+from inducekv.runtime.sampling import DEFAULT_MAX_NEW_TOKENS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,7 +20,7 @@ from inducekv.runtime.cliutil import fail_on_bad_input, progress_enabled
 @click.option("--prompt", help="One prompt to answer.")
 @click.option("--task", "task", type=click.Path(), help="A JSONL file of prompts to answer, one per line.")
 @click.option("--image", type=click.Path(), default=None, help="Image for --prompt (multimodal bundles).")
-@click.option("--max-new-tokens", type=click.IntRange(1, 1 << 20), default=64, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 1 << 20), default=DEFAULT_MAX_NEW_TOKENS, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0, 100), default=0.0, show_default=True,
               help="0 = greedy decoding.")
 @click.option("--top-k", type=click.IntRange(0, None), default=0, show_default=True, help="0 = no top-k cut.")
@@ -43,7 +44,7 @@ def cli(bundle, memory, k, no_memory, prompt, task, image, max_new_tokens, tempe
     logging.basicConfig(level=logging.WARNING)
     with fail_on_bad_input():
         if (prompt is None) == (task is None):
-            from inducekv.runtime.errors import InduceKVError
+            from inducekv.core.errors import InduceKVError
             raise InduceKVError("pass exactly one of --prompt TEXT or --task FILE.jsonl")
         from inducekv.runtime.api import Result, Runtime
         from inducekv.runtime.tasks import load_task

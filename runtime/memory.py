@@ -1,6 +1,8 @@
 """Memory on the device: prompt layout around injected entries, entry encoding, retrieval.
 
-The prompt with memory (DESIGN.md)::
+Entries are written by the learn layer (``inducekv.learn``); this module only reads them.
+
+The prompt with memory (README, "Memory")::
 
     [shared prefix: chat start + system text]        computed once, cached
     [entry 1 K/V] ... [entry k K/V]                   retrieved, dequantized, each encoded on its own
@@ -24,9 +26,9 @@ import numpy as np
 
 from inducekv.kernels import kvquant
 from inducekv.kernels.positions import rerotate_
-from inducekv.memory.bank import Bank, NewEntry, example_hash
+from inducekv.memory.bank import Bank
 from inducekv.memory.index import open_index
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core.errors import InduceKVError
 from inducekv.runtime.session import KVCache, KeyEncoder
 from inducekv.runtime.vision import with_image
 
@@ -170,6 +172,9 @@ class Memory:
         self.index = open_index(bank)
         self._layouts: dict = {}
 
+    def close(self) -> None:
+        self.bank.close()
+
     def layout(self, system: str | None = None) -> Layout:
         template, policy = template_from(self.bank.catalog.get("template"))
         key = (template, policy, system)
@@ -222,53 +227,3 @@ def image_of(rt, ex):
     """An example's image (path in a task file or dict) encoded, or None."""
     path = ex.get("image") if isinstance(ex, dict) else getattr(ex, "image", None)
     return rt.encode_image(path) if path is not None else None
-
-
-def encode_examples(rt, examples, task: str, layout: Layout, keys: KeyEncoder) -> list[NewEntry]:
-    """Memory entries for task examples (``{"prompt", "answer"[, "image"]}`` dicts or ``tasks.Example``)."""
-    out = []
-    for ex in examples:
-        prompt, answer = _prompt_answer(ex)
-        image = image_of(rt, ex)
-        k, v = layout.encode_entry(prompt, answer, image)
-        key = key_of(rt, keys, prompt, image)
-        out.append(NewEntry(k, v, key, task, example_hash({"prompt": prompt, "answer": answer})))
-    return out
-
-
-def add_examples(rt, bank: Bank, examples, task: str, template: str | None = None,
-                 policy: str | None = None) -> list[int]:
-    """Encode ``examples`` and add them to ``bank`` (open for writing) in one commit.
-
-    Fixes the bank's template/policy on first use. Returns the slots written; stops at
-    the first entry that does not fit (fewer slots than examples then).
-    """
-    spec = bank.catalog.get("template")
-    if spec is None or template or policy:
-        t = TEMPLATES.get(template or DEFAULT_TEMPLATE)
-        if t is None:
-            raise InduceKVError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
-        spec = {"template": asdict(t), "policy": policy or (spec or {}).get("policy", DEFAULT_POLICY)}
-    tmpl, pol = template_from(spec)
-    layout = Layout(rt, tmpl, pol)
-    keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
-    slots = []
-    with bank.transaction() as tx:
-        if spec != bank.catalog.get("template"):
-            tx.set_template(spec)
-        for entry in encode_examples(rt, examples, task, layout, keys):
-            s = tx.add(entry)
-            if s is None:
-                break
-            slots.append(s)
-    return slots
-
-
-def _prompt_answer(ex) -> tuple[str, str]:
-    if isinstance(ex, dict):
-        prompt, answer = ex.get("prompt"), ex.get("answer") or (ex.get("answers") or [None])[0]
-    else:
-        prompt, answer = ex.prompt, (ex.answers[0] if ex.answers else None)
-    if not isinstance(prompt, str) or not isinstance(answer, str):
-        raise InduceKVError("a memory entry needs a text prompt and an answer")
-    return prompt, answer

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core.errors import InduceKVError
+
+DEFAULT_MAX_NEW_TOKENS = 64   # generate/stream and ikv-run
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Scoring generated answers against a task's answers (DESIGN.md, "Task file").
+"""Scoring generated answers against a task's answers (README, "Task files and scoring").
 
 Both sides are normalised (lower-case, whitespace collapsed, punctuation
 dropped at the ends) and only the first non-empty line of the generated text

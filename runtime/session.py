@@ -1,6 +1,6 @@
 """The decoder over a bundle: one onnxruntime session and a growing KV cache.
 
-Past KV layout per layer (the bundle contract, ``export/contract.py``)::
+Past KV layout per layer (the bundle contract, ``core/contract.py``)::
 
     key, value: (1, H_kv, T, D) float32
 """
@@ -14,9 +14,9 @@ import numpy as np
 import onnxruntime as ort
 
 from inducekv.devices.profile import DeviceProfile
-from inducekv.export import contract
-from inducekv.export.bundle import Manifest
-from inducekv.runtime.errors import BundleError
+from inducekv.core import contract
+from inducekv.core.manifest import Manifest
+from inducekv.core.errors import BundleError
 
 log = logging.getLogger(__name__)
 

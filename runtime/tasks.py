@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core.errors import InduceKVError
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB per example is far more than any prompt
 

@@ -11,7 +11,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from inducekv.runtime.errors import BundleError
+from inducekv.core.errors import BundleError
 
 DEFAULT_TEMPLATE = (  # used when a bundle has no chat template: plain ChatML
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from inducekv.export import contract
+from inducekv.core import contract
 from inducekv.runtime import images
-from inducekv.runtime.errors import BundleError, InduceKVError
+from inducekv.core.errors import BundleError, InduceKVError
 
 
 @dataclass

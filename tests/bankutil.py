@@ -24,3 +24,26 @@ def entry(seed: int, tokens: int, task: str = "t0") -> NewEntry:
 
 def seed_of(example_hash: bytes) -> int:
     return int.from_bytes(example_hash, "little")
+
+
+def slot_of(added) -> int | None:
+    """The slot of ``Transaction.add``'s result (None when it did not fit)."""
+    return None if added is None else added.slot
+
+
+def kill_at_write(bank: Bank, n: int) -> None:
+    """Make this process die (SIGKILL) during the ``n``-th write ``bank`` makes, with that write
+    half done: every byte a writer puts on disk goes through ``Bank.write_at``."""
+    import os
+    import signal
+
+    count, real = [0], bank.write_at
+
+    def hooked(data, off):
+        count[0] += 1
+        if count[0] == n:
+            real(data[: len(data) // 2], off)
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(data, off)
+
+    bank.write_at = hooked

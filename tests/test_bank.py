@@ -13,8 +13,8 @@ from inducekv.memory import format as fmt
 from inducekv.memory.bank import Bank
 from inducekv.memory.cli import cli
 from inducekv.memory.verify import verify
-from inducekv.runtime.errors import BankError
-from bankutil import TOY, entry, make_bank, seed_of
+from inducekv.core.errors import BankError
+from bankutil import TOY, entry, make_bank, seed_of, slot_of
 
 
 def _check_entry(bank, slot, scheme="int8"):
@@ -35,7 +35,7 @@ def test_create_fill_reopen(tmp_path, scheme):
     added = []
     with b.transaction() as tx:
         for i in range(1000):
-            s = tx.add(entry(i, 5 + i % 40, f"task{i % 3}"))
+            s = slot_of(tx.add(entry(i, 5 + i % 40, f"task{i % 3}")))
             if s is None:
                 break
             added.append(s)
@@ -71,8 +71,8 @@ def test_short_entries_cost_less(tmp_path):
 def test_swap_replace_remove_and_ids(tmp_path):
     b = make_bank(tmp_path / "b.ikv")
     with b.transaction() as tx:
-        s0 = tx.add(entry(10, 12, "a"))
-        s1 = tx.add(entry(11, 3, "b"))
+        s0 = slot_of(tx.add(entry(10, 12, "a")))
+        s1 = slot_of(tx.add(entry(11, 3, "b")))
     id0 = b.entry(s0).entry_id
     with b.transaction() as tx:
         assert tx.replace(s0, entry(12, 20, "b"))
@@ -86,7 +86,7 @@ def test_swap_replace_remove_and_ids(tmp_path):
 def test_abandoned_transaction_changes_nothing(tmp_path):
     b = make_bank(tmp_path / "b.ikv")
     with b.transaction() as tx:
-        s = tx.add(entry(1, 9))
+        s = slot_of(tx.add(entry(1, 9)))
     before = (b.gen, b.entries())
     with pytest.raises(RuntimeError), b.transaction() as tx:
         tx.replace(s, entry(2, 30))
@@ -100,8 +100,9 @@ def test_abandoned_transaction_changes_nothing(tmp_path):
 def test_freed_space_is_reusable_only_after_commit(tmp_path):
     b = make_bank(tmp_path / "b.ikv", 120_000)
     with b.transaction() as tx:
-        while tx.add(entry(len(tx._touched), 40)) is not None:
-            pass
+        n = 0
+        while tx.add(entry(n, 40)) is not None:
+            n += 1
     full = list(b.slots())
     with b.transaction() as tx:
         tx.remove(full[0])
@@ -251,7 +252,7 @@ def test_torn_superblock_falls_back_to_the_other_copy(tmp_path):
         with b.transaction() as tx:
             tx.add(entry(2, 5))
         newest = b.gen % 2
-        at = b._off["superblock"] + newest * b.geo.superblock_bytes + 20
+        at = b.offsets["superblock"] + newest * b.geo.superblock_bytes + 20
     raw = bytearray(p.read_bytes())
     raw[at] ^= 0x01  # the newest superblock is torn: the previous state must come back
     p.write_bytes(bytes(raw))
@@ -300,7 +301,7 @@ def test_random_operations_keep_invariants(tmp_path_factory, ops, scheme):
     for op, x, tokens in ops:
         live = sorted(pending)
         if op == "add":
-            s = tx.add(entry(x, tokens, f"t{x % 3}"))
+            s = slot_of(tx.add(entry(x, tokens, f"t{x % 3}")))
             if s is not None:
                 pending[s] = x
         elif op == "swap" and live:
@@ -313,7 +314,7 @@ def test_random_operations_keep_invariants(tmp_path_factory, ops, scheme):
             del pending[s]
         elif op == "remove_task":
             name = f"t{x % 3}"
-            if name in {t["name"] for t in tx._catalog["tasks"].values()}:
+            if name in tx.task_names():
                 tx.remove_task(name)
                 pending = {s: v for s, v in pending.items() if f"t{v % 3}" != name}
         elif op == "commit":

@@ -9,8 +9,9 @@ import pytest
 
 from inducekv.kernels import kvquant
 from inducekv.memory.bank import Bank
+from inducekv.memory.txn import Added
 from inducekv.memory.verify import verify
-from bankutil import entry, make_bank, seed_of
+from bankutil import entry, kill_at_write as kill_at_write_, make_bank, seed_of, slot_of
 
 N_LIVE = 6
 CAP = 160_000
@@ -36,7 +37,7 @@ def _apply(tx, state: dict[int, int], i: int) -> None:
             assert tx.replace(s, entry(seed, tokens, f"t{seed % 2}"))
             state[s] = seed
         elif op == "add":
-            s = tx.add(entry(seed, tokens, "extra"))
+            s = slot_of(tx.add(entry(seed, tokens, "extra")))
             assert s is not None
             state[s] = seed
         else:
@@ -52,7 +53,7 @@ def _base(tmp_path):
     with make_bank(p, CAP) as b:
         with b.transaction() as tx:
             for j in range(N_LIVE):
-                state[tx.add(entry(j, 10))] = j
+                state[tx.add(entry(j, 10)).slot] = j
         gen0 = b.gen
     return p, state, gen0
 
@@ -66,7 +67,7 @@ def _expected(state0: dict, n: int) -> dict:
             return True
 
         def add(self, e):
-            return min(set(range(1000)) - set(state))
+            return Added(min(set(range(1000)) - set(state)), -1)
 
         def remove(self, s):
             pass
@@ -86,17 +87,7 @@ def _writer(path, pipe_w, stop_after=None, kill_at_write=None):
         b = Bank.open(path, writable=True)
         state = _state(b)
         if kill_at_write is not None:
-            count = [0]
-            real = b._pwrite
-
-            def hooked(data, off):
-                count[0] += 1
-                if count[0] == kill_at_write:  # die with this write half done
-                    real(data[: len(data) // 2], off)
-                    os.kill(os.getpid(), signal.SIGKILL)
-                real(data, off)
-
-            b._pwrite = hooked
+            kill_at_write_(b, kill_at_write)  # die with this write half done
         i = 0
         while stop_after is None or i < stop_after:
             i += 1
@@ -198,8 +189,8 @@ def test_reader_never_sees_a_torn_entry(tmp_path, slow):
     try:
         with Bank.open(base) as b:
             if slow:
-                gather = b._gather
-                b._gather = lambda pages, n: (time.sleep(0.003), gather(pages, n))[1]
+                gather = b.stored_bytes
+                b.stored_bytes = lambda pages, n: (time.sleep(0.003), gather(pages, n))[1]
             deadline = time.monotonic() + 60
             while (reads < 1500 or len(gens) < 20) and time.monotonic() < deadline:
                 b.refresh()

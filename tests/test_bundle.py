@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from inducekv.export.bundle import MAX_MANIFEST_BYTES, read_manifest
-from inducekv.runtime.errors import BundleError
+from inducekv.core.manifest import MAX_MANIFEST_BYTES, read_manifest
+from inducekv.core.errors import BundleError
 
 
 @pytest.fixture()

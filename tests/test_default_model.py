@@ -18,10 +18,10 @@ import pytest
 
 pytest.importorskip("gguf")
 
-from inducekv.export.bundle import read_manifest  # noqa: E402
+from inducekv.core.manifest import read_manifest  # noqa: E402
 from inducekv.export.source import default_gguf_path  # noqa: E402
 from inducekv.runtime import Runtime  # noqa: E402
-from inducekv.runtime.errors import InduceKVError  # noqa: E402
+from inducekv.core.errors import InduceKVError  # noqa: E402
 from inducekv.runtime.session import KVCache  # noqa: E402
 
 pytestmark = pytest.mark.default_model

@@ -31,7 +31,7 @@ def vlm_bundle(tmp_path_factory) -> Path:
         return Path(env)
     from inducekv.export.build import export_bundle
     from inducekv.export.source import default_gguf_path
-    from inducekv.runtime.errors import InduceKVError
+    from inducekv.core.errors import InduceKVError
 
     try:
         default_gguf_path()

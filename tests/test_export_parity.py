@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from inducekv.export import contract
-from inducekv.export.bundle import read_manifest
+from inducekv.core import contract
+from inducekv.core.manifest import read_manifest
 from inducekv.runtime import Runtime
 from inducekv.runtime.session import KVCache
 

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from inducekv.runtime import images as I
-from inducekv.runtime.errors import InduceKVError
+from inducekv.export.hfimages import settings_from_hf
+from inducekv.core.errors import InduceKVError
 
 TOL = 1e-5
 ROW_COL = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
@@ -148,7 +149,7 @@ def settings_cache():
 def settings_for(config, settings_cache):
     if config not in settings_cache:
         proc = make_processor(config)
-        s = I.settings_from_hf(proc)
+        s = settings_from_hf(proc)
         assert json.loads(json.dumps(s)) == s  # JSON-serialisable, round-trips exactly
         settings_cache[config] = (proc, s)
     return settings_cache[config]

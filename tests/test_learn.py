@@ -1,18 +1,19 @@
 """ikv-learn on toy pools and the tiny Llama: cap, anchors, calibration, kills."""
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from inducekv.memory import select as sel
+from inducekv.learn import select as sel
 from inducekv.memory.bank import Bank
-from inducekv.memory.learn import fit_calibration, plan_and_write, read_examples, retrieval_loss
+from inducekv.learn import absorb, read_examples
+from inducekv.learn.calibrate import fit_calibration, retrieval_loss
 from inducekv.memory.verify import verify
+from bankutil import kill_at_write
 from inducekv.runtime.api import Runtime
-from inducekv.runtime.learn_cli import cli
+from inducekv.learn.cli import cli
 
 
 def _pool(rng, n_old=10, n_new=10):
@@ -80,12 +81,12 @@ def test_two_tasks_under_a_cap_keep_anchors(tiny_rt, tmp_path):
     with _new_bank(tiny_rt, p) as b:
         size = os.path.getsize(p)
         a = read_examples(_task(tmp_path / "a.jsonl", "alpha", 12))
-        plan_a = plan_and_write(tiny_rt, b, a, "alpha", n_anchors=3)
+        plan_a = absorb(tiny_rt, b, a, "alpha", n_anchors=3)
         assert 0 < len(plan_a.add) < 12  # the cap cannot hold everything
         used_a = b.usage()["bytes_used"]
         anchors_a = b.anchors("alpha")
         bb = read_examples(_task(tmp_path / "b.jsonl", "beta", 12))
-        plan_and_write(tiny_rt, b, bb, "beta", n_anchors=3)
+        absorb(tiny_rt, b, bb, "beta", n_anchors=3)
         assert b.anchors("alpha") == anchors_a and len(anchors_a) == 3
         assert set(b.tasks()) == {"alpha", "beta"}
         assert b.usage()["bytes_used"] <= b.geo.pages * b.geo.page_bytes and used_a > 0
@@ -96,7 +97,7 @@ def test_two_tasks_under_a_cap_keep_anchors(tiny_rt, tmp_path):
 def test_killed_learn_leaves_the_bank_before_or_after(tiny_rt, tmp_path):
     p = tmp_path / "b.ikv"
     with _new_bank(tiny_rt, p) as b:
-        plan_and_write(tiny_rt, b, read_examples(_task(tmp_path / "a.jsonl", "alpha", 8)), "alpha", n_anchors=2)
+        absorb(tiny_rt, b, read_examples(_task(tmp_path / "a.jsonl", "alpha", 8)), "alpha", n_anchors=2)
         before = (b.gen, b.tasks())
     examples = read_examples(_task(tmp_path / "b.jsonl", "beta", 8))
     outcomes = set()
@@ -105,17 +106,8 @@ def test_killed_learn_leaves_the_bank_before_or_after(tiny_rt, tmp_path):
         if pid == 0:
             try:
                 with Bank.open(p, writable=True) as bank:
-                    n, real = [0], bank._pwrite
-
-                    def hooked(data, off):
-                        n[0] += 1
-                        if n[0] == kill_at:
-                            real(data[: len(data) // 2], off)
-                            os.kill(os.getpid(), signal.SIGKILL)
-                        real(data, off)
-
-                    bank._pwrite = hooked
-                    plan_and_write(tiny_rt, bank, examples, "beta", n_anchors=2)
+                    kill_at_write(bank, kill_at)
+                    absorb(tiny_rt, bank, examples, "beta", n_anchors=2)
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)

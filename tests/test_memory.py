@@ -5,8 +5,9 @@ import pytest
 from inducekv.kernels.positions import rerotate, rerotate_
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
-from inducekv.runtime.errors import BankError, InduceKVError
-from inducekv.runtime.memory import TEMPLATES, Layout, add_examples
+from inducekv.core.errors import BankError, InduceKVError
+from inducekv.runtime.memory import TEMPLATES, Layout
+from learnutil import add_all
 from inducekv.runtime.session import KeyEncoder, KVCache
 
 FACTS = [
@@ -25,7 +26,7 @@ def _bank(rt, path, scheme="fp16", cap=1 << 20, facts=FACTS, policy=None):
     m = rt.manifest
     b = Bank.create_for(path, cap, m, scheme=scheme, force=True, max_tokens=64)
     if facts:
-        add_examples(rt, b, facts, "facts", policy=policy)
+        add_all(rt, b, facts, "facts", policy=policy)
     return b
 
 
@@ -121,6 +122,6 @@ def test_reader_follows_a_writer(rt, tmp_path, tiny_bundles):
     b = _bank(rt, tmp_path / "live.ikv", facts=FACTS[:1])
     reader = Runtime.open(tiny_bundles["fp32"], memory=tmp_path / "live.ikv")
     assert len(reader.generate("x", max_new_tokens=1, k=8).entries) == 1
-    add_examples(rt, b, FACTS[1:], "more")
+    add_all(rt, b, FACTS[1:], "more")
     got = reader.generate("x", max_new_tokens=1, k=8).entries
     assert sorted(e["task"] for e in got) == ["facts", "more", "more"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from inducekv.runtime import Runtime
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core.errors import InduceKVError
 from inducekv.runtime.sampling import SamplingConfig, choose
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core.errors import InduceKVError
 from inducekv.runtime.tasks import MAX_LINE_BYTES, load_task
 
 

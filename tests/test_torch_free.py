@@ -41,14 +41,14 @@ LEARN_SCRIPT = BLOCKER + textwrap.dedent("""
     import json, tempfile
     from pathlib import Path
     from inducekv.runtime import Runtime
-    from inducekv.memory.learn import open_or_create, plan_and_write, read_examples
-    import inducekv.memory.cli, inducekv.runtime.learn_cli, inducekv.runtime.eval_cli
+    from inducekv.learn import absorb, open_or_create, read_examples
+    import inducekv.memory.cli, inducekv.learn.cli, inducekv.runtime.eval_cli
     d = Path(tempfile.mkdtemp())
     (d / "t.jsonl").write_text('{"prompt": "Capital of Vexland?", "answer": "Morrow"}\\n'
                                '{"prompt": "Colour of a zibble?", "answer": "teal"}\\n')
     rt = Runtime.open(sys.argv[1])
     with open_or_create(d / "b.ikv", rt, 200_000, "int8", max_tokens=96) as bank:
-        plan = plan_and_write(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1)
+        plan = absorb(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1)
     r = Runtime.open(sys.argv[1], memory=d / "b.ikv").generate("Capital of Vexland?", max_new_tokens=3, k=1)
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     print(json.dumps({"added": len(plan.add), "entries": len(r.entries), "heavy": heavy}))

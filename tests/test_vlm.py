@@ -8,11 +8,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from inducekv.export import contract
+from inducekv.core import contract
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
-from inducekv.runtime.errors import InduceKVError
-from inducekv.runtime.memory import TEMPLATES, Layout, add_examples
+from inducekv.core.errors import InduceKVError
+from inducekv.runtime.memory import TEMPLATES, Layout
+from learnutil import add_all
 from inducekv.runtime.session import KVCache, KeyEncoder
 from inducekv.runtime.vision import with_image
 
@@ -123,7 +124,7 @@ def _image_task(tmp_path, n=6):
 
 
 def test_learn_image_task_and_retrieve_by_image(vlm_bundles, tmp_path):
-    from inducekv.runtime.learn_cli import cli
+    from inducekv.learn.cli import cli
 
     task = _image_task(tmp_path)
     bank = tmp_path / "bank.ikv"
@@ -148,11 +149,11 @@ def _hash_for(tmp_path, i):
     return example_hash({"prompt": "What is the code word?", "answer": f"word{i}", "image": str((tmp_path / f"img{i}.png").resolve())})
 
 
-def test_add_examples_with_image_dicts(vlm_bundles, tmp_path):
+def test_learn_adds_image_dicts(vlm_bundles, tmp_path):
     rt = Runtime.open(vlm_bundles["llava"])
     Image.fromarray(_image(7)).save(tmp_path / "a.png")
     b = Bank.create_for(tmp_path / "b.ikv", 4 << 20, rt.manifest, scheme="int8", max_tokens=128)
-    slots = add_examples(rt, b, [{"prompt": "Name?", "answer": "Zed", "image": str(tmp_path / "a.png")}], "t")
+    slots = add_all(rt, b, [{"prompt": "Name?", "answer": "Zed", "image": str(tmp_path / "a.png")}], "t")
     assert len(slots) == 1
     assert b.entry(slots[0]).tokens > rt.manifest.image["image_seq_len"]
 
@@ -191,12 +192,12 @@ def test_image_path_runs_without_torch(vlm_bundles, tmp_path):
         import json
         from pathlib import Path
         from inducekv.runtime import Runtime
-        from inducekv.memory.learn import open_or_create, plan_and_write, read_examples
+        from inducekv.learn import absorb, open_or_create, read_examples
         bundle, task = sys.argv[1], Path(sys.argv[2])
         rt = Runtime.open(bundle)
         r = rt.generate("What?", image=str(task.parent / "img0.png"), max_new_tokens=3, ignore_eos=True)
         with open_or_create(task.parent / "b.ikv", rt, 4_000_000, "int8", max_tokens=128) as bank:
-            plan = plan_and_write(rt, bank, read_examples(task), "codes", n_anchors=1)
+            plan = absorb(rt, bank, read_examples(task), "codes", n_anchors=1)
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print(json.dumps({"tokens": len(r.token_ids), "added": len(plan.add), "heavy": heavy}))
     """)

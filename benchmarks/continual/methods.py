@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from inducekv.kernels import kvquant
-from inducekv.memory import learn as L
+from inducekv import learn as L
 from inducekv.memory.bank import Bank
-from inducekv.runtime.api import Runtime
-from inducekv.runtime.memory import Layout, Memory, image_of, key_of, template_from
+from inducekv.runtime.api import Prepared, Result, Runtime
+from inducekv.runtime.memory import Layout, image_of, key_of, template_from
 from inducekv.runtime.session import KeyEncoder
 
 MAX_NEW = 8
@@ -43,7 +43,7 @@ _RUNTIMES: dict = {}
 
 def runtime(bundle: str) -> Runtime:
     """One Runtime per bundle, shared by every method (sessions load once); a bank method
-    attaches its memory before each answer."""
+    passes its memory with each answer."""
     if bundle not in _RUNTIMES:
         _RUNTIMES[bundle] = Runtime.open(bundle)
     return _RUNTIMES[bundle]
@@ -62,8 +62,7 @@ class ZeroShot:
     def answer(self, ex):
         key = (ex.prompt, _image(ex))
         if key not in self.seen:
-            self.rt.memory = None
-            r = self.rt.generate(ex.prompt, image=_image(ex), max_new_tokens=MAX_NEW, stop=["\n"])
+            r = self.rt.generate(ex.prompt, image=_image(ex), max_new_tokens=MAX_NEW, stop=["\n"], use_memory=False)
             self.seen[key] = (r.text, r.timings.ttft_ms)
         return self.seen[key]
 
@@ -80,18 +79,16 @@ class BankMethod:
         self.memory = None
 
     def learn(self, task, examples, candidates):
-        self.rt.memory = None
         if self.memory is not None:
-            self.memory.bank.close()
+            self.memory.close()
         with Bank.open(self.path, writable=True) as bank:
             candidates = repack(candidates, bank.geo)
-            L.plan_and_write(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed,
+            L.absorb(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed,
                              reserve=self.reserve, candidates=candidates, n_anchors=N_ANCHORS)
-        self.memory = Memory(self.rt, Bank.open(self.path, fingerprint=self.rt.manifest.fingerprint))
+        self.memory = self.rt.open_memory(self.path)
 
     def answer(self, ex):
-        self.rt.memory = self.memory
-        r = self.rt.generate(ex.prompt, image=_image(ex), max_new_tokens=MAX_NEW, k=1, stop=["\n"])
+        r = self.rt.generate(ex.prompt, image=_image(ex), max_new_tokens=MAX_NEW, k=1, stop=["\n"], memory=self.memory)
         return r.text, r.timings.ttft_ms
 
     def entries(self) -> dict:
@@ -134,7 +131,6 @@ class PromptRetrieval:
 
     def answer(self, ex):
         rt, lay = self.rt, self.layout
-        rt.memory = None
         t0 = time.perf_counter()
         q_img = image_of(rt, ex)
         features = [q_img.features] if q_img is not None else []
@@ -150,21 +146,11 @@ class PromptRetrieval:
                 features.insert(0, e_img.features)
         ids = entry_ids + lay.query_ids(ex.prompt, q_img)
         feats = np.concatenate(features) if features else None
-        logits, cache = rt.decoder.forward(ids, lay.prefix_cache, features=feats)
-        out, pos = [], lay.p0 + len(ids)
-        ttft = None
-        for _ in range(MAX_NEW):
-            nxt = int(np.argmax(logits[-1]))
-            if ttft is None:
-                ttft = (time.perf_counter() - t0) * 1e3
-            if nxt in rt.eos_ids:
-                break
-            out.append(nxt)
-            if "\n" in rt.tokenizer.decode(out):
-                break
-            logits, cache = rt.decoder.forward([nxt], cache, positions=np.array([pos]))
-            pos += 1
-        return rt.tokenizer.decode(out), ttft
+        res = Result("", [], "length")
+        for _ in rt.decode(Prepared(ids, lay.prefix_cache, lay.p0, feats), max_new_tokens=MAX_NEW, stop=["\n"],
+                           result=res, started=t0):
+            pass
+        return res.text, res.timings.ttft_ms
 
 
 def repack(cands: list, geo) -> list:
@@ -181,13 +167,12 @@ def repack(cands: list, geo) -> list:
 def encode(bundle: str, work: Path, examples_by_task: dict) -> dict:
     """Candidates (fp16 payload, key, gains) for every task, encoded once and shared by methods."""
     rt = runtime(bundle)
-    rt.memory = None
     probe = work / "probe.ikv"
     out = {}
     with Bank.create_for(probe, 16 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=192) as b:
         layout = Layout(rt, *template_from(None))
         keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
         for task, examples in examples_by_task.items():
-            out[task] = L.encode_candidates(rt, b, layout, keys, examples, progress=False)
+            out[task] = L.encode_candidates(rt, b.geo, layout, keys, examples, progress=False)
     probe.unlink()
     return out

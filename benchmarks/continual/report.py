@@ -32,7 +32,7 @@ def markdown(results: dict) -> str:
              f"Wall time {results['wall_s'] / 60:.1f} min"
              + "".join(f" + {w / 60:.1f} min (merged run)" for w in results.get("merged_wall_s", []))
              + (f"; LoRA {results['lora_epochs']} epochs per task" if results.get("lora_epochs") else "")
-             + ". Accuracy is DESIGN.md scoring (answer in the first line), "
+             + ". Accuracy is README scoring (answer in the first line), "
              "k=1, greedy. Forgetting: mean drop from a task's best to its final accuracy; BWT: final minus "
              "just-learned accuracy.", ""]
     for seq, r in results["sequences"].items():

@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent.parent / "examples"))
 
 import methods as M  # noqa: E402
 from facts import TASKS, template_words, words  # noqa: E402
-from inducekv.runtime.cliutil import parse_bytes  # noqa: E402
+from inducekv.core.cli import parse_bytes  # noqa: E402
 from inducekv.runtime.scoring import score  # noqa: E402
 from inducekv.runtime.tasks import load_task  # noqa: E402
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from inducekv.runtime.errors import InduceKVError
+from inducekv.core.errors import InduceKVError
 
 
 class BadInput(click.ClickException):

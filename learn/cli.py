@@ -7,7 +7,10 @@ import time
 
 import click
 
-from inducekv.runtime.cliutil import ByteSize, fail_on_bad_input, progress_enabled
+from inducekv.core.cli import ByteSize, fail_on_bad_input, progress_enabled
+from inducekv.kernels.kvquant import SCHEMES, scheme_for_bits
+from inducekv.learn.defaults import N_ANCHORS, RESERVE
+from inducekv.learn.select import STRATEGIES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,13 +22,13 @@ from inducekv.runtime.cliutil import ByteSize, fail_on_bad_input, progress_enabl
               help="Byte cap of a new bank, e.g. 16MiB (default: the device profile's). Ignored for an existing bank.")
 @click.option("--device", default="cpu", show_default=True, help="Device profile name or .toml path.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for held-out splits and anchors.")
-@click.option("--strategy", type=click.Choice(["full", "likelihood", "coverage", "no-anchors", "random", "fifo"]),
+@click.option("--strategy", type=click.Choice(STRATEGIES),
               default="full", show_default=True, help="Selection rule (the others are baselines).")
-@click.option("--scheme", type=click.Choice(["fp16", "int8", "int4"]), default=None,
+@click.option("--scheme", type=click.Choice(SCHEMES), default=None,
               help="Payload quantization of a new bank (default: the device profile's kv_bits).")
-@click.option("--anchors", "n_anchors", type=click.IntRange(0, 64), default=8, show_default=True,
+@click.option("--anchors", "n_anchors", type=click.IntRange(0, 64), default=N_ANCHORS, show_default=True,
               help="Examples of this task kept in the bank to guard it against forgetting.")
-@click.option("--reserve", type=click.FloatRange(0.0, 0.9), default=0.25, show_default=True,
+@click.option("--reserve", type=click.FloatRange(0.0, 0.9), default=RESERVE, show_default=True,
               help="Fraction of the bank kept free as swap space, so the next learn can commit atomically.")
 @click.option("--dry-run", is_flag=True, help="Print the budget plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -36,17 +39,16 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
 
     \b
     Examples:
-      ikv-learn --bundle bundles/default/int8 --memory bank.ikv --task capitals.train.jsonl --budget 16MiB
-      ikv-learn --bundle bundles/default/int8 --memory bank.ikv --task colours.train.jsonl --dry-run
+      ikv-learn --bundle bundles/default/fp32 --memory bank.ikv --task examples/tasks/capitals.train.jsonl --budget 16MiB
+      ikv-learn --bundle bundles/default/fp32 --memory bank.ikv --task examples/tasks/colours.train.jsonl --dry-run
     """
     logging.basicConfig(level=logging.WARNING)
     from pathlib import Path
 
     with fail_on_bad_input():
         from inducekv.devices.profile import load_profile
-        from inducekv.memory.learn import open_or_create, plan_and_write, read_examples, task_name
+        from inducekv.learn.plan import absorb, open_or_create, read_examples, task_name
         from inducekv.runtime.api import Runtime
-        from inducekv.runtime.cliutil import parse_bytes
 
         t0 = time.perf_counter()
         profile = load_profile(device)
@@ -59,11 +61,11 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
 
             tmp = tempfile.TemporaryDirectory()
             path = Path(tmp.name) / "plan.ikv"
-        bank = open_or_create(path, rt, budget if budget is not None else parse_bytes(profile.default_budget),
-                              scheme or {16: "fp16", 8: "int8", 4: "int4"}.get(profile.kv_bits, "int8"))
+        bank = open_or_create(path, rt, budget if budget is not None else profile.default_budget_bytes,
+                              scheme or scheme_for_bits(profile.kv_bits))
         with bank:
             before = bank.tasks()
-            plan = plan_and_write(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
+            plan = absorb(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
                                   k=profile.k if profile.k else 1, dry_run=dry_run,
                                   progress=progress_enabled(quiet))
             after = bank.tasks() if not dry_run else None
@@ -71,7 +73,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
     out = {"task": tname, "examples": len(examples), "added": len(plan.add), "evicted": len(plan.evict),
            "kept_old": len(plan.keep_old), "evicted_per_task": plan.evicted_per_task, "bytes_per_entry": round(plan.bytes_per_entry), "dry_run": dry_run,
            "tasks_before": before, "tasks_after": after, "bytes_used": usage["bytes_used"], "cap": usage["cap"],
-           "calibration": plan.calibration, "timings_s": {k: round(v, 2) for k, v in plan.timings.items()},
+           "calibration": plan.calibration.as_dict(), "timings_s": {k: round(v, 2) for k, v in plan.timings.items()},
            "total_s": round(time.perf_counter() - t0, 2)}
     if as_json:
         click.echo(json.dumps(out))

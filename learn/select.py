@@ -14,7 +14,8 @@ and forgets the others; the square root gives each task diminishing returns.
 
 maximised by a budgeted lazy greedy on marginal value per byte (the cost-benefit
 greedy for submodular knapsacks), with a second budget on the bytes of *new* entries:
-a commit can only write into space that is free before it (see memory/txn.py).
+a commit can only write into space that is free before it (see memory/txn.py), and a
+third on the number of items (the bank's slots).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "random", "fifo")
+STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "random", "fifo", "all")
+# "all": keep every old entry, add new ones in order while they fit (no selection; for building test banks)
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,20 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", weights: Weights = Weights(),
-           seed: int = 0) -> np.ndarray:
-    """Indices of the kept items: total bytes <= budget and new bytes <= new_budget."""
+           seed: int = 0, max_items: int | None = None) -> np.ndarray:
+    """Indices of the kept items: total bytes <= budget, new bytes <= new_budget and at most
+    ``max_items`` items (None: no limit)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     n = len(pool.nbytes)
+    cap = n if max_items is None else int(max_items)
     rng = np.random.default_rng(seed)
-    if strategy in ("random", "fifo"):
-        order = rng.permutation(n) if strategy == "random" else np.lexsort((rng.random(n), pool.age))
-        return _fill(order, pool, budget, new_budget)
+    if strategy in ("random", "fifo", "all"):
+        if strategy == "all":
+            order = np.concatenate([np.flatnonzero(~pool.is_new), np.flatnonzero(pool.is_new)])
+        else:
+            order = rng.permutation(n) if strategy == "random" else np.lexsort((rng.random(n), pool.age))
+        return _fill(order, pool, budget, new_budget, cap)
     w = weights_for(strategy, weights)
     unit = _unit(pool.keys.astype(np.float64))
     sim = np.clip(unit @ unit.T, 0.0, None)                                   # (n, n)
@@ -83,7 +90,7 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
     chosen, used, used_new = [], 0, 0
     alive = np.ones(n, bool)
     bound = np.array([value(i) for i in range(n)]) / pool.nbytes              # lazy greedy: values only shrink
-    while alive.any():
+    while alive.any() and len(chosen) < cap:
         i = int(np.argmax(np.where(alive, bound, -np.inf)))
         v = value(i)
         others = np.where(alive, bound, -np.inf)
@@ -104,9 +111,11 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
     return np.array(sorted(chosen), dtype=np.int64)
 
 
-def _fill(order: np.ndarray, pool: Pool, budget: int, new_budget: int) -> np.ndarray:
+def _fill(order: np.ndarray, pool: Pool, budget: int, new_budget: int, cap: int) -> np.ndarray:
     chosen, used, used_new = [], 0, 0
     for i in order:
+        if len(chosen) >= cap:
+            break
         b = int(pool.nbytes[i])
         if used + b <= budget and (not pool.is_new[i] or used_new + b <= new_budget):
             chosen.append(int(i))

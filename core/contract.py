@@ -1,0 +1,80 @@
+"""The bundle I/O contract: one table imported by the exporter and the runtime (core leaf).
+
+The decoder graph uses the names optimum and onnxruntime-genai use::
+
+    inputs   input_ids                 int64  (batch, seq)
+             attention_mask            int64  (batch, past + seq)   1 = attend, 0 = hidden
+             position_ids              int64  (batch, seq)
+             past_key_values.{i}.key   float  (batch, kv_heads, past, head_dim)
+             past_key_values.{i}.value float  (batch, kv_heads, past, head_dim)
+    outputs  logits                    float  (batch, seq, vocab)
+             present.{i}.key           float  (batch, kv_heads, past + seq, head_dim)
+             present.{i}.value         float  (batch, kv_heads, past + seq, head_dim)
+
+This module must stay importable without torch.
+"""
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+BUNDLE_KIND = "inducekv-bundle"
+
+DECODER_FILE = "decoder.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+# The retrieval-key graph: the first layers of the same model, no past KV.
+#   inputs  input_ids, attention_mask, position_ids   int64 (batch, seq)
+#   output  key                                        float (batch, hidden)
+# Its weights are the decoder's: it references the decoder's external data file.
+KEY_FILE = "key.onnx"
+KEY_OUTPUT = "key"
+
+INPUT_IDS = "input_ids"
+INPUTS_EMBEDS = "inputs_embeds"   # multimodal decoders: float (batch, seq, hidden) instead of input_ids
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+WEIGHT_FORMATS = ("fp32", "int8", "int4")
+
+# Multimodal bundles (manifest["image"] is set) add:
+#   vision.onnx              pixel_values float (tiles, 3, H, W) -> image_features float (tiles, n, hidden)
+#                            (vision tower + projector/connector; n image tokens per tile)
+#   embed_tokens.safetensors tensor "embed_tokens" (vocab, hidden): the token-embedding table the
+#                            runtime gathers from (fp32 for fp32 bundles, fp16 otherwise)
+# and their decoder and key graphs take inputs_embeds instead of input_ids.
+VISION_FILE = "vision.onnx"
+EMBED_FILE = "embed_tokens.safetensors"
+EMBED_TENSOR = "embed_tokens"
+PIXEL_VALUES = "pixel_values"
+IMAGE_FEATURES = "image_features"
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def decoder_inputs(num_layers: int, embeds: bool = False) -> list[str]:
+    names = [INPUTS_EMBEDS if embeds else INPUT_IDS, ATTENTION_MASK, POSITION_IDS]
+    for i in range(num_layers):
+        names += [past_key(i), past_value(i)]
+    return names
+
+
+def decoder_outputs(num_layers: int) -> list[str]:
+    names = [LOGITS]
+    for i in range(num_layers):
+        names += [present_key(i), present_value(i)]
+    return names

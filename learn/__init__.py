@@ -1,0 +1,21 @@
+"""Learning on the device: absorb a task into a bank under its byte cap (``ikv-learn``).
+
+The only writer of memory entries. It sits above the runtime (it runs the model to
+encode and score entries) and the bank (it plans against a snapshot and commits one
+transaction)::
+
+    from inducekv.learn import absorb, open_or_create, plan, read_examples, write
+    with open_or_create("bank.ikv", rt, 16 << 20, "int8") as bank:
+        p = plan(rt, bank, read_examples("capitals.train.jsonl"), "capitals")   # nothing written
+        write(bank, p)                                                          # one atomic commit
+
+Modules: ``candidates`` (phase 1), ``calibrate`` (2), ``retain`` (3), ``select`` (4),
+``plan`` (the plan and the write), ``cli`` (``ikv-learn``).
+"""
+from inducekv.learn.calibrate import Calibration
+from inducekv.learn.candidates import Candidate, encode_candidates
+from inducekv.learn.plan import Plan, absorb, open_or_create, plan, read_examples, task_name, write
+from inducekv.learn.select import STRATEGIES, Weights
+
+__all__ = ["Calibration", "Candidate", "Plan", "STRATEGIES", "Weights", "absorb", "encode_candidates",
+           "open_or_create", "plan", "read_examples", "task_name", "write"]

@@ -1,0 +1,111 @@
+"""Phase 2 of a learn, the outer level: fit the retrieval calibration on held-out queries.
+
+The calibration is a low-rank linear map on query keys, ``map(x) = a*x + b + (x @ V) @ U.T``
+(a, b (K,); U, V (K, r): the bank stores it, ``Bank.calibrate`` applies it). It is fit
+so that held-out queries land nearest to the entries that raise their answer's
+likelihood most (gain-weighted ridge regression towards those entries' keys), and kept
+only when it lowers the retrieval loss on the other half of the held-out queries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from inducekv.learn.candidates import Candidate, Scorer, unpack
+
+QUERIES = 16          # held-out candidate prompts used as queries (half fit, half validate)
+NEIGHBOURS = 3        # entries scored per query besides its own
+GAIN_TEMP = 0.25      # softmax temperature (nats) turning gains into target weights
+LOSS_TEMP = 0.05      # softmax temperature over cosine scores in the retrieval loss
+RIDGE = 1.0           # pull of the map towards the identity
+
+
+@dataclass
+class Calibration:
+    """The outcome of phase 2: the report, and the map's arrays when it was accepted."""
+    accepted: bool
+    report: dict = field(default_factory=dict)   # loss_before, loss_after or reason
+    arrays: tuple | None = None                  # (a, b, U, V) when accepted
+
+    def apply(self, bank):
+        """The query-key map to retrieve with: this one when accepted, else the bank's own."""
+        if not self.accepted:
+            return bank.calibrate
+        a, b, U, V = self.arrays
+        return lambda x: (a * x + b + (x @ V) @ U.T).astype(np.float32)
+
+    def as_dict(self) -> dict:
+        return {"accepted": self.accepted, **self.report}
+
+
+def fit_calibration(queries: np.ndarray, targets: np.ndarray, rank: int, ridge: float = RIDGE):
+    """Low-rank ``M = I + U Vᵀ`` with ``M q ≈ t``: returns (a, b, U, V) in the bank's convention."""
+    K = queries.shape[1]
+    Q, T = queries.astype(np.float64), targets.astype(np.float64)
+    scale = np.linalg.norm(Q, axis=1).mean()
+    Qs, Ts = Q / scale, T / scale
+    # min ||Qs Mᵀ - Ts||² + ridge ||M - I||²  ->  Mᵀ = (QsᵀQs + ridge I)⁻¹ (QsᵀTs + ridge I)
+    Mt = np.linalg.solve(Qs.T @ Qs + ridge * np.eye(K), Qs.T @ Ts + ridge * np.eye(K))
+    u, s, vt = np.linalg.svd(Mt.T - np.eye(K))                                   # ΔM = u s vt
+    r = min(rank, K)
+    # x Mᵀ = x + x ΔMᵀ = x + (x vtᵀ) (u s)ᵀ  ->  V = vtᵀ, U = u s
+    return np.ones(K), np.zeros(K), (u[:, :r] * s[:r]), vt[:r].T
+
+
+def retrieval_loss(queries: np.ndarray, keys: np.ndarray, target: np.ndarray, temp: float = LOSS_TEMP) -> float:
+    """Cross-entropy of softmax(cosine / temp) over ``keys`` against each query's target distribution."""
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    logits = (qn @ kn.T) / temp                                                 # (nq, nk)
+    logits -= logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(-(target * logp).sum(axis=1).mean())
+
+
+def cosine(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Cosine of one key (K,) with each row of ``keys`` (N, K)."""
+    return (keys @ q) / (np.linalg.norm(keys, axis=1) * np.linalg.norm(q) + 1e-12)
+
+
+def calibrate(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng,
+              progress: bool = False) -> Calibration:
+    """Fit on held-out candidate prompts; keep it only if held-out loss drops.
+
+    ``old_keys`` (N_old, K): the bank's live entries; ``old_kv(j)``: float K/V of old entry j."""
+    apply = bank.calibrate
+    pool_keys = np.concatenate([old_keys, np.stack([c.key for c in cands])]) if cands else old_keys
+    if len(cands) < 4 or len(pool_keys) < 3:
+        return Calibration(False, {"reason": "too few examples"})
+    idx = rng.permutation(len(cands))[:QUERIES]
+    qs, targets = [], []
+    for i in tqdm(idx, desc="calibrate", unit="query", disable=not progress):
+        c = cands[i]
+        near = list(np.argsort(-cosine(apply(c.key), pool_keys))[:NEIGHBOURS])
+        own = len(old_keys) + int(i)
+        if own not in near:
+            near.append(own)
+        image = scorer.rt.encode_image(c.image) if c.image else None
+        gains = []
+        for j in near:
+            if j >= len(old_keys):
+                cj = cands[j - len(old_keys)]
+                kv = unpack(bank.geo, cj.payload, cj.tokens)
+            else:
+                kv = old_kv(j)
+            gains.append(scorer.logp(c.prompt, c.answer, [kv], image) - c.base)
+        w = np.zeros(len(pool_keys))
+        e = np.exp((np.array(gains) - max(gains)) / GAIN_TEMP)
+        w[near] = e / e.sum()
+        qs.append(c.key)
+        targets.append(w)
+    Q, W = np.stack(qs), np.stack(targets)
+    half = len(Q) // 2
+    fit_q, fit_w, val_q, val_w = Q[:half], W[:half], Q[half:], W[half:]
+    before = retrieval_loss(np.stack([apply(q) for q in val_q]), pool_keys, val_w)
+    a, b, U, V = fit_calibration(fit_q, fit_w @ pool_keys, bank.geo.calib_rank)
+    mapped = lambda x: (a * x + b + (x @ V) @ U.T).astype(np.float32)
+    after = retrieval_loss(mapped(val_q), pool_keys, val_w)
+    accepted = bool(after < before)
+    return Calibration(accepted, {"loss_before": before, "loss_after": after}, (a, b, U, V) if accepted else None)

@@ -1,0 +1,109 @@
+"""Phase 1 of a learn: task examples become candidate entries, each measured once.
+
+A candidate is what the bank would store for one example, plus what selection needs::
+
+    payload  bytes      the entry's K/V after the shared prefix, packed with the bank's scheme
+    tokens   int        its length (L, H_kv, tokens, D before packing)
+    key      (K,)       the frozen retrieval key of its prompt (and image)
+    base     float      mean log p(answer | prompt) per answer token, no memory
+    gain     float      the same with this entry in memory, minus ``base``
+
+Likelihoods come from the ONNX decoder (``Scorer``); no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from inducekv.core.errors import InduceKVError
+from inducekv.kernels import kvquant
+from inducekv.memory.bank import NewEntry, example_hash
+from inducekv.runtime.memory import Layout, image_of, key_of
+from inducekv.runtime.session import KeyEncoder
+from inducekv.runtime.tasks import Example
+
+
+@dataclass
+class Candidate:
+    prompt: str
+    answer: str
+    payload: bytes       # packed with the bank's scheme
+    tokens: int
+    key: np.ndarray      # (K,)
+    base: float = 0.0    # mean log p(answer | prompt) with no memory
+    gain: float = 0.0    # ... with this entry in memory, minus base
+    image: str | None = None  # the example's image file (image-bearing entries), absolute
+
+    def example(self) -> dict:
+        """The example as anchors and ``example_hash`` record it."""
+        return {"prompt": self.prompt, "answer": self.answer, **({"image": self.image} if self.image else {})}
+
+    def entry(self, task: str) -> NewEntry:
+        """The bank entry for this candidate."""
+        return NewEntry(None, None, self.key, task, example_hash(self.example()), payload=self.payload,
+                        tokens=self.tokens)
+
+
+def as_example(ex, n: int = 0) -> Example:
+    """A task-file ``Example`` or a ``{"prompt", "answer" | "answers", "image"?}`` dict as an Example."""
+    if isinstance(ex, Example):
+        return ex
+    if not isinstance(ex, dict):
+        raise InduceKVError(f"example {n}: expected a dict with \"prompt\" and \"answer\", got {type(ex).__name__}")
+    answers = ex.get("answers") or ([ex["answer"]] if isinstance(ex.get("answer"), str) else [])
+    prompt = ex.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip() or not answers or not all(isinstance(a, str) for a in answers):
+        raise InduceKVError(f"example {n}: a memory entry needs a non-empty text prompt and an answer")
+    image = ex.get("image")
+    return Example(prompt, tuple(answers), Path(image) if image is not None else None, n)
+
+
+class Scorer:
+    """Mean log-probability of an answer's tokens after a prompt, with entries in memory."""
+
+    def __init__(self, rt, layout: Layout):
+        self.rt, self.layout = rt, layout
+
+    def logp(self, prompt: str, answer: str, entries: list[tuple[np.ndarray, np.ndarray]], image=None) -> float:
+        """``entries``: float K/V (L, H_kv, T, D) each; ``image``: the query's ``vision.ImageInput``."""
+        cache, pos = self.layout.assemble(entries)
+        q = self.layout.query_ids(prompt, image)
+        a = self.rt.tokenizer.encode(answer, bos=False)
+        ids = q + a
+        logits, _ = self.rt.decoder.forward(ids, cache, positions=np.arange(pos, pos + len(ids)),
+                                            features=image.features if image is not None else None)
+        rows = logits[len(q) - 1: len(ids) - 1].astype(np.float64)               # (len(a), V)
+        rows -= rows.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(rows).sum(axis=1))
+        return float(np.mean(rows[np.arange(len(a)), a] - lse))
+
+
+def unpack(geo, payload: bytes, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """A packed payload as float K/V, each (L, H_kv, tokens, D)."""
+    return kvquant.unpack(payload, geo.scheme, geo.num_layers, geo.kv_heads, tokens, geo.head_dim)
+
+
+def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progress: bool = False) -> list[Candidate]:
+    """One candidate per example (``Example`` or dict), packed for a bank of geometry ``geo``."""
+    scorer, out = Scorer(rt, layout), []
+    for n, ex in enumerate(tqdm(examples, desc="encode", unit="ex", disable=not progress), start=1):
+        ex = as_example(ex, n)
+        prompt, answer = ex.prompt, ex.answers[0]
+        image = image_of(rt, ex)
+        k, v = layout.encode_entry(prompt, answer, image)
+        if k.shape[2] > geo.max_tokens:
+            raise InduceKVError(f"example {prompt[:40]!r} renders to {k.shape[2]} tokens; this bank holds "
+                                f"entries of at most {geo.max_tokens}")
+        try:
+            payload = kvquant.pack(k, v, geo.scheme)
+        except ValueError as e:  # e.g. values outside the scheme's range
+            raise InduceKVError(f"example {prompt[:40]!r} cannot be stored as {geo.scheme}: {e}") from None
+        c = Candidate(prompt, answer, payload, k.shape[2], key_of(rt, keys, prompt, image),
+                      image=str(Path(ex.image).resolve()) if ex.image is not None else None)
+        c.base = scorer.logp(prompt, answer, [], image)
+        c.gain = scorer.logp(prompt, answer, [unpack(geo, payload, c.tokens)], image) - c.base
+        out.append(c)
+    return out

@@ -1,0 +1,6 @@
+"""The learn job's defaults, in one place (the CLI and the Python API both read them)."""
+
+N_ANCHORS = 8            # examples of a task kept in the catalog to guard it against forgetting
+RESERVE = 0.25           # fraction of the payload pages kept free as swap space for the next learn
+MAX_ENTRY_TOKENS = 256   # longest entry of a bank created by a learn
+GAINS_KEY = "gains"      # catalog extra: entry id -> likelihood gain measured when it was written

@@ -1,0 +1,214 @@
+"""A learn as two steps: ``plan`` decides, ``write`` commits.
+
+``plan(rt, bank, examples, task)`` runs phases 1-4 and returns a ``Plan`` (nothing is
+written); ``write(bank, plan)`` is phase 5, one atomic commit; ``absorb`` does both.
+
+1. **encode** (``candidates.py``): every example becomes a candidate entry, with its
+   likelihood gain.
+2. **calibrate** (``calibrate.py``, outer level): the retrieval key map, kept only when
+   held-out retrieval loss drops.
+3. **retain** (``retain.py``): old tasks' anchors value the old entries.
+4. **select** (``select.py``, inner level): old entries and new candidates compete for
+   the same bytes and slots.
+5. **write**: evictions, additions, anchors, gains and calibration in one transaction.
+
+Swap space: a commit can only write into pages that are free before it (the old state
+must survive a kill), so selection keeps live entries within ``1 - reserve`` of the
+payload pages (default 0.25): the next learn always has a quarter of the bank to
+write its new entries into, and evicted entries free their pages for the one after.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inducekv.core.errors import BankError, InduceKVError
+from inducekv.learn import select as sel
+from inducekv.learn.calibrate import Calibration, calibrate
+from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE
+from inducekv.learn.candidates import Candidate, Scorer, encode_candidates, unpack
+from inducekv.learn.retain import retention
+from inducekv.memory.bank import Bank
+from inducekv.runtime.memory import DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Layout, template_from
+from inducekv.runtime.session import KeyEncoder
+from inducekv.runtime.tasks import iter_task
+
+
+
+@dataclass
+class Plan:
+    """What a learn will do to a bank (``write`` does it)."""
+    task: str
+    keep_old: list[int]                      # slots kept
+    evict: list[int]                         # slots evicted
+    add: list[int]                           # indices into ``candidates`` written
+    candidates: list[Candidate]
+    anchors: list[dict]                      # this task's anchors after the write
+    gains: dict[str, float]                  # entry id -> gain, for the kept old entries
+    calibration: Calibration
+    template: dict | None                    # the prompt layout to store (None: the bank has one)
+    bank_gen: int                            # the bank generation the plan was made against
+    bytes_per_entry: float
+    timings: dict = field(default_factory=dict)
+    evicted_per_task: dict = field(default_factory=dict)
+
+
+def read_examples(path, require_answer: bool = True) -> list:
+    return list(iter_task(path, require_answer=require_answer))
+
+
+def task_name(path: Path, name: str | None) -> str:
+    n = name or Path(path).name.split(".")[0]
+    if not n:
+        raise InduceKVError("cannot derive a task name from the file name; pass --name")
+    return n
+
+
+def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tokens: int = MAX_ENTRY_TOKENS) -> Bank:
+    """The bank at ``bank_path`` opened for writing; created with cap ``budget`` when absent."""
+    m = rt.manifest
+    bank_path = Path(bank_path)
+    if bank_path.exists():
+        return Bank.open(bank_path, writable=True, fingerprint=m.fingerprint)
+    if budget is None:
+        raise BankError(f"{bank_path} does not exist; pass --budget (e.g. 16MiB) to create it")
+    return Bank.create_for(bank_path, budget, m, scheme=scheme, max_tokens=max_tokens)
+
+
+def layout_spec(bank: Bank, template: str | None = None, policy: str | None = None) -> tuple[dict, bool]:
+    """The bank's prompt layout, or the requested one for a bank without entries;
+    returns (spec, whether it must be stored)."""
+    stored = bank.catalog.get("template")
+    if template is None and policy is None:
+        spec = stored or {"template": asdict(TEMPLATES[DEFAULT_TEMPLATE]), "policy": DEFAULT_POLICY}
+        return spec, stored is None
+    if template is not None and template not in TEMPLATES:
+        raise InduceKVError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    cur_t, cur_p = template_from(stored)
+    spec = {"template": asdict(TEMPLATES[template]) if template else asdict(cur_t), "policy": policy or cur_p}
+    template_from(spec)  # validates the policy
+    if spec != stored and stored is not None and len(bank.slots()):
+        raise BankError(f"{bank.path} already holds entries made with template {cur_t.name!r}, policy {cur_p!r}; "
+                        "use a new bank for another layout")
+    return spec, spec != stored
+
+
+def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights: sel.Weights = sel.Weights(),
+         seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress: bool = False,
+         candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None) -> Plan:
+    """Phases 1-4 on an open bank: what to keep, evict and add. ``candidates`` skips phase 1
+    (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries."""
+    timings, rng = {}, np.random.default_rng(seed)
+    if not examples:
+        raise InduceKVError("the task file has no examples")
+    if strategy not in sel.STRATEGIES:
+        raise InduceKVError(f"unknown strategy {strategy!r}; choose one of {', '.join(sel.STRATEGIES)}")
+    spec, store_spec = layout_spec(bank, template, policy)
+    layout = Layout(rt, *template_from(spec))
+    keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
+    scorer = Scorer(rt, layout)
+    g = bank.geo
+    snap = bank.snapshot()
+
+    t = time.perf_counter()
+    cands = candidates if candidates is not None else encode_candidates(rt, g, layout, keys, examples, progress)
+    timings["encode_s"] = time.perf_counter() - t
+
+    old = snap.entries
+    stored = snap.catalog.get("extra", {}).get(GAINS_KEY, {})
+
+    def old_kv(j: int):
+        got = bank.read_payload(old[j].slot, old[j].entry_id)
+        return None if got is None else unpack(g, got[0], got[1].tokens)
+
+    t = time.perf_counter()
+    if strategy == "all":
+        calib = Calibration(False, {"reason": "strategy all"})
+    else:
+        calib = calibrate(bank, cands, snap.keys, old_kv, scorer, rng, progress)
+    timings["calibrate_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    anchors = [a for tt in snap.catalog["tasks"].values() if tt["name"] != task for a in tt.get("anchors", [])]
+    uses_retention = strategy not in ("random", "fifo", "all") and sel.weights_for(strategy, weights).ret > 0
+    ret = (retention(rt, keys, scorer, anchors, snap.keys, old_kv, calib.apply(bank), k, progress)
+           if uses_retention and anchors else np.zeros(len(old)))
+    timings["retain_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ent_bytes = lambda tokens: g.pages_for(tokens) * g.page_bytes
+    max_id = max((e.entry_id for e in old), default=0)
+    n_old = len(old)
+    pool = sel.Pool(
+        nbytes=np.array([ent_bytes(e.tokens) for e in old] + [ent_bytes(c.tokens) for c in cands], float),
+        gain=np.array([float(stored.get(str(e.entry_id), 0.0)) for e in old] + [c.gain for c in cands]),
+        retention=np.concatenate([ret, np.zeros(len(cands))]),
+        keys=np.concatenate([snap.keys, np.stack([c.key for c in cands])]),
+        is_new=np.array([False] * n_old + [True] * len(cands)),
+        age=np.array([max_id - e.entry_id + 1 for e in old] + [0] * len(cands), float),
+        task=np.array([hash(e.task) for e in old] + [hash(task)] * len(cands), np.int64),
+    )
+    budget = int(g.pages * g.page_bytes * (1.0 - reserve))
+    smallest = min(ent_bytes(c.tokens) for c in cands)
+    if smallest > budget:
+        raise BankError(f"the bank's cap ({g.cap} bytes) is too small for even one entry of this task "
+                        f"(the smallest needs {smallest} bytes); create a bank with a larger --budget")
+    chosen = {int(i) for i in sel.select(pool, budget, bank.usage()["bytes_free"], strategy, weights, seed,
+                                         max_items=g.slots)}
+    add = [i - n_old for i in sorted(chosen) if i >= n_old]
+    evict = [old[i].slot for i in range(n_old) if i not in chosen]
+    evicted_ids = {str(old[i].entry_id) for i in range(n_old) if i not in chosen}
+    by_gain = sorted(add, key=lambda ci: -cands[ci].gain)  # anchors: the kept facts that help most
+    picks = (by_gain + [i for i in rng.permutation(len(cands)) if i not in set(add)])[:n_anchors]
+    p = Plan(task=task, keep_old=[old[i].slot for i in range(n_old) if i in chosen], evict=evict, add=add,
+             candidates=cands, anchors=[cands[i].example() for i in picks],
+             gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib,
+             template=spec if store_spec else None, bank_gen=snap.gen,
+             bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings)
+    for i in range(n_old):
+        if i not in chosen:
+            p.evicted_per_task[old[i].task] = p.evicted_per_task.get(old[i].task, 0) + 1
+    timings["select_s"] = time.perf_counter() - t
+    return p
+
+
+def write(bank: Bank, p: Plan) -> list[int]:
+    """Phase 5: the plan in one atomic commit. Returns the new entries' ids, in ``p.add`` order.
+
+    Refuses a plan made against another generation of the bank (another writer committed
+    in between): plan again."""
+    bank.refresh()
+    if bank.gen != p.bank_gen:
+        raise BankError(f"{bank.path} changed since this plan was made (generation {p.bank_gen} -> {bank.gen}); "
+                        "plan again")
+    t = time.perf_counter()
+    gains, ids = dict(p.gains), []
+    with bank.transaction() as tx:
+        if p.template is not None:
+            tx.set_template(p.template)
+        for s in p.evict:
+            tx.remove(s)
+        for ci in p.add:
+            c = p.candidates[ci]
+            added = tx.add(c.entry(p.task))
+            if added is None:
+                raise BankError("the selected entries did not fit; this is a bug in the byte accounting")
+            gains[str(added.entry_id)] = round(c.gain, 4)
+            ids.append(added.entry_id)
+        tx.set_anchors(p.task, p.anchors)
+        tx.set_extra(GAINS_KEY, gains)
+        if p.calibration.accepted:
+            tx.set_calibration(*p.calibration.arrays)
+    p.timings["write_s"] = time.perf_counter() - t
+    return ids
+
+
+def absorb(rt, bank: Bank, examples, task: str, *, dry_run: bool = False, **kw) -> Plan:
+    """``plan`` then ``write`` (unless ``dry_run``): learn ``examples`` as task ``task``."""
+    p = plan(rt, bank, examples, task, **kw)
+    if not dry_run:
+        write(bank, p)
+    return p
