@@ -7,26 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from tinybundle import CHATML, SPECIALS, byte_tokenizer
 
 
 def tiny_tokenizer():
     """A byte-level tokenizer: 3 specials + the 256 byte symbols, no merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    vocab.update({ch: len(SPECIALS) + i for i, ch in enumerate(sorted(alphabet))})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer(), bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>")
     fast.chat_template = CHATML
     return fast
@@ -84,3 +72,12 @@ def tiny_hf_model(tiny_llama_dir):
 @pytest.fixture()
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def device_bundle(tmp_path_factory) -> Path:
+    """The tiny Llama bundle built without torch (``tests/tinybundle.py``): for runtime and learn
+    tests that need no comparison with the torch model."""
+    from tinybundle import build
+
+    return build(tmp_path_factory.mktemp("device-bundle") / "fp32")
