@@ -7,6 +7,8 @@ The decoder graph uses the names optimum and onnxruntime-genai use::
              position_ids              int64  (batch, seq)
              past_key_values.{i}.key   float  (batch, kv_heads, past, head_dim)
              past_key_values.{i}.value float  (batch, kv_heads, past, head_dim)
+             attention_bias            float  (batch, layers, past + seq)   native graph only: added to the
+                                                attention scores of every head of each layer (0 = no change)
     outputs  logits                    float  (batch, seq, vocab)
              present.{i}.key           float  (batch, kv_heads, past + seq, head_dim)
              present.{i}.value         float  (batch, kv_heads, past + seq, head_dim)
@@ -33,6 +35,7 @@ INPUT_IDS = "input_ids"
 INPUTS_EMBEDS = "inputs_embeds"   # multimodal decoders: float (batch, seq, hidden) instead of input_ids
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
+ATTENTION_BIAS = "attention_bias"  # weighted memory injection (README, "Memory"); bundles before it lack it
 LOGITS = "logits"
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
@@ -66,11 +69,11 @@ def present_value(layer: int) -> str:
     return f"present.{layer}.value"
 
 
-def decoder_inputs(num_layers: int, embeds: bool = False) -> list[str]:
+def decoder_inputs(num_layers: int, embeds: bool = False, bias: bool = False) -> list[str]:
     names = [INPUTS_EMBEDS if embeds else INPUT_IDS, ATTENTION_MASK, POSITION_IDS]
     for i in range(num_layers):
         names += [past_key(i), past_value(i)]
-    return names
+    return names + ([ATTENTION_BIAS] if bias else [])
 
 
 def decoder_outputs(num_layers: int) -> list[str]:

@@ -88,6 +88,7 @@ def _validate(model, tokenizer_json: str, decoder: Path, weights: str, threads: 
     for i in range(cfg.num_hidden_layers):
         feed[contract.past_key(i)] = np.zeros((1, kvh, 0, hd), np.float32)
         feed[contract.past_value(i)] = np.zeros((1, kvh, 0, hd), np.float32)
+    feed.update(zero_bias(sess, cfg.num_hidden_layers, len(ids)))
     got = sess.run([contract.LOGITS], feed)[0][0]
     report = {
         "tokens": len(ids),
@@ -102,6 +103,13 @@ def _validate(model, tokenizer_json: str, decoder: Path, weights: str, threads: 
 
 
 GRAPHS = ("native", "optimum")
+
+
+def zero_bias(sess, num_layers: int, total: int) -> dict:
+    """The all-zero ``attention_bias`` feed of a native decoder session (none for optimum graphs)."""
+    if contract.ATTENTION_BIAS not in {i.name for i in sess.get_inputs()}:
+        return {}
+    return {contract.ATTENTION_BIAS: np.zeros((1, num_layers, total), np.float32)}
 
 
 def _optimum_graph(hf_model, tokenizer, spec, tmp: Path):
@@ -236,7 +244,7 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
         names_in = [i.name for i in onnx_model.graph.input]
         names_out = [o.name for o in onnx_model.graph.output]
         L = cfg.num_hidden_layers
-        if names_in != contract.decoder_inputs(L, multimodal) or names_out != contract.decoder_outputs(L):
+        if names_in != contract.decoder_inputs(L, multimodal, bias=graph == "native") or names_out != contract.decoder_outputs(L):
             raise InduceKVError(f"the {graph} export produced a graph with inputs {names_in[:4]}... that do not "
                                 "match the bundle contract; this architecture cannot be exported yet")
         bar.update()

@@ -13,7 +13,8 @@ Per layer, x: (B, S, hidden)::
 
     h = RMSNorm(x);  q, k, v = h @ Wq, h @ Wk, h @ Wv          # (B, S, H*D), (B, S, Hkv*D)
     q, k = RoPE(q, position_ids), RoPE(k, position_ids)
-    y, present_k, present_v = Attention(q, k, v, mask, past_k, past_v)   # GQA
+    y, present_k, present_v = Attention(q, k, v, mask_i, past_k, past_v)   # GQA
+    # mask_i (B, 1, S, T) float: 0 / bias[:, i] where causal and attention_mask allow, -max elsewhere
     x = x + y @ Wo;  h = RMSNorm(x);  x = x + (silu(h @ Wg) * (h @ Wu)) @ Wd
 """
 from __future__ import annotations
@@ -98,6 +99,14 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
     keep = g.op("Cast", [contract.ATTENTION_MASK], "mask/keep", to=TensorProto.BOOL)  # (B, T)
     keep4 = g.op("Unsqueeze", [keep, g.init("const.axes12", np.array([1, 2], np.int64))], "mask/keep4")  # (B,1,1,T)
     mask = g.op("And", [keep4, causal], "mask/bool")                                # (B, 1, S, T)
+    layer_masks = [mask] * L
+    if key_layers is None:  # the decoder adds attention_bias (B, L, T) to the scores, per layer
+        bias4 = g.op("Unsqueeze", [contract.ATTENTION_BIAS, g.init("const.axis2", np.array([2], np.int64))],
+                     "mask/bias4")                                                   # (B, L, 1, T)
+        neg = g.init("const.neg", np.array(np.finfo(np.float32).min, np.float32))
+        fmask = g.op("Where", [mask, bias4, neg], "mask/float")                     # (B, L, S, T)
+        split = g.op("Split", [fmask], "mask/split", n_out=L, axis=1, num_outputs=L)  # L x (B, 1, S, T)
+        layer_masks = split if L > 1 else [split]
 
     x = first if embeds_input else g.op("Gather", [emb, contract.INPUT_IDS], "embed", axis=0)  # (B, S, hidden)
     present = []
@@ -132,7 +141,7 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
         q = g.op("RotaryEmbedding", [q, "rope.cos", "rope.sin", contract.POSITION_IDS], f"l{i}/rope_q", num_heads=H)
         k = g.op("RotaryEmbedding", [k, "rope.cos", "rope.sin", contract.POSITION_IDS], f"l{i}/rope_k", num_heads=Hkv)
         if key_layers is None:
-            y, pk, pv = g.op("Attention", [q, k, v, mask, contract.past_key(i), contract.past_value(i)], f"l{i}/attn",
+            y, pk, pv = g.op("Attention", [q, k, v, layer_masks[i], contract.past_key(i), contract.past_value(i)], f"l{i}/attn",
                              n_out=3, q_num_heads=H, kv_num_heads=Hkv)              # y (B, S, H*D); pk (B, Hkv, T, D)
             present += [(pk, contract.present_key(i)), (pv, contract.present_value(i))]
         else:
@@ -171,6 +180,7 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
             inputs.append(helper.make_tensor_value_info(name, f32, ["batch_size", Hkv, "past_sequence_length", D]))
         for name in (contract.present_key(i), contract.present_value(i)):
             outputs.append(helper.make_tensor_value_info(name, f32, ["batch_size", Hkv, "total_sequence_length", D]))
+    inputs.append(helper.make_tensor_value_info(contract.ATTENTION_BIAS, f32, ["batch_size", L, "total_sequence_length"]))
     used = {n for node in g.nodes for n in node.input}
     graph = helper.make_graph(g.nodes, "inducekv-decoder", inputs, outputs, [t for t in g.inits if t.name in used])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inducekv")

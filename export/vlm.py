@@ -187,6 +187,9 @@ def validate(model, processor, stage: Path, weights: str, threads: int) -> dict:
     for i in range(cfg.num_hidden_layers):
         feed[contract.past_key(i)] = np.zeros((1, cfg.num_key_value_heads, 0, hd), np.float32)
         feed[contract.past_value(i)] = np.zeros((1, cfg.num_key_value_heads, 0, hd), np.float32)
+    from inducekv.export.build import zero_bias
+
+    feed.update(zero_bias(dec, cfg.num_hidden_layers, len(ids)))
     got = dec.run([contract.LOGITS], feed)[0][0]
     return {"tokens": int(len(ids)), "image_tokens": int(feats.shape[0] * feats.shape[1]),
             "max_abs_logit_diff": float(np.abs(got - ref).max()),

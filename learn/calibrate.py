@@ -70,7 +70,7 @@ def cosine(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 def calibrate(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng,
-              progress: bool = False) -> Calibration:
+              progress: bool = False, key_scale: np.ndarray | None = None) -> Calibration:
     """Fit on held-out candidate prompts; keep it only if held-out loss drops.
 
     ``old_keys`` (N_old, K): the bank's live entries; ``old_kv(j)``: float K/V of old entry j."""
@@ -91,7 +91,7 @@ def calibrate(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer
         for j in near:
             if j >= len(old_keys):
                 cj = cands[j - len(old_keys)]
-                kv = unpack(bank.geo, cj.payload, cj.tokens)
+                kv = unpack(bank.geo, cj.payload, cj.tokens, key_scale)
             else:
                 kv = old_kv(j)
             gains.append(scorer.logp(c.prompt, c.answer, [kv], image) - c.base)
@@ -109,3 +109,60 @@ def calibrate(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer
     after = retrieval_loss(mapped(val_q), pool_keys, val_w)
     accepted = bool(after < before)
     return Calibration(accepted, {"loss_before": before, "loss_after": after}, (a, b, U, V) if accepted else None)
+
+
+# -- the injection weighting: temperature of the softmax over the k retrieval scores ---------------
+TAUS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)   # over centered cosines (gaps between top entries ~0.07)
+INJECT_K = 4                                         # entries per query while fitting
+
+
+@dataclass
+class InjectionFit:
+    """The outcome of fitting the injection weighting: accepted only when held-out loss drops."""
+    accepted: bool
+    tau: float | None = None
+    report: dict = field(default_factory=dict)     # loss per tau ("none": unweighted), n queries
+
+    def as_dict(self) -> dict:
+        return {"accepted": self.accepted, "tau": self.tau, **self.report}
+
+
+def fit_injection(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng, query_map,
+                  k: int = INJECT_K, progress: bool = False, key_scale=None, n_queries: int = QUERIES) -> InjectionFit:
+    """Choose tau (softmax temperature over the k retrieval scores; each injected entry's slots get
+    the attention bias log(alpha_j)) by the mean answer log-likelihood of ``n_queries`` of the
+    task's examples with their k nearest entries injected; kept only if it beats unweighted
+    injection. Bundles without the bias input keep unweighted injection."""
+    from inducekv.runtime.memory import Injection, centered_cosine
+
+    pool_keys = np.concatenate([old_keys, np.stack([c.key for c in cands])]) if cands else old_keys
+    if not scorer.rt.decoder.has_bias:
+        return InjectionFit(False, None, {"reason": "the bundle's decoder takes no attention bias; re-export it"})
+    if len(pool_keys) < 2 or len(cands) < 2:
+        return InjectionFit(False, None, {"reason": "too few entries"})
+    taus = (None,) + TAUS
+    mean = pool_keys.mean(axis=0)                                    # the bank's mean key after the write
+    logps = {t: [] for t in taus}
+    for i in tqdm(rng.permutation(len(cands))[:n_queries], desc="weighting", unit="query", disable=not progress):
+        c = cands[int(i)]
+        q = query_map(c.key)
+        top = np.argsort(-cosine(q, pool_keys))[:k]                 # ranked like the index
+        sims = centered_cosine(q, pool_keys, mean)                  # weighted like the runtime
+        kvs = []
+        for j in top:
+            j = int(j)
+            kvs.append(unpack(bank.geo, cands[j - len(old_keys)].payload, cands[j - len(old_keys)].tokens, key_scale)
+                       if j >= len(old_keys) else old_kv(j))
+        if any(kv is None for kv in kvs):
+            continue
+        image = scorer.rt.encode_image(c.image) if c.image else None
+        for t in taus:
+            order, w = Injection(t).plan(sims[top])     # what the runtime injects, in its order
+            logps[t].append(scorer.logp(c.prompt, c.answer, [kvs[i] for i in order], image, weights=w))
+    if not logps[None]:
+        return InjectionFit(False, None, {"reason": "no query could be scored"})
+    loss = {t: -float(np.mean(v)) for t, v in logps.items()}
+    best = min(TAUS, key=lambda t: loss[t])
+    report = {"k": k, "queries": len(logps[None]), "loss_unweighted": loss[None],
+              "loss_by_tau": {f"{t:g}": round(loss[t], 4) for t in TAUS}}
+    return InjectionFit(bool(loss[best] < loss[None]), best if loss[best] < loss[None] else None, report)

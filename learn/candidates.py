@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from inducekv.core.errors import InduceKVError
 from inducekv.kernels import kvquant
 from inducekv.memory.bank import NewEntry, example_hash
-from inducekv.runtime.memory import Layout, image_of, key_of
+from inducekv.runtime.memory import Layout, entry_bias, image_of, key_of
 from inducekv.runtime.session import KeyEncoder
 from inducekv.runtime.tasks import Example
 
@@ -67,27 +67,46 @@ class Scorer:
     def __init__(self, rt, layout: Layout):
         self.rt, self.layout = rt, layout
 
-    def logp(self, prompt: str, answer: str, entries: list[tuple[np.ndarray, np.ndarray]], image=None) -> float:
-        """``entries``: float K/V (L, H_kv, T, D) each; ``image``: the query's ``vision.ImageInput``."""
-        cache, pos = self.layout.assemble(entries)
+    def logp(self, prompt: str, answer: str, entries: list[tuple[np.ndarray, np.ndarray]], image=None,
+             weights: np.ndarray | None = None, gates=None) -> float:
+        """``entries``: float K/V (L, H_kv, T, D) each; ``image``: the query's ``vision.ImageInput``;
+        ``weights``/``gates``: the injection weighting (``runtime.memory.Injection``)."""
+        cache, pos = self.layout.assemble(entries, gates)
         q = self.layout.query_ids(prompt, image)
         a = self.rt.tokenizer.encode(answer, bos=False)
         ids = q + a
+        bias = entry_bias(self.layout.p0, [k.shape[2] for k, _ in entries], weights)
+        if bias is not None:
+            bias = np.concatenate([bias, np.zeros(len(ids), np.float32)])            # (past + len(ids),)
         logits, _ = self.rt.decoder.forward(ids, cache, positions=np.arange(pos, pos + len(ids)),
-                                            features=image.features if image is not None else None)
+                                            features=image.features if image is not None else None, bias=bias)
         rows = logits[len(q) - 1: len(ids) - 1].astype(np.float64)               # (len(a), V)
         rows -= rows.max(axis=1, keepdims=True)
         lse = np.log(np.exp(rows).sum(axis=1))
         return float(np.mean(rows[np.arange(len(a)), a] - lse))
 
 
-def unpack(geo, payload: bytes, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def unpack(geo, payload: bytes, tokens: int, key_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A packed payload as float K/V, each (L, H_kv, tokens, D)."""
-    return kvquant.unpack(payload, geo.scheme, geo.num_layers, geo.kv_heads, tokens, geo.head_dim)
+    return kvquant.unpack(payload, geo.scheme, geo.num_layers, geo.kv_heads, tokens, geo.head_dim, key_scale)
 
 
-def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progress: bool = False) -> list[Candidate]:
-    """One candidate per example (``Example`` or dict), packed for a bank of geometry ``geo``."""
+FIT_EXAMPLES = 16   # examples whose keys fit a new bank's shared key scales
+
+
+def fit_key_scales(rt, layout: Layout, examples, scheme: str) -> np.ndarray:
+    """Shared key scales (L, H_kv, D) for a bank that has none, from the first examples' keys."""
+    keys = []
+    for n, ex in enumerate(examples[:FIT_EXAMPLES], start=1):
+        ex = as_example(ex, n)
+        keys.append(layout.encode_entry(ex.prompt, ex.answers[0], image_of(rt, ex))[0])
+    return kvquant.fit_key_scale(keys, scheme)
+
+
+def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progress: bool = False,
+                      key_scale: np.ndarray | None = None) -> list[Candidate]:
+    """One candidate per example (``Example`` or dict), packed for a bank of geometry ``geo``
+    (``key_scale``: its shared key scales, for the schemes that have them)."""
     scorer, out = Scorer(rt, layout), []
     for n, ex in enumerate(tqdm(examples, desc="encode", unit="ex", disable=not progress), start=1):
         ex = as_example(ex, n)
@@ -98,12 +117,12 @@ def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progr
             raise InduceKVError(f"example {prompt[:40]!r} renders to {k.shape[2]} tokens; this bank holds "
                                 f"entries of at most {geo.max_tokens}")
         try:
-            payload = kvquant.pack(k, v, geo.scheme)
+            payload = kvquant.pack(k, v, geo.scheme, key_scale)
         except ValueError as e:  # e.g. values outside the scheme's range
             raise InduceKVError(f"example {prompt[:40]!r} cannot be stored as {geo.scheme}: {e}") from None
         c = Candidate(prompt, answer, payload, k.shape[2], key_of(rt, keys, prompt, image),
                       image=str(Path(ex.image).resolve()) if ex.image is not None else None)
         c.base = scorer.logp(prompt, answer, [], image)
-        c.gain = scorer.logp(prompt, answer, [unpack(geo, payload, c.tokens)], image) - c.base
+        c.gain = scorer.logp(prompt, answer, [unpack(geo, payload, c.tokens, key_scale)], image) - c.base
         out.append(c)
     return out

@@ -73,7 +73,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
     out = {"task": tname, "examples": len(examples), "added": len(plan.add), "evicted": len(plan.evict),
            "kept_old": len(plan.keep_old), "evicted_per_task": plan.evicted_per_task, "bytes_per_entry": round(plan.bytes_per_entry), "dry_run": dry_run,
            "tasks_before": before, "tasks_after": after, "bytes_used": usage["bytes_used"], "cap": usage["cap"],
-           "calibration": plan.calibration.as_dict(), "timings_s": {k: round(v, 2) for k, v in plan.timings.items()},
+           "calibration": plan.calibration.as_dict(), "weighting": plan.injection.as_dict(), "timings_s": {k: round(v, 2) for k, v in plan.timings.items()},
            "total_s": round(time.perf_counter() - t0, 2)}
     if as_json:
         click.echo(json.dumps(out))

@@ -6,7 +6,8 @@ written); ``write(bank, plan)`` is phase 5, one atomic commit; ``absorb`` does b
 1. **encode** (``candidates.py``): every example becomes a candidate entry, with its
    likelihood gain.
 2. **calibrate** (``calibrate.py``, outer level): the retrieval key map, kept only when
-   held-out retrieval loss drops.
+   held-out retrieval loss drops; then the injection weighting (the temperature of the
+   softmax over the k retrieval scores), kept only when it beats unweighted injection.
 3. **retain** (``retain.py``): old tasks' anchors value the old entries.
 4. **select** (``select.py``, inner level): old entries and new candidates compete for
    the same bytes and slots.
@@ -27,12 +28,14 @@ import numpy as np
 
 from inducekv.core.errors import BankError, InduceKVError
 from inducekv.learn import select as sel
-from inducekv.learn.calibrate import Calibration, calibrate
+from inducekv.learn.calibrate import Calibration, InjectionFit, calibrate, fit_injection
 from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE
-from inducekv.learn.candidates import Candidate, Scorer, encode_candidates, unpack
+from inducekv.kernels import kvquant
+from inducekv.learn.candidates import Candidate, Scorer, encode_candidates, fit_key_scales, unpack
 from inducekv.learn.retain import retention
 from inducekv.memory.bank import Bank
-from inducekv.runtime.memory import DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Layout, template_from
+from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, INJECTION_KEY, TEMPLATES, Injection, Layout,
+                                     template_from)
 from inducekv.runtime.session import KeyEncoder
 from inducekv.runtime.tasks import iter_task
 
@@ -49,7 +52,9 @@ class Plan:
     anchors: list[dict]                      # this task's anchors after the write
     gains: dict[str, float]                  # entry id -> gain, for the kept old entries
     calibration: Calibration
+    injection: InjectionFit                  # the fitted entry weighting (stored when accepted)
     template: dict | None                    # the prompt layout to store (None: the bank has one)
+    key_scales: np.ndarray | None            # shared key scales to store (a new bank of a k*v* scheme), else None
     bank_gen: int                            # the bank generation the plan was made against
     bytes_per_entry: float
     timings: dict = field(default_factory=dict)
@@ -114,7 +119,13 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     snap = bank.snapshot()
 
     t = time.perf_counter()
-    cands = candidates if candidates is not None else encode_candidates(rt, g, layout, keys, examples, progress)
+    key_scale, new_scales = bank.key_scales(), None
+    if g.scheme in kvquant.SHARED_KEY_SCALE and key_scale is None:
+        if candidates is not None:
+            raise InduceKVError(f"this {g.scheme} bank has no key scales yet; let the learn encode the examples")
+        key_scale = new_scales = fit_key_scales(rt, layout, examples, g.scheme)
+    cands = candidates if candidates is not None else encode_candidates(rt, g, layout, keys, examples, progress,
+                                                                        key_scale)
     timings["encode_s"] = time.perf_counter() - t
 
     old = snap.entries
@@ -122,13 +133,16 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
 
     def old_kv(j: int):
         got = bank.read_payload(old[j].slot, old[j].entry_id)
-        return None if got is None else unpack(g, got[0], got[1].tokens)
+        return None if got is None else unpack(g, got[0], got[1].tokens, key_scale)
 
     t = time.perf_counter()
     if strategy == "all":
         calib = Calibration(False, {"reason": "strategy all"})
+        inject = InjectionFit(False, None, {"reason": "strategy all"})
     else:
-        calib = calibrate(bank, cands, snap.keys, old_kv, scorer, rng, progress)
+        calib = calibrate(bank, cands, snap.keys, old_kv, scorer, rng, progress, key_scale)
+        inject = fit_injection(bank, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress=progress,
+                               key_scale=key_scale)
     timings["calibrate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -165,8 +179,8 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     picks = (by_gain + [i for i in rng.permutation(len(cands)) if i not in set(add)])[:n_anchors]
     p = Plan(task=task, keep_old=[old[i].slot for i in range(n_old) if i in chosen], evict=evict, add=add,
              candidates=cands, anchors=[cands[i].example() for i in picks],
-             gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib,
-             template=spec if store_spec else None, bank_gen=snap.gen,
+             gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib, injection=inject,
+             template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
              bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings)
     for i in range(n_old):
         if i not in chosen:
@@ -189,6 +203,8 @@ def write(bank: Bank, p: Plan) -> list[int]:
     with bank.transaction() as tx:
         if p.template is not None:
             tx.set_template(p.template)
+        if p.key_scales is not None:
+            tx.set_key_scales(p.key_scales)
         for s in p.evict:
             tx.remove(s)
         for ci in p.add:
@@ -202,6 +218,8 @@ def write(bank: Bank, p: Plan) -> list[int]:
         tx.set_extra(GAINS_KEY, gains)
         if p.calibration.accepted:
             tx.set_calibration(*p.calibration.arrays)
+        if p.injection.accepted:
+            tx.set_extra(INJECTION_KEY, Injection(p.injection.tau).as_dict())
     p.timings["write_s"] = time.perf_counter() - t
     return ids
 

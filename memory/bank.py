@@ -8,7 +8,7 @@ Commit protocol (copy-on-write, two copies of every mutable region)::
 
     1. payload -> free pages              (pwrite)
     2. new record -> the slot's other copy (pwrite)
-    3. catalog / calibration -> their other copy, if changed
+    3. catalog / calibration / key scales -> their other copy, if changed
     4. fdatasync
     5. superblock gen+1 with flipped bits -> the older superblock copy, fdatasync
 
@@ -134,7 +134,7 @@ class Bank:
             with open(tmp, "wb") as f:
                 os.posix_fallocate(f.fileno(), 0, geo.file_bytes)  # real blocks: the cap is bytes on disk
                 f.write(geo.header_bytes())
-                sb = fmt.Superblock(1, 1, 0, 0, 0, 0, 0, np.zeros(geo.slots, np.uint8))
+                sb = fmt.Superblock(1, 1, 0, 0, 0, 0, 0, 0, 0, np.zeros(geo.slots, np.uint8))
                 f.seek(geo.offsets()["superblock"] + geo.superblock_bytes)  # copy 1 (gen 1 % 2)
                 f.write(sb.to_bytes(geo))
                 f.flush()
@@ -394,6 +394,27 @@ class Bank:
                 raise BankError(f"{self.path}: entry in slot {slot} is corrupt (checksum); run ikv-bank verify")
         raise BankError(f"{self.path}: slot {slot} kept changing while being read; retry")
 
+    def read_key(self, slot: int, entry_id: int) -> np.ndarray | None:
+        """The retrieval key (key_dim,) float32 of entry ``entry_id`` in ``slot`` as on disk now
+        (checksum verified, lock-free like ``read_payload``); None when it was swapped out."""
+        if not (0 <= slot < self.geo.slots):
+            raise BankError(f"slot {slot} is out of range (0..{self.geo.slots - 1})")
+        R = self.geo.record_bytes
+        for _ in range(READ_RETRIES):
+            sb, _copy = self._superblock()
+            start = self.offsets["records"] + (slot * 2 + int(sb.bitmap[slot])) * R
+            raw = np.frombuffer(self._mm[start:start + R], np.uint8)
+            rec = raw.view(self._rdt)[0]
+            if rec["magic"] == b"":
+                return None
+            if self._record_ok(raw):
+                if rec["state"] != fmt.STATE_LIVE or int(rec["entry_id"]) != entry_id:
+                    return None
+                return rec["key"].astype(np.float32)
+            if self._superblock()[0].gen == sb.gen:
+                raise BankError(f"{self.path}: record of slot {slot} is corrupt (checksum); run ikv-bank verify")
+        raise BankError(f"{self.path}: slot {slot} kept changing while being read; retry")
+
     def _task_name(self, task_id: int) -> str:
         if task_id not in self._task_names:
             self.refresh()  # a task added by a commit after our last look
@@ -422,8 +443,23 @@ class Bank:
             return None
         buf, info = got
         g = self.geo
-        k, v = kvquant.unpack(buf, g.scheme, g.num_layers, g.kv_heads, info.tokens, g.head_dim)
+        k, v = kvquant.unpack(buf, g.scheme, g.num_layers, g.kv_heads, info.tokens, g.head_dim, self.key_scales())
         return info, k, v
+
+    def key_scales(self) -> np.ndarray | None:
+        """The bank-wide key scales (L, H_kv, D) float16 of a shared-key-scale scheme; None when
+        the scheme has none or no learn has set them yet."""
+        sb = self._sb
+        if self.geo.scales_bytes == 0 or sb.scales_crc == 0:
+            return None
+        n = 2 * self.geo.num_layers * self.geo.kv_heads * self.geo.head_dim
+        raw = self._region("scales", sb.scales_copy, n)
+        if zlib.crc32(raw) != sb.scales_crc:
+            self._corrupt("key scales")
+        ks = np.frombuffer(raw, "<f2").reshape(self.geo.num_layers, self.geo.kv_heads, self.geo.head_dim)
+        if not np.isfinite(ks).all() or (ks < 0).any():
+            self._corrupt("key scales")
+        return ks.astype(np.float16)
 
     def calibration(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """(a, b, U, V) of ``map(x) = a*x + b + (x @ V) @ U.T``; None while it is the identity."""

@@ -4,8 +4,8 @@ Everything about where bytes go lives here; ``memory/FORMAT.md`` documents the
 same layout for humans. The file is a valid safetensors file whose tensors are
 fixed-size byte regions, all allocated at creation::
 
-    u64 N | header JSON (N bytes, space padded) | superblock | calibration | catalog | records | pages
-                                                  [2, SB]      [2, CB]       [2, CAT]  [S, 2, R] [P, page_bytes]
+    u64 N | header JSON (N bytes, space padded) | superblock | calibration | scales | catalog | records | pages
+                                                  [2, SB]      [2, CB]       [2, SC]  [2, CAT]  [S, 2, R] [P, page_bytes]
 
 Every mutable region exists twice (copies 0 and 1). A commit writes the copies
 the current superblock does *not* point to, then flips to them by writing the
@@ -25,14 +25,14 @@ from inducekv.kernels import kvquant
 from inducekv.core.errors import BankError
 
 FORMAT_NAME = "inducekv.bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shared key scales (the ``scales`` section) for the k8v8/k4v8/k4v4 schemes
 SUPERBLOCK_MAGIC = b"IKVS"
 RECORD_MAGIC = b"IKVE"
 DATA_ALIGN = 4096  # the data section starts on a page boundary
 SECTION_ALIGN = 64  # every region's size is a multiple of this
 MAX_HEADER_BYTES = 1 << 20  # a real header is < 2 KB; refuse anything larger
 KEY_SPACES = ("cosine", "ip", "l2")
-SECTIONS = ("superblock", "calibration", "catalog", "records", "pages")
+SECTIONS = ("superblock", "calibration", "scales", "catalog", "records", "pages")
 
 # Limits that bound every allocation a hostile header could ask for.
 MAX_SLOTS = 10_000_000
@@ -43,8 +43,9 @@ MAX_ENTRY_TOKENS = 65_536
 STATE_EMPTY, STATE_LIVE = 0, 1
 MIN_ENTRY_TOKENS = 16  # a cap must hold at least one entry of this many tokens
 
-# superblock: magic, version, gen, next_entry_id, catalog (copy, len, crc), calibration (copy, crc), reserved
-_SB_HEAD = struct.Struct("<4sIQQIIIIII")
+# superblock: magic, version, gen, next_entry_id, catalog (copy, len, crc), calibration (copy, crc),
+# key scales (copy, crc), reserved
+_SB_HEAD = struct.Struct("<4sIQQIIIIIIII")
 
 
 def _round(n: int, to: int) -> int:
@@ -97,10 +98,18 @@ class Geometry:
         """One calibration copy: a, b (K,) and U, V (K, r), float32: map(x) = a*x + b + (x V) Uᵀ."""
         return _round(4 * self.key_dim * (2 + 2 * self.calib_rank), SECTION_ALIGN)
 
+    @property
+    def scales_bytes(self) -> int:
+        """One copy of the bank-wide key scales (L, H_kv, D) float16; 0 for schemes without them."""
+        if self.scheme not in kvquant.SHARED_KEY_SCALE:
+            return 0
+        return _round(2 * self.num_layers * self.kv_heads * self.head_dim, SECTION_ALIGN)
+
     def section_shapes(self) -> dict[str, tuple[int, ...]]:
         return {
             "superblock": (2, self.superblock_bytes),
             "calibration": (2, self.calib_bytes),
+            "scales": (2, self.scales_bytes),
             "catalog": (2, self.catalog_bytes),
             "records": (self.slots, 2, self.record_bytes),
             "pages": (self.pages, self.page_bytes),
@@ -191,11 +200,14 @@ class Superblock:
     catalog_crc: int
     calib_copy: int      # 0/1; calib_crc == 0 means "identity" (never fitted)
     calib_crc: int
+    scales_copy: int     # 0/1; scales_crc == 0 means "not set yet" (shared-key-scale schemes)
+    scales_crc: int
     bitmap: np.ndarray   # (S,) uint8 in {0, 1}: which record copy of each slot is current
 
     def to_bytes(self, geo: Geometry) -> bytes:
         head = _SB_HEAD.pack(SUPERBLOCK_MAGIC, FORMAT_VERSION, self.gen, self.next_entry_id, self.catalog_copy,
-                             self.catalog_len, self.catalog_crc, self.calib_copy, self.calib_crc, 0)
+                             self.catalog_len, self.catalog_crc, self.calib_copy, self.calib_crc, self.scales_copy,
+                             self.scales_crc, 0)
         body = head + np.packbits(self.bitmap.astype(np.uint8), bitorder="little").tobytes()
         body += struct.pack("<I", zlib.crc32(body))
         return body + b"\0" * (geo.superblock_bytes - len(body))
@@ -206,11 +218,13 @@ class Superblock:
         n = _SB_HEAD.size + geo.bitmap_bytes
         if len(buf) < n + 4 or zlib.crc32(buf[:n]) != struct.unpack_from("<I", buf, n)[0]:
             return None
-        magic, version, gen, next_id, cat_copy, cat_len, cat_crc, cal_copy, cal_crc, _ = _SB_HEAD.unpack_from(buf)
-        if magic != SUPERBLOCK_MAGIC or version != FORMAT_VERSION or cat_copy > 1 or cal_copy > 1 or cat_len > geo.catalog_bytes:
+        (magic, version, gen, next_id, cat_copy, cat_len, cat_crc, cal_copy, cal_crc, sc_copy, sc_crc,
+         _) = _SB_HEAD.unpack_from(buf)
+        if (magic != SUPERBLOCK_MAGIC or version != FORMAT_VERSION or cat_copy > 1 or cal_copy > 1 or sc_copy > 1
+                or cat_len > geo.catalog_bytes):
             return None
         bits = np.unpackbits(np.frombuffer(buf, np.uint8, geo.bitmap_bytes, _SB_HEAD.size), bitorder="little")[: geo.slots]
-        return cls(gen, next_id, cat_copy, cat_len, cat_crc, cal_copy, cal_crc, bits.copy())
+        return cls(gen, next_id, cat_copy, cat_len, cat_crc, cal_copy, cal_crc, sc_copy, sc_crc, bits.copy())
 
 
 # ---- header parsing (untrusted input) ----
@@ -237,7 +251,8 @@ def parse_header(head8: bytes, read, file_size: int, where: str) -> Geometry:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise BankError(f"{where}: not an inducekv bank (a safetensors file without '__metadata__.format': '{FORMAT_NAME}')")
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise BankError(f"{where}: bank format version {meta.get('format_version')!r} is not supported (this inducekv reads {FORMAT_VERSION})")
+        raise BankError(f"{where}: bank format version {meta.get('format_version')!r} is not supported (this inducekv "
+                        f"reads {FORMAT_VERSION}); create a new bank and learn its tasks again")
     values = {}
     for f in fields(Geometry):
         raw = meta.get(f.name)

@@ -1,4 +1,4 @@
-"""Atomic changes to a bank: add / replace / remove entries, tasks, anchors, calibration.
+"""Atomic changes to a bank: add / replace / remove entries, tasks, anchors, calibration, key scales.
 
 Use as a context manager; it commits on a clean exit and leaves the bank untouched
 (as far as any reader can tell) when the block raises or the process dies::
@@ -48,6 +48,8 @@ class Transaction:
         self._catalog = copy.deepcopy(bank.catalog)
         self._catalog_dirty = False
         self._calib: bytes | None = None
+        self._scales = bank.key_scales()        # (L, H_kv, D) float16 entries are coded against, or None
+        self._scales_dirty = False
         self._next_id = self._sb.next_entry_id
         self._done = False
 
@@ -131,7 +133,9 @@ class Transaction:
         self._check_open()
         g = self.geo
         key = np.asarray(entry.key, np.float32).reshape(-1)
-        if entry.payload is not None:
+        if entry.payload is not None:  # packed by the caller, against this bank's key scales
+            if g.scheme in kvquant.SHARED_KEY_SCALE and self._scales is None:
+                raise BankError(f"this {g.scheme} bank has no key scales yet; set them (set_key_scales) before adding")
             T, payload = int(entry.tokens), entry.payload
             if not (1 <= T <= g.max_tokens) or len(payload) != g.payload_nbytes(T):
                 raise BankError(f"packed payload of {len(payload)} bytes does not match {T} tokens of this bank's {g.scheme}")
@@ -142,8 +146,10 @@ class Transaction:
             T = k.shape[2]
             if T > g.max_tokens:
                 raise BankError(f"entry has {T} tokens; this bank's records hold at most {g.max_tokens}")
+            if g.scheme in kvquant.SHARED_KEY_SCALE and self._scales is None:
+                raise BankError(f"this {g.scheme} bank has no key scales yet; set them (set_key_scales) before adding")
             try:
-                payload = kvquant.pack(k, entry.values, g.scheme)
+                payload = kvquant.pack(k, entry.values, g.scheme, self._scales)
             except ValueError as e:
                 raise BankError(str(e)) from None
         if key.shape != (g.key_dim,) or not np.isfinite(key).all():
@@ -230,13 +236,37 @@ class Transaction:
             raise BankError(f"calibration must be finite arrays of shapes {shapes}, got {[p.shape for p in parts]}")
         self._calib = b"".join(p.astype("<f4").tobytes() for p in parts)
 
+    def set_key_scales(self, scales) -> None:
+        """Set the bank-wide key scales (L, H_kv, D) float16 of a shared-key-scale scheme. Every
+        entry is coded against them, so they are set once, while the bank holds no entry."""
+        self._check_open()
+        g = self.geo
+        if g.scheme not in kvquant.SHARED_KEY_SCALE:
+            raise BankError(f"a {g.scheme} bank keeps key scales in each entry; it has no shared ones")
+        ks = np.asarray(scales)
+        if ks.shape != (g.num_layers, g.kv_heads, g.head_dim) or ks.dtype != np.float16 \
+                or not np.isfinite(ks).all() or (ks < 0).any():
+            raise BankError(f"key scales must be finite non-negative float16 of shape "
+                            f"{(g.num_layers, g.kv_heads, g.head_dim)}, got {ks.dtype} {ks.shape}")
+        if self._scales is not None and np.array_equal(self._scales, ks):
+            return
+        if self._live.any() or any(live for live, _ in self._touched.values()):
+            raise BankError("the bank's key scales cannot change while it holds entries (they were coded against them)")
+        self._scales, self._scales_dirty = ks.copy(), True
+
+    @property
+    def key_scales(self) -> np.ndarray | None:
+        """The key scales entries of this transaction are coded against (pending or committed)."""
+        return self._scales
+
     # ---------------------------------------------------------------- commit
     def commit(self) -> int:
         """Make every change visible at once. Returns the new generation."""
         self._check_open()
         b, g = self.bank, self.geo
         sb = fmt.Superblock(self._sb.gen + 1, self._next_id, self._sb.catalog_copy, self._sb.catalog_len,
-                            self._sb.catalog_crc, self._sb.calib_copy, self._sb.calib_crc, self._bitmap.copy())
+                            self._sb.catalog_crc, self._sb.calib_copy, self._sb.calib_crc, self._sb.scales_copy,
+                            self._sb.scales_crc, self._bitmap.copy())
         if self._catalog_dirty:
             raw = json.dumps(self._catalog, separators=(",", ":"), ensure_ascii=False).encode()
             if len(raw) > g.catalog_bytes:
@@ -253,6 +283,14 @@ class Transaction:
                 self._done = True
                 raise BankError("calibration checksum collides with the identity marker; perturb it slightly")
             b.write_at(self._calib, self._off["calibration"] + sb.calib_copy * g.calib_bytes)
+        if self._scales_dirty:
+            raw = self._scales.astype("<f2").tobytes()
+            sb.scales_copy = 1 - self._sb.scales_copy
+            sb.scales_crc = zlib.crc32(raw)
+            if sb.scales_crc == 0:  # 0 marks "not set"; a 1-in-4-billion collision
+                self._done = True
+                raise BankError("key scales checksum collides with the 'not set' marker; perturb them slightly")
+            b.write_at(raw, self._off["scales"] + sb.scales_copy * g.scales_bytes)
         for slot in self._touched:
             sb.bitmap[slot] ^= 1
         b.sync()  # everything the new superblock will name is on disk

@@ -55,6 +55,12 @@ def verify(path, *, payloads: bool = True) -> dict:
             bank.calibration()
         except BankError as e:
             p.append(str(e))
+        try:
+            if snap.entries and g.scales_bytes and bank.key_scales() is None:
+                p.append(f"the bank holds {g.scheme} entries but no key scales to decode them")
+        except BankError as e:
+            p.append(str(e))
         report["entries"] = len(snap.entries)
     report["ok"] = not report["problems"]
     return report
+

@@ -22,6 +22,7 @@ from inducekv.core.errors import InduceKVError, PromptError
 from inducekv.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingConfig, choose
 from inducekv.runtime.session import Decoder, KVCache
 from inducekv.runtime.tokenizer import ChatTokenizer
+from inducekv.runtime.memory import Injection, entry_bias
 from inducekv.runtime.vision import with_image
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class Prepared:
     cache: KVCache                       # past KV before them: empty, or shared prefix + injected entries
     pos: int                             # position of ids[0]
     features: np.ndarray | None = None   # (n_image_tokens, hidden) rows for the image tokens in ids
-    entries: list[dict] = field(default_factory=list)  # retrieved memory entries (id, task, score, tokens)
+    entries: list[dict] = field(default_factory=list)  # retrieved memory entries (id, task, score, tokens, weight)
+    bias: np.ndarray | None = None       # (cache.length,) or (L, cache.length) attention bias on the past, or None
 
 
 @dataclass
@@ -201,9 +203,17 @@ class Runtime:
         tm = res.timings
         ids, pos = prep.ids, prep.pos
         budget = min(max_new_tokens, self.manifest.max_context - pos - len(ids))
+        bias = None
+        if prep.bias is not None:  # the entries' weights hold for every step: zeros after them
+            b = np.asarray(prep.bias, np.float32)                              # (past,) or (L, past)
+            bias = np.zeros(b.shape[:-1] + (prep.cache.length + len(ids) + budget,), np.float32)
+            bias[..., :prep.cache.length] = b
+        past = prep.cache.length
         t1 = time.perf_counter()
         logits, cache = self.decoder.forward(ids, prep.cache, positions=np.arange(pos, pos + len(ids)),
-                                             features=prep.features)
+                                             features=prep.features,
+                                             bias=bias[..., :past + len(ids)] if bias is not None else None)
+        past += len(ids)
         pos += len(ids)
         tm.prefill_ms = (time.perf_counter() - t1) * 1e3
         out: list[int] = []
@@ -230,7 +240,9 @@ class Runtime:
                 yield piece
             if res.stop_reason == "stop" or len(out) >= budget:
                 break
-            logits, cache = self.decoder.forward([nxt], cache, positions=np.array([pos]))
+            logits, cache = self.decoder.forward([nxt], cache, positions=np.array([pos]),
+                                                 bias=bias[..., :past + 1] if bias is not None else None)
+            past += 1
             pos += 1
         tm.new_tokens = len(out)
         tm.decode_ms = (time.perf_counter() - t_first) * 1e3 if t_first else 0.0
@@ -250,14 +262,23 @@ class Runtime:
         tm.prefix_ms = (time.perf_counter() - t) * 1e3
         found = mem.retrieve(prompt, k, tm, margin, image=img) if k > 0 else []
         t = time.perf_counter()
-        cache, pos = layout.assemble_payloads([(buf, info["tokens"]) for info, buf in found], mem.bank.geo.scheme)
+        inj = mem.injection() if self.decoder.has_bias else Injection(None, mem.injection().gates)
+        order, weights = inj.plan([info["centered"] for info, _ in found])
+        found = [found[i] for i in order]                                   # injected ones, best last
+        cache, pos = layout.assemble_payloads([(buf, info["tokens"]) for info, buf in found], mem.bank.geo.scheme,
+                                              gates=inj.gates if found else None,
+                                              key_scale=mem.bank.key_scales() if found else None)
+        bias = entry_bias(layout.p0, [info["tokens"] for info, _ in found], weights)
+        for n, (info, _) in enumerate(found):
+            info["weight"] = float(weights[n]) if weights is not None else 1.0
+        found = found[::-1]                                                 # reported best first
         tm.dequant_ms = (time.perf_counter() - t) * 1e3
         ids = layout.query_ids(prompt, img)
         limit = self.manifest.max_context - 1
         if pos + len(ids) > limit:
             raise PromptError(f"the prompt with {len(found)} memory entries is {pos + len(ids)} tokens; this model "
                               f"takes at most {limit}: shorten it or lower k")
-        return Prepared(ids, cache, pos, img.features if img is not None else None, [info for info, _ in found])
+        return Prepared(ids, cache, pos, img.features if img is not None else None, [info for info, _ in found], bias)
 
     def generate(self, prompt: str, image=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, k: int | None = None,
                  **kw) -> Result:

@@ -97,6 +97,8 @@ class KeyEncoder:
 
 
 class Decoder:
+    """The decoder graph: prefill and decode steps over a ``KVCache``."""
+
     def __init__(self, bundle_dir: Path, manifest: Manifest, profile: DeviceProfile):
         self.m = manifest
         self.sess = _session(bundle_dir / contract.DECODER_FILE, profile)
@@ -107,11 +109,23 @@ class Decoder:
         self.value_names = [contract.present_value(i) for i in range(L)]
         self.out_names = [contract.LOGITS] + [n for i in range(L) for n in (self.key_names[i], self.value_names[i])]
 
+    def _bias(self, bias: np.ndarray | None, total: int) -> np.ndarray:
+        """The (1, L, total) float32 bias input: zeros, or ``bias`` broadcast over layers."""
+        L = self.m.num_layers
+        if bias is None:
+            return np.zeros((1, L, total), np.float32)
+        b = np.asarray(bias, np.float32)
+        if b.shape not in ((total,), (L, total)):
+            raise ValueError(f"attention bias has shape {b.shape}; expected ({total},) or ({L}, {total})")
+        return np.ascontiguousarray(np.broadcast_to(b, (L, total))[None])
+
     def _check_io(self):
         L = self.m.num_layers
         ins = [i.name for i in self.sess.get_inputs()]
         outs = [o.name for o in self.sess.get_outputs()]
-        if ins != contract.decoder_inputs(L, self.embed is not None) or outs != contract.decoder_outputs(L):
+        self.has_bias = ins == contract.decoder_inputs(L, self.embed is not None, bias=True)
+        if not (self.has_bias or ins == contract.decoder_inputs(L, self.embed is not None)) \
+                or outs != contract.decoder_outputs(L):
             raise BundleError(
                 f"decoder graph I/O does not match the manifest ({len(ins)} inputs for {L} layers); "
                 "the bundle is mismatched, re-export it")
@@ -122,12 +136,15 @@ class Decoder:
                 f"head_dim={self.m.head_dim}; re-export the bundle")
 
     def forward(self, ids: list[int], cache: KVCache, positions: np.ndarray | None = None,
-                mask: np.ndarray | None = None, features: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
+                mask: np.ndarray | None = None, features: np.ndarray | None = None,
+                bias: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
         """Run ``ids`` after ``cache``; return (logits (T, V), the grown cache).
 
         ``positions`` (T,) defaults to cache.length + arange(T); ``mask`` (past+T,)
         defaults to all ones; ``features`` (n, hidden) replace the image tokens in ``ids``
-        (multimodal bundles).
+        (multimodal bundles); ``bias`` (L, past+T) or (past+T,) is added to the attention
+        scores of those key positions (per layer), zeros by default. A bundle exported
+        before the bias input existed takes no bias: a non-zero one is refused.
         """
         T, P = len(ids), cache.length
         if positions is None:
@@ -142,6 +159,11 @@ class Decoder:
         for i in range(self.m.num_layers):
             feed[contract.past_key(i)] = cache.keys[i]
             feed[contract.past_value(i)] = cache.values[i]
+        if self.has_bias:
+            feed[contract.ATTENTION_BIAS] = self._bias(bias, P + T)                 # (1, L, P+T)
+        elif bias is not None and np.any(bias):
+            raise BundleError("this bundle's decoder takes no attention bias (weighted memory injection); "
+                              "re-export it with this inducekv version")
         out = self.sess.run(self.out_names, feed)
         logits = out[0][0]                                                    # (T, V)
         return logits, KVCache(out[1::2], out[2::2])

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from inducekv.kernels import kvquant
 from inducekv.memory.bank import Bank, NewEntry
 
 TOY = dict(fingerprint="toy-model", num_layers=2, kv_heads=2, head_dim=16, key_dim=8, max_tokens=48)
 
 
 def make_bank(path, cap=128 * 1024, scheme="int8", **kw) -> Bank:
-    return Bank.create(path, cap, force=True, scheme=scheme, **{**TOY, **kw})
+    """A toy bank; shared-key-scale schemes get their scales in a first commit (fitted on toy keys)."""
+    b = Bank.create(path, cap, force=True, scheme=scheme, **{**TOY, **kw})
+    if scheme in kvquant.SHARED_KEY_SCALE:
+        with b.transaction() as tx:
+            tx.set_key_scales(kvquant.fit_key_scale([entry(s, 48).keys for s in range(8)], scheme))
+    return b
 
 
 def entry(seed: int, tokens: int, task: str = "t0") -> NewEntry:

@@ -21,7 +21,7 @@ def _check_entry(bank, slot, scheme="int8"):
     e = bank.entry(slot)
     ref = entry(seed_of(e.example_hash), e.tokens, e.task)
     k, v = bank.read(slot)
-    kb, vb = kvquant.error_bound(scheme, ref.keys, ref.values)
+    kb, vb = kvquant.error_bound(scheme, ref.keys, ref.values, bank.key_scales())
     assert (np.abs(k - ref.keys) <= kb).all() and (np.abs(v - ref.values) <= vb).all()
 
 
@@ -364,3 +364,14 @@ def test_cli_create_from_bundle(tmp_path, tiny_bundles):
     assert os.path.getsize(p) <= 256 * 1024 == json.loads(out.output)["cap"]
     out = CliRunner().invoke(cli, ["create", str(p), "--bundle", str(tiny_bundles["fp32"]), "--budget", "lots"])
     assert out.exit_code == 2 and "byte size" in out.output
+
+
+def test_read_key_matches_the_snapshot_and_follows_swaps(tmp_path):
+    with make_bank(tmp_path / "b.ikv") as b:
+        with b.transaction() as tx:
+            a = tx.add(entry(1, 5))
+        snap = b.snapshot()
+        assert np.array_equal(b.read_key(a.slot, a.entry_id), snap.keys[0])
+        with b.transaction() as tx:
+            tx.replace(a.slot, entry(2, 5))
+        assert b.read_key(a.slot, a.entry_id) is None   # swapped out: not served

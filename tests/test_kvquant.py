@@ -6,6 +6,11 @@ from hypothesis import given, settings, strategies as st
 from inducekv.kernels import kvquant
 
 
+def _ks(scheme, k):
+    """The bank's shared key scales for schemes that use them (fitted on these keys), else None."""
+    return kvquant.fit_key_scale([k], scheme) if scheme in kvquant.SHARED_KEY_SCALE else None
+
+
 def _kv(rng, L=2, H=3, T=5, D=64, outlier=True):
     k = rng.standard_normal((L, H, T, D)).astype(np.float32)
     v = rng.standard_normal((L, H, T, D)).astype(np.float32)
@@ -17,11 +22,12 @@ def _kv(rng, L=2, H=3, T=5, D=64, outlier=True):
 @pytest.mark.parametrize("scheme", kvquant.SCHEMES)
 def test_round_trip_within_bound(scheme, rng):
     k, v = _kv(rng)
-    buf = kvquant.pack(k, v, scheme)
+    ks = _ks(scheme, k)
+    buf = kvquant.pack(k, v, scheme, ks)
     assert len(buf) == kvquant.payload_nbytes(scheme, *k.shape)
-    k2, v2 = kvquant.unpack(buf, scheme, *k.shape)
+    k2, v2 = kvquant.unpack(buf, scheme, *k.shape, key_scale=ks)
     assert k2.shape == k.shape and v2.shape == v.shape and k2.dtype == np.float32
-    kb, vb = kvquant.error_bound(scheme, k, v)
+    kb, vb = kvquant.error_bound(scheme, k, v, ks)
     assert (np.abs(k2 - k) <= kb).all()
     assert (np.abs(v2 - v) <= vb).all()
 
@@ -29,11 +35,12 @@ def test_round_trip_within_bound(scheme, rng):
 @pytest.mark.parametrize("scheme", kvquant.SCHEMES)
 def test_unpack_into_views_matches_unpack(scheme, rng):
     k, v = _kv(rng)
-    buf = kvquant.pack(k, v, scheme)
+    ks = _ks(scheme, k)
+    buf = kvquant.pack(k, v, scheme, ks)
     big = np.zeros((2, 3, 9, 64), np.float32)  # entries land in a slice of a bigger past-KV buffer
     bigv = np.zeros_like(big)
-    kvquant.unpack_into(buf, scheme, big[:, :, 2:7], bigv[:, :, 2:7])
-    k2, v2 = kvquant.unpack(buf, scheme, *k.shape)
+    kvquant.unpack_into(buf, scheme, big[:, :, 2:7], bigv[:, :, 2:7], ks)
+    k2, v2 = kvquant.unpack(buf, scheme, *k.shape, key_scale=ks)
     assert np.array_equal(big[:, :, 2:7], k2) and np.array_equal(bigv[:, :, 2:7], v2)
     assert not big[:, :, :2].any() and not big[:, :, 7:].any()
 
@@ -89,7 +96,8 @@ def test_zero_and_constant_blocks(rng):
     k = np.zeros((1, 1, 3, 32), np.float32)
     v = np.full((1, 1, 3, 32), 2.5, np.float32)
     for scheme in kvquant.SCHEMES:
-        k2, v2 = kvquant.unpack(kvquant.pack(k, v, scheme), scheme, 1, 1, 3, 32)
+        ks = _ks(scheme, k)
+        k2, v2 = kvquant.unpack(kvquant.pack(k, v, scheme, ks), scheme, 1, 1, 3, 32, key_scale=ks)
         assert (k2 == 0).all()
         np.testing.assert_allclose(v2, v, rtol=2e-3)
 
@@ -103,6 +111,9 @@ def test_zero_and_constant_blocks(rng):
         (lambda: kvquant.pack(np.zeros((1, 1, 1, 3)), np.zeros((1, 1, 1, 3)), "int4"), "odd"),
         (lambda: kvquant.unpack(b"\0" * 7, "int8", 1, 1, 1, 4), "needs"),
         (lambda: kvquant.payload_nbytes("int8", 1, 1, 0, 4), "tokens must be a positive integer"),
+        (lambda: kvquant.pack(np.zeros((1, 1, 1, 4)), np.zeros((1, 1, 1, 4)), "k4v8"), "shared key scales"),
+        (lambda: kvquant.pack(np.zeros((1, 1, 1, 4)), np.zeros((1, 1, 1, 4)), "k8v8", np.ones((1, 1, 3), np.float16)),
+         "shape"),
     ],
 )
 def test_bad_input(call, message):
@@ -124,8 +135,26 @@ def test_round_trip_property(scheme, L, H, T, D, scale, seed):
     g = np.random.default_rng(seed)
     k = (g.standard_normal((L, H, T, D)) * scale).astype(np.float32)
     v = (g.standard_normal((L, H, T, D)) * scale).astype(np.float32)
-    buf = kvquant.pack(k, v, scheme)
+    ks = _ks(scheme, k)
+    buf = kvquant.pack(k, v, scheme, ks)
     assert len(buf) == kvquant.payload_nbytes(scheme, L, H, T, D)
-    k2, v2 = kvquant.unpack(buf, scheme, L, H, T, D)
-    kb, vb = kvquant.error_bound(scheme, k, v)
+    k2, v2 = kvquant.unpack(buf, scheme, L, H, T, D, key_scale=ks)
+    kb, vb = kvquant.error_bound(scheme, k, v, ks)
     assert (np.abs(k2 - k) <= kb).all() and (np.abs(v2 - v) <= vb).all()
+
+
+def test_shared_key_scale_clips_keys_beyond_the_fitted_range(rng):
+    k, v = _kv(rng, D=32, outlier=False)
+    ks = kvquant.fit_key_scale([k], "k8v8")
+    big = k.copy()
+    big[0, 0, 0, 0] = 1000.0   # far beyond what the scales were fitted on
+    k2, _ = kvquant.unpack(kvquant.pack(big, v, "k8v8", ks), "k8v8", *k.shape, key_scale=ks)
+    assert k2[0, 0, 0, 0] == pytest.approx(127 * float(ks[0, 0, 0]), rel=1e-3)   # clipped to the largest code
+    kb, _ = kvquant.error_bound("k8v8", big, v, ks)
+    assert (np.abs(k2 - big) <= kb).all()
+
+
+def test_shared_schemes_are_smaller_per_entry():
+    per_entry = {s: kvquant.payload_nbytes(s, 30, 3, 6, 64) for s in ("int8", "k8v8", "k4v8", "k4v4")}
+    assert per_entry["int8"] - per_entry["k8v8"] == 30 * 3 * 64 * 2   # no per-entry key scales
+    assert per_entry["k8v8"] > per_entry["k4v8"] > per_entry["k4v4"]
