@@ -39,12 +39,18 @@ def info(bank, as_json):
         obj = {"path": str(b.path), "fingerprint": g.fingerprint, "scheme": g.scheme, "generation": b.gen,
                "model": {"layers": g.num_layers, "kv_heads": g.kv_heads, "head_dim": g.head_dim},
                "key": {"dim": g.key_dim, "space": g.key_space, "calibrated": b.calibration() is not None},
+               "shared_key_scales": (None if g.scales_bytes == 0 else b.key_scales() is not None),
+               "weighting": b.catalog.get("extra", {}).get("injection"),
                **u, "tasks": b.tasks(), "entry_bytes_at_tokens": per_entry,
                "mean_entry_bytes": (u["bytes_used"] // u["entries"]) if u["entries"] else None}
         lines = [f"{b.path}: inducekv bank, generation {b.gen}",
                  f"  model      {g.fingerprint[:16]}  (L={g.num_layers}, kv heads={g.kv_heads}, head dim={g.head_dim})",
                  f"  payloads   {g.scheme}, pages of {g.page_bytes} B; keys {g.key_dim}-d {g.key_space}"
-                 f"{' (calibrated)' if obj['key']['calibrated'] else ''}",
+                 f"{' (calibrated)' if obj['key']['calibrated'] else ''}"
+                 + ("" if obj["shared_key_scales"] is None else
+                    f"; shared key scales {'set' if obj['shared_key_scales'] else 'not set yet'}"),
+                 "  weighting  " + (f"softmax over centered scores, tau={obj['weighting']['tau']:g}"
+                                    if obj["weighting"] and obj["weighting"].get("tau") else "none (entries unweighted)"),
                  f"  cap        {_mib(g.cap)} ({g.cap} B); file {g.file_bytes} B; format overhead {_mib(u['overhead_bytes'])}",
                  f"  used       {_mib(u['bytes_used'])} of {_mib(g.pages * g.page_bytes)} payload space; "
                  f"free {_mib(u['bytes_free'])}",
