@@ -12,7 +12,7 @@ from inducekv.runtime.sampling import DEFAULT_MAX_NEW_TOKENS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--bundle", required=True, type=click.Path(), help="Bundle directory from ikv-export.")
+@click.option("--bundle", type=click.Path(), help="Bundle directory from ikv-export (required).")
 @click.option("--memory", type=click.Path(), default=None, help="Memory bank (.ikv) to retrieve from.")
 @click.option("--k", type=click.IntRange(0, 64), default=None,
               help="Memory entries per query (default: the device profile's; 0 = none).")
@@ -29,10 +29,12 @@ from inducekv.runtime.sampling import DEFAULT_MAX_NEW_TOKENS
 @click.option("--system", default=None, help="System prompt (default: the chat template's).")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
 @click.option("--device", default="cpu", show_default=True, help="Device profile name or .toml path.")
+@click.option("--list-devices", is_flag=True,
+              help="List the device profiles and the execution providers this machine has, then exit.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per answer (text, timings, entries).")
 def cli(bundle, memory, k, no_memory, prompt, task, image, max_new_tokens, temperature, top_k, top_p, seed, system,
-        stop, device, quiet, as_json):
+        stop, device, list_devices, quiet, as_json):
     """Answer --prompt TEXT, or every prompt of --task FILE.jsonl, with a bundle.
 
     \b
@@ -40,8 +42,16 @@ def cli(bundle, memory, k, no_memory, prompt, task, image, max_new_tokens, tempe
       ikv-run --bundle bundles/smollm2 --prompt "What is the capital of France?"
       ikv-run --bundle bundles/smollm2 --task questions.jsonl --json
       ikv-run --bundle bundles/smollm2 --memory bank.ikv --k 2 --prompt "Capital of Vexland?"
+      ikv-run --list-devices
     """
     logging.basicConfig(level=logging.WARNING)
+    if list_devices:
+        with fail_on_bad_input():
+            _list_devices(as_json)
+        return
+    if bundle is None:
+        ctx = click.get_current_context()
+        raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == "bundle"))
     with fail_on_bad_input():
         if (prompt is None) == (task is None):
             from inducekv.core.errors import InduceKVError
@@ -81,6 +91,30 @@ def _report(res, prompt: str, as_json: bool, echoed: bool):
         click.echo("[memory: " + ", ".join(f"#{e['id']} {e['task']} ({e['score']:.2f})" for e in res.entries) + "]", err=True)
     click.echo(f"[{t.prompt_tokens} prompt tokens, {t.new_tokens} new; ttft {t.ttft_ms:.0f} ms, "
                f"{t.tokens_per_s:.1f} tok/s]", err=True)
+
+
+def _short(provider: str) -> str:
+    return provider.removesuffix("ExecutionProvider")
+
+
+def _list_devices(as_json: bool):
+    from inducekv.devices.profile import describe_profiles, machine_summary
+
+    here, rows = machine_summary(), describe_profiles()
+    if as_json:
+        click.echo(json.dumps({**here, "profiles": rows}))
+        return
+    kv = {4: "int4", 8: "int8", 16: "fp16"}
+    table = [("profile", "threads", "providers, in order", "used here", "weights", "kv", "k", "budget", "target")]
+    table += [(r["name"], str(r["intra_op_threads"]), ", ".join(map(_short, r["execution_providers"])),
+               ", ".join(map(_short, r["uses_here"])), r["weights"], kv[r["kv_bits"]], str(r["k"]),
+               r["default_budget"], r["description"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    click.echo(f"this machine: {here['machine']}, onnxruntime {here['onnxruntime']}, providers "
+               + ", ".join(map(_short, here["available_providers"]))
+               + "; a profile's missing providers fall back to the next, with one warning line")
 
 
 def main():
