@@ -87,6 +87,7 @@ class Runtime:
         self.decoder = Decoder(bundle_dir, manifest, profile)
         self.eos_ids = set(int(i) for i in st.get("eos_token_ids", []))
         self.memory = None  # runtime.memory.Memory when opened with a bank
+        self._warned_bias = False
         self._vision = None
 
     def encode_image(self, image):
@@ -262,7 +263,13 @@ class Runtime:
         tm.prefix_ms = (time.perf_counter() - t) * 1e3
         found = mem.retrieve(prompt, k, tm, margin, image=img) if k > 0 else []
         t = time.perf_counter()
-        inj = mem.injection() if self.decoder.has_bias else Injection(None, mem.injection().gates)
+        inj = mem.injection()
+        if not self.decoder.has_bias and inj.tau is not None:
+            if not self._warned_bias:
+                log.warning("this bundle's decoder takes no attention bias: memory entries are injected "
+                            "unweighted; re-export the bundle with this inducekv version")
+                self._warned_bias = True
+            inj = Injection(None, inj.gates)
         order, weights = inj.plan([info["centered"] for info, _ in found])
         found = [found[i] for i in order]                                   # injected ones, best last
         cache, pos = layout.assemble_payloads([(buf, info["tokens"]) for info, buf in found], mem.bank.geo.scheme,

@@ -82,7 +82,13 @@ class BankMethod:
         if self.memory is not None:
             self.memory.close()
         with Bank.open(self.path, writable=True) as bank:
-            candidates = repack(candidates, bank.geo)
+            g = bank.geo
+            if g.scheme in kvquant.SHARED_KEY_SCALE and bank.key_scales() is None:  # as ikv-learn fits them
+                sample = [kvquant.unpack(c.payload, "fp16", g.num_layers, g.kv_heads, c.tokens, g.head_dim)[0]
+                          for c in candidates[:16]]
+                with bank.transaction() as tx:
+                    tx.set_key_scales(kvquant.fit_key_scale(sample, g.scheme))
+            candidates = repack(candidates, g, bank.key_scales())
             L.absorb(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed,
                              reserve=self.reserve, candidates=candidates, n_anchors=N_ANCHORS)
         self.memory = self.rt.open_memory(self.path)
@@ -153,14 +159,14 @@ class PromptRetrieval:
         return res.text, res.timings.ttft_ms
 
 
-def repack(cands: list, geo) -> list:
+def repack(cands: list, geo, key_scale=None) -> list:
     """fp16 candidates re-packed for a bank's KV scheme (gains and keys unchanged)."""
     if geo.scheme == "fp16":
         return cands
     out = []
     for c in cands:
         k, v = kvquant.unpack(c.payload, "fp16", geo.num_layers, geo.kv_heads, c.tokens, geo.head_dim)
-        out.append(dataclasses.replace(c, payload=kvquant.pack(k, v, geo.scheme)))
+        out.append(dataclasses.replace(c, payload=kvquant.pack(k, v, geo.scheme, key_scale)))
     return out
 
 
