@@ -114,6 +114,7 @@ def calibrate(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer
 # -- the injection weighting: temperature of the softmax over the k retrieval scores ---------------
 TAUS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)   # over centered cosines (gaps between top entries ~0.07)
 INJECT_K = 4                                         # entries per query while fitting
+TIE = 0.005                                          # nats: losses this close count as equal
 
 
 @dataclass
@@ -162,7 +163,10 @@ def fit_injection(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, sc
     if not logps[None]:
         return InjectionFit(False, None, {"reason": "no query could be scored"})
     loss = {t: -float(np.mean(v)) for t, v in logps.items()}
-    best = min(TAUS, key=lambda t: loss[t])
+    # the task's own prompts find their own entry easily, so small taus tie: among taus within
+    # TIE of the best loss take the softest (the spike on held-out paraphrases: 0.01 best)
+    low = min(loss[t] for t in TAUS)
+    best = max(t for t in TAUS if loss[t] <= low + TIE)
     report = {"k": k, "queries": len(logps[None]), "loss_unweighted": loss[None],
               "loss_by_tau": {f"{t:g}": round(loss[t], 4) for t in TAUS}}
     return InjectionFit(bool(loss[best] < loss[None]), best if loss[best] < loss[None] else None, report)

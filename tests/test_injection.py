@@ -90,14 +90,18 @@ def test_malformed_injection_in_a_bank_is_one_line(rt, device_bundle, tmp_path):
 
 def test_learn_fits_the_weighting_and_stores_it_only_when_it_helps(rt, tmp_path):
     from inducekv.learn import absorb
-    from inducekv.learn.calibrate import TAUS
+    from inducekv.learn.calibrate import TAUS, TIE
 
     with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, scheme="k4v8", max_tokens=64) as b:
         facts = [{"prompt": f"Which colour is thing {i}?", "answer": ["red", "blue", "green"][i % 3]} for i in range(8)]
         p = absorb(rt, b, facts, "t", n_anchors=1)
         fit = p.injection
         assert set(fit.report["loss_by_tau"]) == {f"{t:g}" for t in TAUS}
-        best = min(fit.report["loss_by_tau"].values())
-        assert fit.accepted == (best < fit.report["loss_unweighted"])
+        losses, unweighted = fit.report["loss_by_tau"], fit.report["loss_unweighted"]
+        if fit.accepted:   # the softest tau within TIE of the best, and better than no weighting
+            assert losses[f"{fit.tau:g}"] <= min(losses.values()) + TIE + 1e-4 and losses[f"{fit.tau:g}"] < unweighted
+            assert all(t <= fit.tau for t in TAUS if losses[f"{t:g}"] <= min(losses.values()) + TIE - 1e-4)
+        else:
+            assert min(losses.values()) >= unweighted - TIE - 1e-4
         stored = b.catalog["extra"].get(INJECTION_KEY)
         assert (stored is not None and stored["tau"] == fit.tau) if fit.accepted else stored is None
