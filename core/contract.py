@@ -31,6 +31,13 @@ TOKENIZER_FILE = "tokenizer.json"
 KEY_FILE = "key.onnx"
 KEY_OUTPUT = "key"
 
+# The learn-time probe graph (native graph only; optional: bundles before it lack it): the
+# decoder with the same inputs and outputs plus each layer's post-RoPE queries
+#   query.{i}   float (batch, seq, heads * head_dim)
+# ``ikv-learn --compact genv`` reads them to score entry tokens. Like key.onnx it references
+# the decoder's external data file; the manifest names it in ``probe`` ({"graph": PROBE_FILE}).
+PROBE_FILE = "probe.onnx"
+
 INPUT_IDS = "input_ids"
 INPUTS_EMBEDS = "inputs_embeds"   # multimodal decoders: float (batch, seq, hidden) instead of input_ids
 ATTENTION_MASK = "attention_mask"
@@ -81,3 +88,12 @@ def decoder_outputs(num_layers: int) -> list[str]:
     for i in range(num_layers):
         names += [present_key(i), present_value(i)]
     return names
+
+
+def query_output(layer: int) -> str:
+    return f"query.{layer}"
+
+
+def probe_outputs(num_layers: int) -> list[str]:
+    """The probe graph's outputs: the decoder's, then every layer's queries."""
+    return decoder_outputs(num_layers) + [query_output(i) for i in range(num_layers)]

@@ -46,6 +46,7 @@ class Manifest:
     files: dict                  # name -> {"size": int, "sha256": str}
     image: dict | None = None    # image settings for multimodal bundles
     retrieval_key: dict | None = None  # how the frozen retrieval key is computed
+    probe: dict | None = None    # the learn-time probe graph {"graph": "probe.onnx"} (contract.PROBE_FILE)
     kind: str = contract.BUNDLE_KIND
     extra: dict = field(default_factory=dict)
 

@@ -133,11 +133,12 @@ def _state_of(hf_model) -> dict:
     return state
 
 
-def _native_graph(state: dict, cfg, weights: str, key_layers: int | None = None, embeds: bool = False):
+def _native_graph(state: dict, cfg, weights: str, key_layers: int | None = None, embeds: bool = False,
+                  query_outputs: bool = False):
     from inducekv.export.graph import build_llama_graph
 
     return build_llama_graph(state, cfg, share_tied=(weights == "fp32"), key_layers=key_layers,
-                             embeds_input=embeds)
+                             embeds_input=embeds, query_outputs=query_outputs)
 
 
 def key_layers_for(num_layers: int) -> int:
@@ -145,33 +146,48 @@ def key_layers_for(num_layers: int) -> int:
     return max(1, round(num_layers / 4))
 
 
-def _save_key_graph(state: dict, cfg, weights: str, stage: Path, key_layers: int, embeds: bool = False) -> list[str]:
-    """Write ``key.onnx``; every weight it shares with the decoder points into the decoder's
-    external data file (checked byte for byte), so the key graph costs no extra disk."""
+def _save_sharing_weights(model, stage: Path, name: str) -> None:
+    """Write graph ``model`` to ``stage/name``; every weight it shares with the decoder points
+    into the decoder's external data file (checked byte for byte), so it costs no extra disk."""
     import onnx
 
-    key_model = _native_graph(state, cfg, weights, key_layers, embeds)
-    if weights != "fp32":
-        key_model = quantize_weights_checked(key_model, weights)
     dec = onnx.load(stage / contract.DECODER_FILE, load_external_data=False)
     shared = {t.name: t for t in dec.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     data_path = stage / (contract.DECODER_FILE + ".data")
     with open(data_path, "rb") if data_path.exists() else open(os.devnull, "rb") as data:
-        for t in key_model.graph.initializer:
+        for t in model.graph.initializer:
             ref = shared.get(t.name)
             if ref is None:
                 continue
             info = {e.key: e.value for e in ref.external_data}
             data.seek(int(info.get("offset", 0)))
             if data.read(int(info["length"])) != onnx.numpy_helper.to_array(t).tobytes():
-                continue  # same name, different bytes: keep the key graph's own copy inline
+                continue  # same name, different bytes: keep this graph's own copy inline
             t.ClearField("raw_data")
             for field in ("float_data", "int32_data", "int64_data"):
                 t.ClearField(field)
             t.data_location = onnx.TensorProto.EXTERNAL
             t.external_data.extend(ref.external_data)
-    onnx.save_model(key_model, stage / contract.KEY_FILE)
+    onnx.save_model(model, stage / name)
+
+
+def _save_key_graph(state: dict, cfg, weights: str, stage: Path, key_layers: int, embeds: bool = False) -> list[str]:
+    """Write ``key.onnx`` (weights shared with the decoder's data file)."""
+    key_model = _native_graph(state, cfg, weights, key_layers, embeds)
+    if weights != "fp32":
+        key_model = quantize_weights_checked(key_model, weights)
+    _save_sharing_weights(key_model, stage, contract.KEY_FILE)
     return [contract.KEY_FILE]
+
+
+def _save_probe_graph(state: dict, cfg, weights: str, stage: Path, embeds: bool = False) -> list[str]:
+    """Write ``probe.onnx``: the decoder plus every layer's queries (``ikv-learn --compact``),
+    weights shared with the decoder's data file."""
+    probe = _native_graph(state, cfg, weights, embeds=embeds, query_outputs=True)
+    if weights != "fp32":
+        probe = quantize_weights_checked(probe, weights)
+    _save_sharing_weights(probe, stage, contract.PROBE_FILE)
+    return [contract.PROBE_FILE]
 
 
 def export_bundle(model: str, out: str | os.PathLike, weights: str = "fp32", force: bool = False,
@@ -259,6 +275,7 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
         key_layers = key_layers_for(L)
         if graph == "native":
             files += _save_key_graph(state, cfg, weights, stage, key_layers, multimodal)
+            files += _save_probe_graph(state, cfg, weights, stage, multimodal)
         image = None
         if multimodal:
             image = vlm.image_settings(hf_model, processor)
@@ -317,6 +334,7 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
                             "input": "image tokens + prompt text, no chat template" if multimodal
                             else "prompt text, no chat template"}
                            if graph == "native" else None),
+            probe={"graph": contract.PROBE_FILE} if graph == "native" else None,
             extra={"export_validation": report, "graph": graph, "opset": _opset(stage)},
         )
         write_manifest(stage, manifest)

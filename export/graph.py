@@ -56,7 +56,8 @@ class _G:
 
 
 def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True,
-                      key_layers: int | None = None, embeds_input: bool = False) -> onnx.ModelProto:
+                      key_layers: int | None = None, embeds_input: bool = False,
+                      query_outputs: bool = False) -> onnx.ModelProto:
     """ONNX decoder from an HF Llama state dict (numpy fp32) and its config.
 
     ``key_layers``: build the *retrieval-key graph* instead: the first ``key_layers``
@@ -70,6 +71,9 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
     ``embeds_input``: the first input is ``inputs_embeds`` (B, S, hidden) float instead of
     ``input_ids`` (multimodal bundles: the runtime looks up tokens and splices image
     features in; see ``contract.EMBED_FILE``).
+
+    ``query_outputs``: build the *probe graph* (``contract.PROBE_FILE``): the decoder, plus
+    outputs ``query.{i}`` (B, S, H*D), each layer's queries after RoPE.
     """
     L, H, Hkv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     if key_layers is not None:
@@ -109,7 +113,7 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
         layer_masks = split if L > 1 else [split]
 
     x = first if embeds_input else g.op("Gather", [emb, contract.INPUT_IDS], "embed", axis=0)  # (B, S, hidden)
-    present = []
+    present, queries = [], []
 
     def linear(inp, key, name):
         w = g.init(key, state[key].T)                                               # (in, out)
@@ -144,6 +148,8 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
             y, pk, pv = g.op("Attention", [q, k, v, layer_masks[i], contract.past_key(i), contract.past_value(i)], f"l{i}/attn",
                              n_out=3, q_num_heads=H, kv_num_heads=Hkv)              # y (B, S, H*D); pk (B, Hkv, T, D)
             present += [(pk, contract.present_key(i)), (pv, contract.present_value(i))]
+            if query_outputs:
+                queries.append((q, contract.query_output(i)))
         else:
             y = g.op("Attention", [q, k, v, mask], f"l{i}/attn", q_num_heads=H, kv_num_heads=Hkv)
         x = g.op("Add", [x, linear(y, p + "self_attn.o_proj.weight", f"l{i}/o")], f"l{i}/res1")
@@ -164,7 +170,7 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
     logits_raw = g.op("MatMul", [h, head_w], "lm_head")                              # (B, S, V)
 
     g.nodes.append(helper.make_node("Identity", [logits_raw], [contract.LOGITS], name="out/logits"))
-    for src, dst in present:
+    for src, dst in present + queries:
         g.nodes.append(helper.make_node("Identity", [src], [dst], name=f"out/{dst}"))
 
     V = head.shape[0]
@@ -181,6 +187,8 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
         for name in (contract.present_key(i), contract.present_value(i)):
             outputs.append(helper.make_tensor_value_info(name, f32, ["batch_size", Hkv, "total_sequence_length", D]))
     inputs.append(helper.make_tensor_value_info(contract.ATTENTION_BIAS, f32, ["batch_size", L, "total_sequence_length"]))
+    for _, name in queries:
+        outputs.append(helper.make_tensor_value_info(name, f32, ["batch_size", "sequence_length", H * D]))
     used = {n for node in g.nodes for n in node.input}
     graph = helper.make_graph(g.nodes, "inducekv-decoder", inputs, outputs, [t for t in g.inits if t.name in used])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inducekv")

@@ -121,3 +121,41 @@ def test_optimum_graph_matches_native(tiny_llama_dir, tiny_bundles, tiny_hf_mode
     b, _ = optimum.decoder.forward(ids, KVCache.empty(optimum.manifest))
     assert np.abs(a - b).max() < 1e-4
     assert np.abs(b - hf_logits(tiny_hf_model, ids)).max() < 1e-4
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_probe_graph_is_the_decoder_plus_its_queries(tiny_bundles, tiny_hf_model, weights):
+    """probe.onnx (listed in the manifest) returns the decoder's logits and KV and each layer's
+    post-RoPE queries: layer 0's equal the HF model's q_proj + RoPE."""
+    import onnxruntime as ort
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    bundle = tiny_bundles[weights]
+    m = read_manifest(bundle, verify_hashes=True)
+    assert m.probe == {"graph": contract.PROBE_FILE} and contract.PROBE_FILE in m.files
+    rt = Runtime.open(bundle)
+    ids = rt.encode_prompt(PROMPT)
+    sess = ort.InferenceSession(str(bundle / contract.PROBE_FILE), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == contract.probe_outputs(m.num_layers)
+    cache = KVCache.empty(m)
+    feed = {contract.INPUT_IDS: np.array([ids]), contract.ATTENTION_MASK: np.ones((1, len(ids)), np.int64),
+            contract.POSITION_IDS: np.arange(len(ids))[None],
+            contract.ATTENTION_BIAS: np.zeros((1, m.num_layers, len(ids)), np.float32)}
+    for i in range(m.num_layers):
+        feed[contract.past_key(i)], feed[contract.past_value(i)] = cache.keys[i], cache.values[i]
+    out = dict(zip(contract.probe_outputs(m.num_layers), sess.run(None, feed)))
+    logits, grown = rt.decoder.forward(ids, cache)
+    assert np.array_equal(out[contract.LOGITS][0], logits)
+    assert np.array_equal(out[contract.present_key(1)], grown.keys[1])
+    if weights != "fp32":
+        return
+    model = tiny_hf_model.model
+    H, D = m.num_attention_heads, m.head_dim
+    with torch.no_grad():
+        x = model.embed_tokens(torch.tensor([ids]))
+        att = model.layers[0].self_attn
+        q = att.q_proj(model.layers[0].input_layernorm(x)).view(1, len(ids), H, D).transpose(1, 2)
+        cos, sin = model.rotary_emb(x, torch.arange(len(ids))[None])
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    want = q.transpose(1, 2).reshape(len(ids), H * D).numpy()
+    np.testing.assert_allclose(out[contract.query_output(0)][0], want, atol=1e-4)

@@ -1,6 +1,6 @@
 """A tiny Llama bundle built without torch or transformers, for device-side tests.
 
-    python tests/tinybundle.py OUT_DIR        # ~300 KB: decoder.onnx, key.onnx, tokenizer.json, manifest.json
+    python tests/tinybundle.py OUT_DIR        # ~1.2 MB: decoder.onnx, key.onnx, probe.onnx, tokenizer.json, manifest.json
 
 Seeded random weights (2 layers, hidden 64, 4 query / 2 KV heads, a byte-level
 vocabulary of 259) go through the exporter's own native graph builder
@@ -64,8 +64,9 @@ def weights(cfg=CONFIG, seed: int = 0) -> dict[str, np.ndarray]:
     return state
 
 
-def build(out: str | Path, seed: int = 0) -> Path:
-    """Write the bundle to ``out`` (created); returns it."""
+def build(out: str | Path, seed: int = 0, probe: bool = True) -> Path:
+    """Write the bundle to ``out`` (created); returns it. ``probe``: also the learn-time probe
+    graph (``probe.onnx``, for ``ikv-learn --compact``); False builds a bundle from before it."""
     import onnx
 
     from inducekv.core import contract
@@ -78,8 +79,10 @@ def build(out: str | Path, seed: int = 0) -> Path:
     key_layers = 1
     onnx.save_model(build_llama_graph(state, cfg), out / contract.DECODER_FILE)
     onnx.save_model(build_llama_graph(state, cfg, key_layers=key_layers), out / contract.KEY_FILE)
+    if probe:
+        onnx.save_model(build_llama_graph(state, cfg, query_outputs=True), out / contract.PROBE_FILE)
     (out / contract.TOKENIZER_FILE).write_text(byte_tokenizer().to_str(), encoding="utf-8")
-    files = [contract.DECODER_FILE, contract.KEY_FILE, contract.TOKENIZER_FILE]
+    files = [contract.DECODER_FILE, contract.KEY_FILE, contract.TOKENIZER_FILE] + ([contract.PROBE_FILE] if probe else [])
     digest = hashlib.sha256(b"".join(state[k].tobytes() for k in sorted(state))).hexdigest()
     write_manifest(out, Manifest(
         schema_version=contract.SCHEMA_VERSION, source_model=f"tests/tinybundle.py:seed{seed}",
@@ -92,6 +95,7 @@ def build(out: str | Path, seed: int = 0) -> Path:
         chat_template=CHATML, weights="fp32", files=describe_files(out, files),
         retrieval_key={"graph": contract.KEY_FILE, "layers": key_layers, "pooling": "mean", "dim": cfg.hidden_size,
                        "input": "prompt text, no chat template"},
+        probe={"graph": contract.PROBE_FILE} if probe else None,
         extra={"graph": "native", "built_by": "tests/tinybundle.py"}))
     return out
 
