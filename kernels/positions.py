@@ -27,7 +27,6 @@ def rerotate(keys: np.ndarray, delta: int, theta: float) -> np.ndarray:
     return np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1).astype(np.float32)
 
 
-
 def rerotate_(keys: np.ndarray, delta: int, theta: float) -> None:
     """In-place ``rerotate`` of a float32 view (..., T, D)."""
     if delta == 0:
@@ -41,3 +40,16 @@ def rerotate_(keys: np.ndarray, delta: int, theta: float) -> None:
     k1 -= k2 * sin
     k2 *= cos
     k2 += k1_old
+
+
+def rerotate_tokens(keys: np.ndarray, deltas, theta: float) -> np.ndarray:
+    """Keys (..., T, D), token t rotated by ``deltas[t]`` more positions: moves tokens kept
+    from positions ``src`` to positions ``dst`` with ``deltas = dst - src``."""
+    d = np.asarray(deltas, np.float64)
+    D = keys.shape[-1]
+    if d.shape != (keys.shape[-2],):
+        raise ValueError(f"deltas has shape {d.shape}; expected ({keys.shape[-2]},)")
+    ang = d[:, None] * inv_freq(theta, D)[None, :]                     # (T, D/2)
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    k1, k2 = keys[..., : D // 2], keys[..., D // 2:]                   # (..., T, D/2) each
+    return np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1).astype(np.float32)

@@ -94,25 +94,35 @@ def unpack(geo, payload: bytes, tokens: int, key_scale: np.ndarray | None = None
 FIT_EXAMPLES = 16   # examples whose keys fit a new bank's shared key scales
 
 
-def fit_key_scales(rt, layout: Layout, examples, scheme: str) -> np.ndarray:
-    """Shared key scales (L, H_kv, D) for a bank that has none, from the first examples' keys."""
+def fit_key_scales(rt, layout: Layout, examples, scheme: str, any_position: bool = False) -> np.ndarray:
+    """Shared key scales (L, H_kv, D) for a bank that has none, from the first examples' keys.
+    ``any_position``: scales that hold the keys rotated to any position (compacted entries
+    store re-rotated keys): each rotary channel pair (d, d + D/2) gets the pair's largest norm."""
     keys = []
     for n, ex in enumerate(examples[:FIT_EXAMPLES], start=1):
         ex = as_example(ex, n)
-        keys.append(layout.encode_entry(ex.prompt, ex.answers[0], image_of(rt, ex))[0])
+        k = layout.encode_entry(ex.prompt, ex.answers[0], image_of(rt, ex))[0]
+        if any_position:
+            h = k.shape[-1] // 2
+            norm = np.sqrt(k[..., :h] ** 2 + k[..., h:] ** 2)                      # (L, H, T, D/2)
+            k = np.concatenate([norm, norm], axis=-1)
+        keys.append(k)
     return kvquant.fit_key_scale(keys, scheme)
 
 
 def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progress: bool = False,
-                      key_scale: np.ndarray | None = None) -> list[Candidate]:
+                      key_scale: np.ndarray | None = None, compactor=None) -> list[Candidate]:
     """One candidate per example (``Example`` or dict), packed for a bank of geometry ``geo``
-    (``key_scale``: its shared key scales, for the schemes that have them)."""
+    (``key_scale``: its shared key scales, for the schemes that have them; ``compactor``: a
+    ``learn.compact.Compactor`` that keeps some of each entry's tokens, None keeps all)."""
     scorer, out = Scorer(rt, layout), []
     for n, ex in enumerate(tqdm(examples, desc="encode", unit="ex", disable=not progress), start=1):
         ex = as_example(ex, n)
         prompt, answer = ex.prompt, ex.answers[0]
         image = image_of(rt, ex)
         k, v = layout.encode_entry(prompt, answer, image)
+        if compactor is not None:
+            k, v, _ = compactor(prompt, answer, k, v, image)
         if k.shape[2] > geo.max_tokens:
             raise InduceKVError(f"example {prompt[:40]!r} renders to {k.shape[2]} tokens; this bank holds "
                                 f"entries of at most {geo.max_tokens}")

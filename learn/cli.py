@@ -9,7 +9,7 @@ import click
 
 from inducekv.core.cli import ByteSize, fail_on_bad_input, progress_enabled
 from inducekv.kernels.kvquant import SCHEMES, scheme_for_bits
-from inducekv.learn.defaults import N_ANCHORS, RESERVE
+from inducekv.learn.defaults import COMPACT_METHODS as METHODS, COMPACT_SLOTS as DEFAULT_SLOTS, N_ANCHORS, RESERVE
 from inducekv.learn.select import STRATEGIES
 
 
@@ -30,17 +30,23 @@ from inducekv.learn.select import STRATEGIES
               help="Examples of this task kept in the bank to guard it against forgetting.")
 @click.option("--reserve", type=click.FloatRange(0.0, 0.9), default=RESERVE, show_default=True,
               help="Fraction of the bank kept free as swap space, so the next learn can commit atomically.")
+@click.option("--compact", type=click.Choice(METHODS), default=None,
+              help="Entry compaction: none (full entries) or genv (the answer span + the tokens the model's own "
+                   "answer attends to most). Default: the bank's method; none for a new bank.")
+@click.option("--slots", type=click.IntRange(1, 4096), default=None,
+              help=f"Tokens kept per entry with --compact genv (default: the bank's; {DEFAULT_SLOTS} for a new bank).")
 @click.option("--dry-run", is_flag=True, help="Print the budget plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, dry_run, quiet,
-        as_json):
+def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, slots,
+        dry_run, quiet, as_json):
     """Learn the examples of --task into the bank --memory without changing the model.
 
     \b
     Examples:
       ikv-learn --bundle bundles/default/fp32 --memory bank.ikv --task examples/tasks/capitals.train.jsonl --budget 16MiB
       ikv-learn --bundle bundles/default/fp32 --memory bank.ikv --task examples/tasks/colours.train.jsonl --dry-run
+      ikv-learn --bundle bundles/default/fp32 --memory small.ikv --task examples/tasks/capitals.train.jsonl --budget 16MiB --scheme k4v4 --compact genv --slots 10
     """
     logging.basicConfig(level=logging.WARNING)
     from pathlib import Path
@@ -54,8 +60,11 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         profile = load_profile(device)
         examples = read_examples(task_path)  # bad lines fail here, before the bank is touched
         tname = task_name(Path(task_path), name)
+        from inducekv.learn.compact import check_request
+
         rt = Runtime.open(bundle, device=profile)
         path = Path(memory)
+        check_request(rt, compact, slots, path.exists())  # before a bank is created
         if dry_run and not path.exists():
             import tempfile
 
@@ -67,13 +76,13 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
             before = bank.tasks()
             plan = absorb(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
                                   k=profile.k if profile.k else 1, dry_run=dry_run,
-                                  progress=progress_enabled(quiet))
+                                  progress=progress_enabled(quiet), compact=compact, slots=slots)
             after = bank.tasks() if not dry_run else None
             usage = bank.usage()
     out = {"task": tname, "examples": len(examples), "added": len(plan.add), "evicted": len(plan.evict),
            "kept_old": len(plan.keep_old), "evicted_per_task": plan.evicted_per_task, "bytes_per_entry": round(plan.bytes_per_entry), "dry_run": dry_run,
            "tasks_before": before, "tasks_after": after, "bytes_used": usage["bytes_used"], "cap": usage["cap"],
-           "calibration": plan.calibration.as_dict(), "weighting": plan.injection.as_dict(), "timings_s": {k: round(v, 2) for k, v in plan.timings.items()},
+           "calibration": plan.calibration.as_dict(), "weighting": plan.injection.as_dict(), "compact": plan.compaction.as_dict(), "timings_s": {k: round(v, 2) for k, v in plan.timings.items()},
            "total_s": round(time.perf_counter() - t0, 2)}
     if as_json:
         click.echo(json.dumps(out))

@@ -29,6 +29,7 @@ import numpy as np
 from inducekv.core.errors import BankError, InduceKVError
 from inducekv.learn import select as sel
 from inducekv.learn.calibrate import Calibration, InjectionFit, calibrate, fit_injection
+from inducekv.learn.compact import COMPACT_KEY, Compaction, Compactor, resolve as resolve_compaction
 from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE
 from inducekv.kernels import kvquant
 from inducekv.learn.candidates import Candidate, Scorer, encode_candidates, fit_key_scales, unpack
@@ -59,6 +60,8 @@ class Plan:
     bytes_per_entry: float
     timings: dict = field(default_factory=dict)
     evicted_per_task: dict = field(default_factory=dict)
+    compaction: Compaction = Compaction()    # how the new entries were compacted (``learn.compact``)
+    store_compaction: bool = False           # the bank's record of it changes
 
 
 def read_examples(path, require_answer: bool = True) -> list:
@@ -103,16 +106,20 @@ def layout_spec(bank: Bank, template: str | None = None, policy: str | None = No
 
 def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights: sel.Weights = sel.Weights(),
          seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress: bool = False,
-         candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None) -> Plan:
+         candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None,
+         compact: str | None = None, slots: int | None = None) -> Plan:
     """Phases 1-4 on an open bank: what to keep, evict and add. ``candidates`` skips phase 1
-    (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries."""
+    (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries;
+    ``compact``/``slots``: entry compaction (``learn.compact``; None: the bank's, else none)."""
     timings, rng = {}, np.random.default_rng(seed)
     if not examples:
         raise InduceKVError("the task file has no examples")
     if strategy not in sel.STRATEGIES:
         raise InduceKVError(f"unknown strategy {strategy!r}; choose one of {', '.join(sel.STRATEGIES)}")
     spec, store_spec = layout_spec(bank, template, policy)
+    compaction = resolve_compaction(bank, compact, slots)
     layout = Layout(rt, *template_from(spec))
+    compactor = Compactor(rt, layout, compaction) if compaction.enabled and candidates is None else None
     keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
     scorer = Scorer(rt, layout)
     g = bank.geo
@@ -123,9 +130,9 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     if g.scheme in kvquant.SHARED_KEY_SCALE and key_scale is None:
         if candidates is not None:
             raise InduceKVError(f"this {g.scheme} bank has no key scales yet; let the learn encode the examples")
-        key_scale = new_scales = fit_key_scales(rt, layout, examples, g.scheme)
+        key_scale = new_scales = fit_key_scales(rt, layout, examples, g.scheme, any_position=compaction.enabled)
     cands = candidates if candidates is not None else encode_candidates(rt, g, layout, keys, examples, progress,
-                                                                        key_scale)
+                                                                        key_scale, compactor)
     timings["encode_s"] = time.perf_counter() - t
 
     old = snap.entries
@@ -181,7 +188,8 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
              candidates=cands, anchors=[cands[i].example() for i in picks],
              gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib, injection=inject,
              template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
-             bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings)
+             bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings,
+             compaction=compaction, store_compaction=compaction != Compaction.from_catalog(bank.catalog))
     for i in range(n_old):
         if i not in chosen:
             p.evicted_per_task[old[i].task] = p.evicted_per_task.get(old[i].task, 0) + 1
@@ -205,6 +213,8 @@ def write(bank: Bank, p: Plan) -> list[int]:
             tx.set_template(p.template)
         if p.key_scales is not None:
             tx.set_key_scales(p.key_scales)
+        if p.store_compaction:
+            tx.set_extra(COMPACT_KEY, p.compaction.as_dict())
         for s in p.evict:
             tx.remove(s)
         for ci in p.add:

@@ -60,9 +60,12 @@ LEARN_SCRIPT = BLOCKER + textwrap.dedent("""
     from inducekv.runtime.api import Result
     res = Result("", [], "length")
     list(rt.decode(prep, max_new_tokens=3, result=res))
+    with open_or_create(d / "c.ikv", rt, 200_000, "k4v4", max_tokens=96) as bank:   # compacted entries (probe graph)
+        cplan = absorb(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1, compact="genv", slots=10)
+    rc = rt.generate("Capital of Vexland?", max_new_tokens=3, k=1, memory=rt.open_memory(d / "c.ikv"))
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     print(json.dumps({"added": len(plan.add), "entries": len(r.entries), "same": r2.token_ids == r.token_ids == res.token_ids,
-                      "heavy": heavy}))
+                      "compact_tokens": sorted({e["tokens"] for e in rc.entries}), "heavy": heavy}))
 """)
 
 
@@ -71,7 +74,7 @@ def test_learn_and_serve_memory_without_torch(device_bundle):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"added": 2, "entries": 1, "same": True, "heavy": []}
+    assert result == {"added": 2, "entries": 1, "same": True, "compact_tokens": [10], "heavy": []}
 
 
 def test_blocker_really_blocks():
