@@ -163,10 +163,11 @@ def fit_injection(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, sc
     if not logps[None]:
         return InjectionFit(False, None, {"reason": "no query could be scored"})
     loss = {t: -float(np.mean(v)) for t, v in logps.items()}
-    # the task's own prompts find their own entry easily, so small taus tie: among taus within
-    # TIE of the best loss take the softest (the spike on held-out paraphrases: 0.01 best)
+    # the task's own prompts find their own entry easily, so small taus tie; ties go to the
+    # sharpest: on the capitals test questions a softer tau (0.03) let wrong neighbours in
+    # (k=4 0.34 vs k=1 0.52) while a sharp one matched k=1
     low = min(loss[t] for t in TAUS)
-    best = max(t for t in TAUS if loss[t] <= low + TIE)
+    best = min(t for t in TAUS if loss[t] <= low + TIE)
     report = {"k": k, "queries": len(logps[None]), "loss_unweighted": loss[None],
               "loss_by_tau": {f"{t:g}": round(loss[t], 4) for t in TAUS}}
     return InjectionFit(bool(loss[best] < loss[None]), best if loss[best] < loss[None] else None, report)

@@ -98,9 +98,9 @@ def test_learn_fits_the_weighting_and_stores_it_only_when_it_helps(rt, tmp_path)
         fit = p.injection
         assert set(fit.report["loss_by_tau"]) == {f"{t:g}" for t in TAUS}
         losses, unweighted = fit.report["loss_by_tau"], fit.report["loss_unweighted"]
-        if fit.accepted:   # the softest tau within TIE of the best, and better than no weighting
+        if fit.accepted:   # the sharpest tau within TIE of the best, and better than no weighting
             assert losses[f"{fit.tau:g}"] <= min(losses.values()) + TIE + 1e-4 and losses[f"{fit.tau:g}"] < unweighted
-            assert all(t <= fit.tau for t in TAUS if losses[f"{t:g}"] <= min(losses.values()) + TIE - 1e-4)
+            assert all(t >= fit.tau for t in TAUS if losses[f"{t:g}"] <= min(losses.values()) + TIE - 1e-4)
         else:
             assert min(losses.values()) >= unweighted - TIE - 1e-4
         stored = b.catalog["extra"].get(INJECTION_KEY)
