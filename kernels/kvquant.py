@@ -45,11 +45,11 @@ SCHEMES = ("fp16", "int8", "int4", "k8v8", "k4v8", "k4v4")
 SHARED_KEY_SCALE = ("k8v8", "k4v8", "k4v4")     # schemes whose key scales are the bank's, not the entry's
 _PARTS = {"int8": (8, 8), "int4": (4, 4), "k8v8": (8, 8), "k4v8": (4, 8), "k4v4": (4, 4)}  # (key bits, value bits)
 KEY_SCALE_MARGIN = 1.25   # fit_key_scale: headroom over the largest key seen per channel
-_BITS = {16: "fp16", 8: "int8", 4: "int4"}
+_BITS = {16: "fp16", 8: "k8v8", 4: "k4v4"}   # shared key scales: same accuracy as per-entry, fewer bytes
 
 
 def scheme_for_bits(bits: int) -> str:
-    """The scheme of a device profile's ``kv_bits`` (16, 8 or 4)."""
+    """The scheme of a device profile's ``kv_bits`` (16, 8 or 4): the shared-key-scale ones."""
     if bits not in _BITS:
         raise ValueError(f"kv_bits must be one of {sorted(_BITS)}, got {bits!r}")
     return _BITS[bits]

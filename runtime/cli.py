@@ -104,10 +104,11 @@ def _list_devices(as_json: bool):
     if as_json:
         click.echo(json.dumps({**here, "profiles": rows}))
         return
-    kv = {4: "int4", 8: "int8", 16: "fp16"}
+    from inducekv.kernels.kvquant import scheme_for_bits
+
     table = [("profile", "threads", "providers, in order", "used here", "weights", "kv", "k", "budget", "target")]
     table += [(r["name"], str(r["intra_op_threads"]), ", ".join(map(_short, r["execution_providers"])),
-               ", ".join(map(_short, r["uses_here"])), r["weights"], kv[r["kv_bits"]], str(r["k"]),
+               ", ".join(map(_short, r["uses_here"])), r["weights"], scheme_for_bits(r["kv_bits"]), str(r["k"]),
                r["default_budget"], r["description"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:

@@ -29,7 +29,7 @@ def only_cpu(monkeypatch):
 def test_bundled_targets():
     assert {"cpu", "rpi5", "jetson", "android", "apple"} <= set(available_profiles())
     rpi5, jetson, android, apple = (load_profile(n) for n in ("rpi5", "jetson", "android", "apple"))
-    assert (rpi5.intra_op_threads, rpi5.weights, rpi5.kv_bits, rpi5.execution_providers) == (4, "int8", 8, (CPU,))
+    assert (rpi5.intra_op_threads, rpi5.weights, rpi5.kv_bits, rpi5.execution_providers) == (4, "int8", 4, (CPU,))
     assert jetson.execution_providers == (CUDA, CPU)
     assert android.execution_providers == (XNN, CPU)
     assert apple.execution_providers == (COREML, CPU)

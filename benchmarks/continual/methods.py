@@ -71,10 +71,11 @@ class ZeroShot:
 
 
 class BankMethod:
-    def __init__(self, name: str, bundle: str, path: Path, cap: int, strategy: str, scheme: str = "int8",
+    def __init__(self, name: str, bundle: str, path: Path, cap: int, strategy: str, scheme: str | None = None,
                  reserve: float = 0.25, seed: int = 0):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, strategy, reserve, seed
         self.rt = runtime(bundle)
+        scheme = scheme or kvquant.scheme_for_bits(self.rt.profile.kv_bits)   # ikv-learn's default
         Bank.create_for(path, cap, self.rt.manifest, scheme=scheme, force=True, max_tokens=192).close()
         self.memory = None
 
