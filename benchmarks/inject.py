@@ -1,6 +1,6 @@
 """Time to first token with injected memory vs no memory vs re-encoding the same text.
 
-    python benchmarks/inject.py --bundle bundles/default/fp32 [--ks 1,4,8] [--rounds 5] [--json]
+    python benchmarks/inject.py --bundle bundles/default/fp32 [--ks 1,4,8] [--rounds 5] [--scheme k4v4] [--json]
 
 For each k, in one run and interleaved: (injected) k entries of ~64 tokens retrieved
 from an int8 bank and fed as past KV; (none) the same query with no memory; (reencoded)
@@ -52,13 +52,13 @@ def _ttft(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
-def ttft_table(bundle: str, ks: list[int], rounds: int, work: Path) -> dict:
+def ttft_table(bundle: str, ks: list[int], rounds: int, work: Path, scheme: str = "k4v4") -> dict:
     rng = np.random.default_rng(0)
     plain = Runtime.open(bundle)
     m = plain.manifest
     bank_path = work / "inject.ikv"
     facts = _facts(max(ks) * 2, rng)
-    with Bank.create_for(bank_path, 64 << 20, m, force=True, max_tokens=128) as b:
+    with Bank.create_for(bank_path, 64 << 20, m, force=True, max_tokens=128, scheme=scheme) as b:
         absorb(plain, b, facts, "bench", strategy="all", reserve=0.0, n_anchors=0)
         tokens = [e.tokens for e in b.entries()]
     rt = Runtime.open(bundle, memory=bank_path)
@@ -131,17 +131,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-rss", action="store_true", help="Skip the resident-memory part (builds a 1 GiB file).")
     ap.add_argument("--rss-only", action="store_true", help="Only the resident-memory part.")
+    ap.add_argument("--scheme", default="k4v4", help="KV scheme of the TTFT bank (kernels/kvquant.py SCHEMES)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         res = {"ttft_ms": {}, "mean_entry_tokens": 0.0} if args.rss_only else \
-            ttft_table(args.bundle, [int(k) for k in args.ks.split(",")], args.rounds, Path(d))
+            ttft_table(args.bundle, [int(k) for k in args.ks.split(",")], args.rounds, Path(d), args.scheme)
         if not args.no_rss:
             res["rss"] = rss_table(args.bundle, Path(d))
     if args.json:
         print(json.dumps(res))
         return
-    print(f"TTFT, median of {args.rounds} (ms); entries of ~{res['mean_entry_tokens']:.0f} tokens, int8")
+    print(f"TTFT, median of {args.rounds} (ms); entries of ~{res['mean_entry_tokens']:.0f} tokens, {args.scheme}")
     print(f"{'k':>3} {'injected':>9} {'none':>7} {'reencoded':>10} {'inj/none':>9} {'inj/reenc':>10}")
     for k, r in res["ttft_ms"].items():
         print(f"{k:>3} {r['injected']:>9.1f} {r['none']:>7.1f} {r['reencoded']:>10.1f} {r['vs_none']:>9.2f} "
