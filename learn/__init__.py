@@ -9,8 +9,9 @@ transaction)::
         p = plan(rt, bank, read_examples("capitals.train.jsonl"), "capitals")   # nothing written
         write(bank, p)                                                          # one atomic commit
 
-Modules: ``candidates`` (phase 1), ``calibrate`` (2), ``retain`` (3), ``select`` (4),
-``plan`` (the plan and the write), ``cli`` (``ikv-learn``).
+Modules: ``candidates`` (phase 1), ``compact`` (phase 1 with ``--compact genv``: fewer
+tokens per entry), ``calibrate`` (2), ``retain`` (3), ``select`` (4), ``plan`` (the plan and
+the write), ``cli`` (``ikv-learn``).
 """
 from inducekv.learn.calibrate import Calibration
 from inducekv.learn.candidates import Candidate, encode_candidates
