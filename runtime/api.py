@@ -270,7 +270,7 @@ class Runtime:
                             "unweighted; re-export the bundle with this inducekv version")
                 self._warned_bias = True
             inj = Injection(None, inj.gates)
-        order, weights = inj.plan([info["centered"] for info, _ in found])
+        order, weights = inj.plan([info["score"] for info, _ in found])
         found = [found[i] for i in order]                                   # injected ones, best last
         cache, pos = layout.assemble_payloads([(buf, info["tokens"]) for info, buf in found], mem.bank.geo.scheme,
                                               gates=inj.gates if found else None,

@@ -71,20 +71,11 @@ INJECTION_KEY = "injection"   # catalog extra: the fitted Injection (ikv-learn's
 MIN_WEIGHT = 1e-3             # weighted entries below this share of attention are not injected
 
 
-def centered_cosine(q: np.ndarray, keys: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Cosine of query ``q`` (K,) with each of ``keys`` (n, K) after subtracting the bank's mean
-    key: raw cosines of the default model's keys differ by ~0.001 between the top entries (a
-    large shared direction), centered ones by ~0.07, so weights can tell them apart."""
-    qc, kc = q - mean, keys - mean
-    return (kc @ qc) / (np.linalg.norm(kc, axis=1) * np.linalg.norm(qc) + 1e-12)
-
-
 @dataclass(frozen=True)
 class Injection:
     """How k retrieved entries are weighted when injected: entry j's slots get the additive
-    attention bias ``log(alpha_j)``, ``alpha = softmax(s / tau)`` over the k entries' centered
-    cosines ``s`` (``centered_cosine``), and layer l's injected values are scaled by
-    ``gates[l]``. Fitted on device by ``ikv-learn`` (kept only when it lowers the answer loss
+    attention bias ``log(alpha_j)``, ``alpha = softmax(score / tau)`` over the k retrieval
+    scores, and layer l's injected values are scaled by ``gates[l]``. Fitted on device by ``ikv-learn`` (kept only when it lowers the answer loss
     of the task's examples) and stored in the bank's catalog."""
     tau: float | None = None                 # None: no bias (every entry at full weight: k=1 behaviour)
     gates: tuple[float, ...] | None = None   # None: values unscaled
@@ -241,13 +232,7 @@ class Memory:
         if self.keys.dim != bank.geo.key_dim:
             raise InduceKVError(f"bank keys are {bank.geo.key_dim}-d but this bundle makes {self.keys.dim}-d keys")
         self.index = open_index(bank)
-        self.mean_key = self._mean_key()
         self._layouts: dict = {}
-
-    def _mean_key(self) -> np.ndarray:
-        """(K,) mean of the live entries' keys: the center of the weighting scores."""
-        _, keys = self.bank.keys()
-        return keys.mean(axis=0) if len(keys) else np.zeros(self.bank.geo.key_dim, np.float32)
 
     def close(self) -> None:
         self.bank.close()
@@ -275,7 +260,6 @@ class Memory:
         t0 = time.perf_counter()
         if self.bank.refresh():  # a writer committed: follow it
             self.index.sync(self.bank)
-            self.mean_key = self._mean_key()
         q = self.bank.calibrate(self.query_key(prompt, image))
         t1 = time.perf_counter()
         ids, scores = self.index.search(q, k)
@@ -289,10 +273,7 @@ class Memory:
             if got is None:
                 continue  # swapped out since the index was synced
             buf, info = got
-            key = self.bank.read_key(slot_of[eid], eid)
-            centered = float(centered_cosine(q, key[None], self.mean_key)[0]) if key is not None else float(score)
-            out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "centered": centered,
-                         "tokens": info.tokens}, buf))
+            out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens}, buf))
         if timings is not None:
             timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         return out

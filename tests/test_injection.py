@@ -68,7 +68,7 @@ def test_uniform_k_entries_get_a_bias_and_old_bundles_inject_unweighted(rt, devi
             tx.set_extra(INJECTION_KEY, Injection(1e3).as_dict())    # nearly equal weights
     mrt = Runtime.open(device_bundle, memory=path)
     prep = mrt.prepare("What is the code of item 3?", k=3)
-    assert len(prep.entries) == 3 and prep.bias is not None and all("centered" in e for e in prep.entries)
+    assert len(prep.entries) == 3 and prep.bias is not None
     assert np.isclose(sum(e["weight"] for e in prep.entries), 1.0)
     assert np.allclose(prep.bias[-prep.entries[0]["tokens"]:], np.log(prep.entries[0]["weight"]))  # best last
     mrt.decoder.has_bias = False           # what a bundle exported before the bias input does
