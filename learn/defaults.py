@@ -5,4 +5,5 @@ RESERVE = 0.25           # fraction of the payload pages kept free as swap space
 MAX_ENTRY_TOKENS = 256   # longest entry of a bank created by a learn
 GAINS_KEY = "gains"      # catalog extra: entry id -> likelihood gain measured when it was written
 COMPACT_METHODS = ("none", "genv")   # ikv-learn --compact (learn/compact.py)
-COMPACT_SLOTS = 10       # --slots of a new genv bank: measured 0.617 vs 0.650 full (oracle k=1, k4v4)
+COMPACT_SLOTS = 10       # --slots of a new genv bank (spike: 0.617 vs 0.650 full on train-template paraphrases;
+                         # on the test files far lower, README "Compact entries")
