@@ -155,7 +155,12 @@ def check_pip(cmd: list[str], where: str) -> None:
 
 def check_bash(block: str, where: str, state: Checkout) -> None:
     for cmd in commands(block):
-        if cmd[0].startswith("ikv-"):
+        cmd = cmd[1:] if cmd[0] == "sudo" else cmd
+        if cmd[0].endswith(".sh"):  # a script of this checkout: it exists and takes the flags used
+            assert state.exists(cmd[0]), f"{where}: {cmd[0]} does not exist"
+            source = (ROOT / cmd[0]).read_text(encoding="utf-8")
+            assert all(f"{t})" in source for t in cmd[1:] if t.startswith("--")), f"{where}: {' '.join(cmd)}"
+        elif cmd[0].startswith("ikv-"):
             check_ikv(cmd, where, state)
         elif cmd[0] in ("python", "python3"):
             check_python_script(cmd, where, state)
@@ -306,6 +311,7 @@ def test_inline_commands_in_the_prose_exist():
     ("```bash\nikv-run --bundle bundles/default/fp32 --memory bank.ikv --prompt 'Capital of Vexland?'\n```",
      ["Vexland"]),
     ("```bash\npython benchmarks/decode.py --fast\n```", ["no option --fast"]),
+    ("```bash\nsudo devices/check_arm64.sh --threads 4\n```", ["check_arm64.sh --threads"]),
     ("```python\nfrom inducekv.runtime import Runtime\nrt = Runtime.open('bundles/default/fp32')\n"
      "rt.generate('hi', kk=1)\n```", ["takes no keyword kk"]),
     ("```python\nfrom inducekv.runtime import Runtime\nrt = Runtime.open('bundles/default/fp32')\n"
