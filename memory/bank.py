@@ -41,6 +41,7 @@ from inducekv.core.errors import BankError
 log = logging.getLogger(__name__)
 
 READ_RETRIES = 8
+_RETRY = object()   # a _read_live ``use`` result: this copy failed a checksum
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +370,29 @@ class Bank:
         None when the slot is empty or no longer holds ``entry_id`` (a writer swapped it
         out). Lock-free: a CRC mismatch caused by a concurrent commit triggers a retry.
         """
+        def payload(rec):
+            n, pg = int(rec["nbytes"]), rec["pages"][: rec["n_pages"]]
+            t = int(rec["tokens"])
+            if not (1 <= t <= self.geo.max_tokens and len(pg) == self.geo.pages_for(t)
+                    and int(pg.max(initial=0)) < self.geo.pages):
+                return _RETRY
+            buf = self.stored_bytes(pg, n)
+            if zlib.crc32(buf) != rec["payload_crc"]:
+                return _RETRY
+            return buf, EntryInfo(slot, int(rec["entry_id"]), self._task_name(int(rec["task_id"])), t, n, len(pg),
+                                  bytes(rec["example_hash"]))
+
+        return self._read_live(slot, entry_id, payload, "entry")
+
+    def read_key(self, slot: int, entry_id: int) -> np.ndarray | None:
+        """The retrieval key (key_dim,) float32 of entry ``entry_id`` in ``slot`` as on disk now
+        (checksum verified, lock-free like ``read_payload``); None when it was swapped out."""
+        return self._read_live(slot, entry_id, lambda rec: rec["key"].astype(np.float32), "record")
+
+    def _read_live(self, slot: int, entry_id: int | None, use, what: str):
+        """``use(record)`` of the live record in ``slot`` (holding ``entry_id`` if given), read
+        without a lock: a checksum failure (``use`` returns ``_RETRY`` for its own) while a commit
+        lands is retried up to ``READ_RETRIES`` times; one with no commit in between is damage."""
         if not (0 <= slot < self.geo.slots):
             raise BankError(f"slot {slot} is out of range (0..{self.geo.slots - 1})")
         R = self.geo.record_bytes
@@ -382,37 +406,11 @@ class Bank:
             if self._record_ok(raw):
                 if rec["state"] != fmt.STATE_LIVE or (entry_id is not None and int(rec["entry_id"]) != entry_id):
                     return None
-                n, pg = int(rec["nbytes"]), rec["pages"][: rec["n_pages"]]
-                t = int(rec["tokens"])
-                if 1 <= t <= self.geo.max_tokens and len(pg) == self.geo.pages_for(t) and int(pg.max(initial=0)) < self.geo.pages:
-                    buf = self.stored_bytes(pg, n)
-                    if zlib.crc32(buf) == rec["payload_crc"]:
-                        info = EntryInfo(slot, int(rec["entry_id"]), self._task_name(int(rec["task_id"])), t, n,
-                                         len(pg), bytes(rec["example_hash"]))
-                        return buf, info
+                got = use(rec)
+                if got is not _RETRY:
+                    return got
             if self._superblock()[0].gen == sb.gen:  # no commit in between: this is real damage
-                raise BankError(f"{self.path}: entry in slot {slot} is corrupt (checksum); run ikv-bank verify")
-        raise BankError(f"{self.path}: slot {slot} kept changing while being read; retry")
-
-    def read_key(self, slot: int, entry_id: int) -> np.ndarray | None:
-        """The retrieval key (key_dim,) float32 of entry ``entry_id`` in ``slot`` as on disk now
-        (checksum verified, lock-free like ``read_payload``); None when it was swapped out."""
-        if not (0 <= slot < self.geo.slots):
-            raise BankError(f"slot {slot} is out of range (0..{self.geo.slots - 1})")
-        R = self.geo.record_bytes
-        for _ in range(READ_RETRIES):
-            sb, _copy = self._superblock()
-            start = self.offsets["records"] + (slot * 2 + int(sb.bitmap[slot])) * R
-            raw = np.frombuffer(self._mm[start:start + R], np.uint8)
-            rec = raw.view(self._rdt)[0]
-            if rec["magic"] == b"":
-                return None
-            if self._record_ok(raw):
-                if rec["state"] != fmt.STATE_LIVE or int(rec["entry_id"]) != entry_id:
-                    return None
-                return rec["key"].astype(np.float32)
-            if self._superblock()[0].gen == sb.gen:
-                raise BankError(f"{self.path}: record of slot {slot} is corrupt (checksum); run ikv-bank verify")
+                raise BankError(f"{self.path}: {what} in slot {slot} is corrupt (checksum); run ikv-bank verify")
         raise BankError(f"{self.path}: slot {slot} kept changing while being read; retry")
 
     def _task_name(self, task_id: int) -> str:
