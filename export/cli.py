@@ -37,8 +37,8 @@ def cli(model, out, weights, graph, force, no_validate, threads, quiet, verbose,
     Nothing is downloaded.
 
     \b
-    Example:
-      ikv-export default -o bundles/smollm2 --weights int8
+    Examples:
+      ikv-export default -o bundles/default/int8 --weights int8
       ikv-export default-vlm -o bundles/vlm
     """
     logging.basicConfig(level=logging.WARNING)

@@ -39,9 +39,9 @@ def cli(bundle, memory, k, no_memory, prompt, task, image, max_new_tokens, tempe
 
     \b
     Examples:
-      ikv-run --bundle bundles/smollm2 --prompt "What is the capital of France?"
-      ikv-run --bundle bundles/smollm2 --task questions.jsonl --json
-      ikv-run --bundle bundles/smollm2 --memory bank.ikv --k 2 --prompt "Capital of Vexland?"
+      ikv-run --bundle bundles/default/fp32 --prompt "What is the capital of France?"
+      ikv-run --bundle bundles/default/fp32 --task examples/questions.jsonl --json
+      ikv-run --bundle bundles/default/fp32 --memory bank.ikv --k 1 --prompt "Which city is Dikrodor's capital?"
       ikv-run --list-devices
     """
     logging.basicConfig(level=logging.WARNING)

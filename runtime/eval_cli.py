@@ -32,7 +32,7 @@ def cli(bundle, memory, task, k, max_new_tokens, device, quiet, as_json):
     \b
     Examples:
       ikv-eval --bundle bundles/default/fp32 --task examples/tasks/capitals.test.jsonl
-      ikv-eval --bundle bundles/default/fp32 --memory bank.ikv --k 2 --task capitals.test.jsonl --json
+      ikv-eval --bundle bundles/default/fp32 --memory bank.ikv --k 1 --task examples/tasks/capitals.test.jsonl --json
     """
     logging.basicConfig(level=logging.WARNING)
     with fail_on_bad_input():

@@ -1,4 +1,4 @@
-"""The README's commands and snippets, checked without the 10-minute set-up.
+"""The README's commands and snippets, and the CLIs' --help examples, checked without the 10-minute set-up.
 
 Its fenced ``bash`` and ``python`` blocks are read in order, as a newcomer would follow
 them: set-up command 1 first, then each section. Every path a command or snippet reads
@@ -268,18 +268,42 @@ def test_readme_starts_with_exactly_two_setup_commands():
     assert "ikv-export default -o bundles/default/fp32" in blocks[0][1] and "pytest" in blocks[1][1]
 
 
+def follow_readme(tmp: Path) -> Checkout:
+    """Check every block in order; the files a newcomer has at the end."""
+    state = Checkout(tmp)
+    snippets = Snippets(state)
+    for lang, body, line in fenced_blocks():
+        if lang == "bash":
+            check_bash(body, f"README.md:{line}", state)
+        elif lang == "python":
+            snippets.check(body, f"README.md:{line}")
+    return state
+
+
 def test_every_readme_block_runs_as_written_after_setup(tmp_path):
-    state, snippets = Checkout(tmp_path), None
     blocks = fenced_blocks()
     assert sum(lang == "bash" for lang, _, _ in blocks) >= 5 and sum(lang == "python" for lang, _, _ in blocks) >= 3
-    for lang, body, line in blocks:
-        where = f"README.md:{line}"
-        if lang == "bash":
-            check_bash(body, where, state)
-        elif lang == "python":
-            snippets = snippets or Snippets(state)
-            snippets.check(body, where)
+    state = follow_readme(tmp_path)
     assert state.exists("bundles/default/fp32") and state.exists("bank.ikv")  # what set-up command 1 leaves
+
+
+def help_examples() -> list[tuple[str, str]]:
+    """(command, line) for each example in the ``--help`` of every installed command and subcommand."""
+    out = []
+    for name in PYPROJECT["project"]["scripts"]:
+        top = entry_point(name)
+        for command in [top, *getattr(top, "commands", {}).values()]:
+            m = re.search(r"Examples?:\n(.*?)(?:\n\s*\n|$)", command.help or "", re.S)
+            out += [(name, line.strip()) for line in (m[1].splitlines() if m else []) if line.strip()]
+    return out
+
+
+def test_every_help_example_runs_after_the_readme(tmp_path):
+    state = follow_readme(tmp_path)
+    examples = help_examples()
+    assert {name for name, _ in examples} >= {"ikv-run", "ikv-eval", "ikv-learn", "ikv-export"}
+    for name, line in examples:
+        check_bash(line, f"{name} --help", state)
 
 
 def test_inline_commands_in_the_prose_exist():
