@@ -32,7 +32,6 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 PLACEHOLDER = "path/to/"  # README placeholders: "ikv-export path/to/model.gguf ..."
 # Names a snippet uses to show an API, not files a newcomer has; each with the reason.
 ILLUSTRATIVE = {
-    "other.ikv": "the Memory snippet opens 'another bank' to show per-call memory",
     "seven.png": "the Multimodal snippet's 'an image of a digit'",
 }
 FORWARDS = {"Runtime.generate": "stream"}  # methods whose **kw go to another method of the class
