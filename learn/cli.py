@@ -8,8 +8,10 @@ import time
 import click
 
 from inducekv.core.cli import ByteSize, fail_on_bad_input, progress_enabled
-from inducekv.kernels.kvquant import SCHEMES, scheme_for_bits
-from inducekv.learn.defaults import COMPACT_METHODS as METHODS, COMPACT_SLOTS as DEFAULT_SLOTS, N_ANCHORS, RESERVE
+from inducekv.kernels.kvquant import DENSE, SPARSE, scheme_for_bits, sparse_of
+from inducekv.learn.defaults import (COMPACT_KEEP as DEFAULT_KEEP, COMPACT_METHODS as METHODS,
+                                     COMPACT_SLOTS as DEFAULT_SLOTS, N_ANCHORS, RESERVE)
+
 from inducekv.learn.select import STRATEGIES
 
 
@@ -24,22 +26,27 @@ from inducekv.learn.select import STRATEGIES
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for held-out splits and anchors.")
 @click.option("--strategy", type=click.Choice(STRATEGIES),
               default="full", show_default=True, help="Selection rule (the others are baselines).")
-@click.option("--scheme", type=click.Choice(SCHEMES), default=None,
+@click.option("--scheme", type=click.Choice(DENSE), default=None,
               help="Payload quantization of a new bank (default: the device profile's kv_bits).")
 @click.option("--anchors", "n_anchors", type=click.IntRange(0, 64), default=N_ANCHORS, show_default=True,
               help="Examples of this task kept in the bank to guard it against forgetting.")
 @click.option("--reserve", type=click.FloatRange(0.0, 0.9), default=RESERVE, show_default=True,
               help="Fraction of the bank kept free as swap space, so the next learn can commit atomically.")
 @click.option("--compact", type=click.Choice(METHODS), default=None,
-              help="Entry compaction: none (full entries) or genv (the answer span + the tokens the model's own "
-                   "answer attends to most). Default: the bank's method; none for a new bank.")
+              help="Entry compaction: perlayer (each layer keeps its most-attended share --keep of the tokens, "
+                   "in place), genv (the answer span + the tokens the model's own answer attends to most), or "
+                   "none (full entries). Default: the bank's method; perlayer for a new bank when the bundle "
+                   "has a probe graph and the scheme is k8v8/k4v8/k4v4, else none.")
+@click.option("--keep", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help=f"Share of an entry's tokens each layer keeps with --compact perlayer (default: the bank's; "
+                   f"{DEFAULT_KEEP} for a new bank).")
 @click.option("--slots", type=click.IntRange(1, 4096), default=None,
               help=f"Tokens kept per entry with --compact genv (default: the bank's; {DEFAULT_SLOTS} for a new bank).")
 @click.option("--dry-run", is_flag=True, help="Print the budget plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, slots,
-        dry_run, quiet, as_json):
+def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, keep,
+        slots, dry_run, quiet, as_json):
     """Learn the examples of --task into the bank --memory without changing the model.
 
     \b
@@ -60,23 +67,31 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         profile = load_profile(device)
         examples = read_examples(task_path)  # bad lines fail here, before the bank is touched
         tname = task_name(Path(task_path), name)
-        from inducekv.learn.compact import check_request
+        from inducekv.core.errors import InduceKVError
+        from inducekv.learn.compact import check_request, supports_perlayer
 
         rt = Runtime.open(bundle, device=profile)
         path = Path(memory)
-        check_request(rt, compact, slots, path.exists())  # before a bank is created
+        check_request(rt, compact, slots, path.exists(), keep)  # before a bank is created
         if dry_run and not path.exists():
             import tempfile
 
             tmp = tempfile.TemporaryDirectory()
             path = Path(tmp.name) / "plan.ikv"
-        bank = open_or_create(path, rt, budget if budget is not None else profile.default_budget_bytes,
-                              scheme or scheme_for_bits(profile.kv_bits))
+        scheme = scheme or scheme_for_bits(profile.kv_bits)
+        if not path.exists() and (compact == "perlayer" or (compact is None and supports_perlayer(rt))):
+            if scheme not in SPARSE.values():
+                if compact == "perlayer":
+                    raise InduceKVError(f"--compact perlayer stores k8v8/k4v8/k4v4 codes; --scheme {scheme} has no "
+                                        "per-layer variant")
+            else:
+                scheme = sparse_of(scheme)                     # a new bank of per-layer compacted entries
+        bank = open_or_create(path, rt, budget if budget is not None else profile.default_budget_bytes, scheme)
         with bank:
             before = bank.tasks()
             plan = absorb(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
                                   k=profile.k if profile.k else 1, dry_run=dry_run,
-                                  progress=progress_enabled(quiet), compact=compact, slots=slots)
+                                  progress=progress_enabled(quiet), compact=compact, slots=slots, keep=keep)
             after = bank.tasks() if not dry_run else None
             usage = bank.usage()
     out = {"task": tname, "examples": len(examples), "added": len(plan.add), "evicted": len(plan.evict),

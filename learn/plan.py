@@ -29,7 +29,7 @@ import numpy as np
 from inducekv.core.errors import BankError, InduceKVError
 from inducekv.learn import select as sel
 from inducekv.learn.calibrate import Calibration, InjectionFit, calibrate, fit_injection
-from inducekv.learn.compact import COMPACT_KEY, Compaction, Compactor, resolve as resolve_compaction
+from inducekv.learn.compact import COMPACT_KEY, Compaction, compactor_for, resolve as resolve_compaction
 from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE
 from inducekv.kernels import kvquant
 from inducekv.learn.candidates import Candidate, Scorer, encode_candidates, fit_key_scales, unpack
@@ -107,19 +107,20 @@ def layout_spec(bank: Bank, template: str | None = None, policy: str | None = No
 def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights: sel.Weights = sel.Weights(),
          seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress: bool = False,
          candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None,
-         compact: str | None = None, slots: int | None = None) -> Plan:
+         compact: str | None = None, slots: int | None = None, keep: float | None = None) -> Plan:
     """Phases 1-4 on an open bank: what to keep, evict and add. ``candidates`` skips phase 1
     (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries;
-    ``compact``/``slots``: entry compaction (``learn.compact``; None: the bank's, else none)."""
+    ``compact``/``slots``/``keep``: entry compaction (``learn.compact``; None: the bank's: perlayer
+    for a bank created with a sparse scheme, else none)."""
     timings, rng = {}, np.random.default_rng(seed)
     if not examples:
         raise InduceKVError("the task file has no examples")
     if strategy not in sel.STRATEGIES:
         raise InduceKVError(f"unknown strategy {strategy!r}; choose one of {', '.join(sel.STRATEGIES)}")
     spec, store_spec = layout_spec(bank, template, policy)
-    compaction = resolve_compaction(bank, compact, slots)
+    compaction = resolve_compaction(bank, compact, slots, keep)
     layout = Layout(rt, *template_from(spec))
-    compactor = Compactor(rt, layout, compaction) if compaction.enabled and candidates is None else None
+    compactor = compactor_for(rt, layout, compaction) if candidates is None else None
     keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
     scorer = Scorer(rt, layout)
     g = bank.geo
@@ -130,7 +131,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     if g.scheme in kvquant.SHARED_KEY_SCALE and key_scale is None:
         if candidates is not None:
             raise InduceKVError(f"this {g.scheme} bank has no key scales yet; let the learn encode the examples")
-        key_scale = new_scales = fit_key_scales(rt, layout, examples, g.scheme, any_position=compaction.enabled)
+        key_scale = new_scales = fit_key_scales(rt, layout, examples, g.scheme, any_position=compaction.method == "genv")
     cands = candidates if candidates is not None else encode_candidates(rt, g, layout, keys, examples, progress,
                                                                         key_scale, compactor)
     timings["encode_s"] = time.perf_counter() - t
@@ -189,7 +190,8 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
              gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib, injection=inject,
              template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
              bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings,
-             compaction=compaction, store_compaction=compaction != Compaction.from_catalog(bank.catalog))
+             compaction=compaction, store_compaction=(compaction != Compaction.from_catalog(bank.catalog, g.scheme)
+                               or (compaction.enabled and COMPACT_KEY not in (bank.catalog.get("extra") or {}))))
     for i in range(n_old):
         if i not in chosen:
             p.evicted_per_task[old[i].task] = p.evicted_per_task.get(old[i].task, 0) + 1

@@ -18,7 +18,8 @@ import numpy as np
 from inducekv.devices.profile import DeviceProfile, load_profile
 from inducekv.core import contract
 from inducekv.core.manifest import Manifest, read_manifest
-from inducekv.core.errors import InduceKVError, PromptError
+from inducekv.core.errors import BundleError, InduceKVError, PromptError
+from inducekv.kernels import kvquant
 from inducekv.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingConfig, choose
 from inducekv.runtime.session import Decoder, KVCache
 from inducekv.runtime.tokenizer import ChatTokenizer
@@ -272,10 +273,15 @@ class Runtime:
             inj = Injection(None, inj.gates)
         order, weights = inj.plan([info["score"] for info, _ in found])
         found = [found[i] for i in order]                                   # injected ones, best last
-        cache, pos = layout.assemble_payloads([(buf, info["tokens"]) for info, buf in found], mem.bank.geo.scheme,
-                                              gates=inj.gates if found else None,
-                                              key_scale=mem.bank.key_scales() if found else None)
-        bias = entry_bias(layout.p0, [info["tokens"] for info, _ in found], weights)
+        scheme = mem.bank.geo.scheme
+        if scheme in kvquant.SPARSE and found and not self.decoder.has_bias:
+            raise BundleError("this bank's entries are compacted per layer (--compact perlayer), which needs the "
+                              "decoder's attention-bias input; re-export the bundle with this inducekv version")
+        cache, pos, masks = layout.assemble_masked([(buf, info["tokens"]) for info, buf in found], scheme,
+                                                     gates=inj.gates if found else None,
+                                                     key_scale=mem.bank.key_scales() if found else None)
+        bias = entry_bias(layout.p0, [info["tokens"] for info, _ in found] if masks is None else
+                          [mk.shape[1] for mk in masks], weights, masks)
         for n, (info, _) in enumerate(found):
             info["weight"] = float(weights[n]) if weights is not None else 1.0
         found = found[::-1]                                                 # reported best first

@@ -116,13 +116,22 @@ class Injection:
         return cls(float(tau) if tau is not None else None, tuple(float(g) for g in gates) if gates else None)
 
 
-def entry_bias(p0: int, lengths: list[int], weights: np.ndarray | None) -> np.ndarray | None:
-    """(p0 + sum(lengths),) additive attention bias over the prefix and injected entries:
-    0 on the prefix, log(alpha_j) on entry j's slots; None when unweighted."""
-    if weights is None:
-        return None
-    return np.concatenate([np.zeros(p0, np.float32)] +
-                          [np.full(T, np.log(max(float(w), 1e-30)), np.float32) for T, w in zip(lengths, weights)])
+def entry_bias(p0: int, lengths: list[int], weights: np.ndarray | None,
+               masks: list[np.ndarray | None] | None = None) -> np.ndarray | None:
+    """Additive attention bias over the prefix and injected entries: 0 on the prefix,
+    log(alpha_j) on entry j's slots; None when unweighted and unmasked. ``masks``: per entry
+    None or the (L, T_j) bias of a sparse entry (``kvquant.expand_into``), added per layer;
+    with any mask the result is (L, p0 + sum(lengths)), else (p0 + sum(lengths),)."""
+    logw = [0.0] * len(lengths) if weights is None else [np.log(max(float(w), 1e-30)) for w in weights]
+    if masks is None or all(m is None for m in masks):
+        if weights is None:
+            return None
+        return np.concatenate([np.zeros(p0, np.float32)] + [np.full(T, w, np.float32) for T, w in zip(lengths, logw)])
+    L = next(m for m in masks if m is not None).shape[0]
+    parts = [np.zeros((L, p0), np.float32)]
+    for T, w, m in zip(lengths, logw, masks):
+        parts.append((np.zeros((L, T), np.float32) if m is None else np.asarray(m, np.float32)) + np.float32(w))
+    return np.concatenate(parts, axis=1)                                          # (L, p0 + ΣT)
 
 
 def render_entry(template: Template, prompt: str, answer: str) -> str:
@@ -180,23 +189,45 @@ class Layout:
         v = np.stack([x[0, :, P0:] for x in cache.values])
         return k, v
 
-    def assemble(self, entries: list[tuple[np.ndarray, np.ndarray]], gates=None) -> tuple[KVCache, int]:
+    def assemble(self, entries: list[tuple], gates=None) -> tuple[KVCache, int]:
         """Past KV = prefix + float entries (L, H_kv, T, D) by the policy; returns it and the
-        query's first position. ``gates`` (L,): per-layer factors on the entries' values."""
+        query's first position. An entry is ``(k, v)`` or ``(k, v, mask)`` (a sparse entry
+        expanded to its span; its mask goes to ``entry_bias``). ``gates`` (L,): per-layer
+        factors on the entries' values."""
         def fill(j, out_k, out_v):
             out_k[...] = entries[j][0]
             out_v[...] = entries[j][1]
 
-        return self._assemble([k.shape[2] for k, _ in entries], fill, gates)
+        return self._assemble([e[0].shape[2] for e in entries], fill, gates)
 
     def assemble_payloads(self, payloads: list[tuple[bytes, int]], scheme: str, gates=None,
                           key_scale: np.ndarray | None = None) -> tuple[KVCache, int]:
-        """Like ``assemble`` for quantized ``(payload, tokens)``: dequantized straight into place
-        (``key_scale``: the bank's shared key scales, for the schemes that have them)."""
-        def fill(j, out_k, out_v):
-            kvquant.unpack_into(payloads[j][0], scheme, out_k, out_v, key_scale)
+        """Like ``assemble`` for quantized ``(payload, tokens)`` of a dense scheme: dequantized
+        straight into place (``key_scale``: the bank's shared key scales, for the schemes that
+        have them). Sparse schemes need their masks: use ``assemble_masked``."""
+        if scheme in kvquant.SPARSE:
+            raise InduceKVError(f"{scheme} entries carry per-layer masks; use Layout.assemble_masked")
+        cache, pos, _ = self.assemble_masked(payloads, scheme, gates, key_scale)
+        return cache, pos
 
-        return self._assemble([t for _, t in payloads], fill, gates)
+    def assemble_masked(self, payloads: list[tuple[bytes, int]], scheme: str, gates=None,
+                        key_scale: np.ndarray | None = None) -> tuple[KVCache, int, list | None]:
+        """``assemble_payloads`` for any scheme: also returns, for a sparse scheme, each entry's
+        (L, span) mask for ``entry_bias`` (None for dense schemes)."""
+        m = self.rt.manifest
+        if scheme not in kvquant.SPARSE:
+            def fill(j, out_k, out_v):
+                kvquant.unpack_into(payloads[j][0], scheme, out_k, out_v, key_scale)
+
+            return (*self._assemble([t for _, t in payloads], fill, gates), None)
+        masks: list[np.ndarray] = []
+
+        def fill_sparse(j, out_k, out_v):
+            masks.append(kvquant.expand_into(payloads[j][0], scheme, out_k, out_v, payloads[j][1], key_scale))
+
+        spans = [kvquant.span_of(buf, scheme, m.num_layers, m.num_kv_heads, t, m.head_dim) for buf, t in payloads]
+        cache, pos = self._assemble(spans, fill_sparse, gates)
+        return cache, pos, masks
 
     def _assemble(self, lengths: list[int], fill, gates=None) -> tuple[KVCache, int]:
         if not lengths:
