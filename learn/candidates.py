@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from inducekv.learn.progress import steps
 
 from inducekv.core.errors import InduceKVError
 from inducekv.kernels import kvquant
@@ -115,13 +115,13 @@ def fit_key_scales(rt, layout: Layout, examples, scheme: str, any_position: bool
     return kvquant.fit_key_scale(keys, scheme)
 
 
-def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progress: bool = False,
+def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progress=False,
                       key_scale: np.ndarray | None = None, compactor=None) -> list[Candidate]:
     """One candidate per example (``Example`` or dict), packed for a bank of geometry ``geo``
     (``key_scale``: its shared key scales, for the schemes that have them; ``compactor``: a
     ``learn.compact.Compactor`` that keeps some of each entry's tokens, None keeps all)."""
     scorer, out = Scorer(rt, layout), []
-    for n, ex in enumerate(tqdm(examples, desc="encode", unit="ex", disable=not progress), start=1):
+    for n, ex in enumerate(steps(examples, "encode", "ex", progress), start=1):
         ex = as_example(ex, n)
         prompt, answer = ex.prompt, ex.answers[0]
         image = image_of(rt, ex)

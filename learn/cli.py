@@ -1,4 +1,7 @@
-"""``ikv-learn``: absorb a task into a memory bank on the device, inside its byte cap."""
+"""``ikv-learn``: absorb a task into a memory bank on the device, inside its byte cap.
+
+A thin command over ``learn.api.learn_task`` (the call an app makes): it parses the options,
+opens the bundle, learns, and prints the ``LearnResult``."""
 from __future__ import annotations
 
 import json
@@ -8,10 +11,9 @@ import time
 import click
 
 from inducekv.core.cli import ByteSize, fail_on_bad_input, progress_enabled
-from inducekv.kernels.kvquant import DENSE, SPARSE, scheme_for_bits, sparse_of
+from inducekv.kernels.kvquant import DENSE
 from inducekv.learn.defaults import (COMPACT_KEEP as DEFAULT_KEEP, COMPACT_METHODS as METHODS,
                                      COMPACT_SLOTS as DEFAULT_SLOTS, N_ANCHORS, RESERVE)
-
 from inducekv.learn.select import STRATEGIES
 
 
@@ -56,59 +58,27 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
       ikv-learn --bundle bundles/default/fp32 --memory small.ikv --task examples/tasks/capitals.train.jsonl --budget 16MiB --scheme k4v4 --compact genv --slots 10
     """
     logging.basicConfig(level=logging.WARNING)
-    from pathlib import Path
-
     with fail_on_bad_input():
         from inducekv.devices.profile import load_profile
-        from inducekv.learn.plan import absorb, open_or_create, read_examples, task_name
+        from inducekv.learn.api import learn_task
         from inducekv.runtime.api import Runtime
 
         t0 = time.perf_counter()
-        profile = load_profile(device)
-        examples = read_examples(task_path)  # bad lines fail here, before the bank is touched
-        tname = task_name(Path(task_path), name)
-        from inducekv.core.errors import InduceKVError
-        from inducekv.learn.compact import check_request, supports_perlayer
-
-        rt = Runtime.open(bundle, device=profile)
-        path = Path(memory)
-        check_request(rt, compact, slots, path.exists(), keep)  # before a bank is created
-        if dry_run and not path.exists():
-            import tempfile
-
-            tmp = tempfile.TemporaryDirectory()
-            path = Path(tmp.name) / "plan.ikv"
-        scheme = scheme or scheme_for_bits(profile.kv_bits)
-        if not path.exists() and (compact == "perlayer" or (compact is None and supports_perlayer(rt))):
-            if scheme not in SPARSE.values():
-                if compact == "perlayer":
-                    raise InduceKVError(f"--compact perlayer stores k8v8/k4v8/k4v4 codes; --scheme {scheme} has no "
-                                        "per-layer variant")
-            else:
-                scheme = sparse_of(scheme)                     # a new bank of per-layer compacted entries
-        bank = open_or_create(path, rt, budget if budget is not None else profile.default_budget_bytes, scheme)
-        with bank:
-            before = bank.tasks()
-            plan = absorb(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
-                                  k=profile.k if profile.k else 1, dry_run=dry_run,
-                                  progress=progress_enabled(quiet), compact=compact, slots=slots, keep=keep)
-            after = bank.tasks() if not dry_run else None
-            usage = bank.usage()
-    out = {"task": tname, "examples": len(examples), "added": len(plan.add), "evicted": len(plan.evict),
-           "kept_old": len(plan.keep_old), "evicted_per_task": plan.evicted_per_task, "bytes_per_entry": round(plan.bytes_per_entry), "dry_run": dry_run,
-           "tasks_before": before, "tasks_after": after, "bytes_used": usage["bytes_used"], "cap": usage["cap"],
-           "calibration": plan.calibration.as_dict(), "weighting": plan.injection.as_dict(), "compact": plan.compaction.as_dict(), "timings_s": {k: round(v, 2) for k, v in plan.timings.items()},
-           "total_s": round(time.perf_counter() - t0, 2)}
+        rt = Runtime.open(bundle, device=load_profile(device))
+        res = learn_task(rt, memory, task_path, name=name, budget=budget, scheme=scheme, strategy=strategy, seed=seed,
+                         n_anchors=n_anchors, reserve=reserve, compact=compact, slots=slots, keep=keep, dry_run=dry_run,
+                         progress=progress_enabled(quiet))
+    out = {**res.as_dict(), "total_s": round(time.perf_counter() - t0, 2)}  # with the bundle's load
     if as_json:
         click.echo(json.dumps(out))
         return
     verb = "would add" if dry_run else "added"
-    click.echo(f"{tname}: {verb} {out['added']} of {out['examples']} examples (~{out['bytes_per_entry'] / 1024:.0f} KiB each), "
+    click.echo(f"{res.task}: {verb} {out['added']} of {out['examples']} examples (~{out['bytes_per_entry'] / 1024:.0f} KiB each), "
                f"evict {out['evicted']} old entries"
-               + (" (" + ", ".join(f"{k} {v}" for k, v in plan.evicted_per_task.items()) + ")" if plan.evicted_per_task else "")
+               + (" (" + ", ".join(f"{k} {v}" for k, v in res.evicted_per_task.items()) + ")" if res.evicted_per_task else "")
                + f", keep {out['kept_old']}")
-    click.echo(f"bank: {usage['bytes_used'] / 2**20:.2f} MiB used of a {usage['cap'] / 2**20:.2f} MiB cap; tasks "
-               + ", ".join(f"{k}={v}" for k, v in (after or before).items()))
+    click.echo(f"bank: {res.bytes_used / 2**20:.2f} MiB used of a {res.cap / 2**20:.2f} MiB cap; tasks "
+               + ", ".join(f"{k}={v}" for k, v in (res.tasks_after or res.tasks_before).items()))
     click.echo("time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in out["timings_s"].items()) + f"; total {out['total_s']:.1f}s")
 
 

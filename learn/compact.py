@@ -208,6 +208,18 @@ def supports_perlayer(rt) -> bool:
     return bool(name) and (rt.bundle_dir / name).is_file() and rt.decoder.has_bias
 
 
+def new_bank_scheme(rt, scheme: str, method: str | None) -> str:
+    """The scheme a new bank gets: the sparse variant of ``scheme`` when the learn compacts
+    per layer (asked, or by default where the bundle supports it and the scheme has one)."""
+    if method == "perlayer" or (method is None and supports_perlayer(rt)):
+        if scheme in kvquant.SPARSE.values():
+            return kvquant.sparse_of(scheme)
+        if method == "perlayer":
+            raise InduceKVError(f"--compact perlayer stores k8v8/k4v8/k4v4 codes; scheme {scheme} has no "
+                                "per-layer variant")
+    return scheme
+
+
 def compactor_for(rt, layout: Layout, compaction: Compaction):
     """The object that encodes (``perlayer``) or cuts (``genv``) each new entry; None for ``none``."""
     if compaction.method == "perlayer":

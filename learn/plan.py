@@ -33,11 +33,11 @@ from inducekv.learn.compact import COMPACT_KEY, Compaction, compactor_for, resol
 from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE
 from inducekv.kernels import kvquant
 from inducekv.learn.candidates import Candidate, Scorer, encode_candidates, fit_key_scales, unpack
+from inducekv.learn.progress import report
 from inducekv.learn.retain import retention
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, INJECTION_KEY, TEMPLATES, Injection, Layout,
                                      template_from)
-from inducekv.runtime.session import KeyEncoder
 from inducekv.runtime.tasks import iter_task
 
 
@@ -105,13 +105,14 @@ def layout_spec(bank: Bank, template: str | None = None, policy: str | None = No
 
 
 def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights: sel.Weights = sel.Weights(),
-         seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress: bool = False,
+         seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress=False,
          candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None,
          compact: str | None = None, slots: int | None = None, keep: float | None = None) -> Plan:
     """Phases 1-4 on an open bank: what to keep, evict and add. ``candidates`` skips phase 1
     (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries;
     ``compact``/``slots``/``keep``: entry compaction (``learn.compact``; None: the bank's: perlayer
-    for a bank created with a sparse scheme, else none)."""
+    for a bank created with a sparse scheme, else none); ``progress``: True for tqdm bars, or a
+    ``callback(stage, done, total)`` (``learn.progress``)."""
     timings, rng = {}, np.random.default_rng(seed)
     if not examples:
         raise InduceKVError("the task file has no examples")
@@ -121,7 +122,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     compaction = resolve_compaction(bank, compact, slots, keep)
     layout = Layout(rt, *template_from(spec))
     compactor = compactor_for(rt, layout, compaction) if candidates is None else None
-    keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
+    keys = rt.key_encoder()
     scorer = Scorer(rt, layout)
     g = bank.geo
     snap = bank.snapshot()
@@ -161,6 +162,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     timings["retain_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    report(progress, "select", 0, 1)
     ent_bytes = lambda tokens: g.pages_for(tokens) * g.page_bytes
     max_id = max((e.entry_id for e in old), default=0)
     n_old = len(old)
@@ -196,6 +198,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         if i not in chosen:
             p.evicted_per_task[old[i].task] = p.evicted_per_task.get(old[i].task, 0) + 1
     timings["select_s"] = time.perf_counter() - t
+    report(progress, "select", 1, 1)
     return p
 
 

@@ -16,9 +16,17 @@ and one entry injected where it was computed reproduces a joint prefill exactly.
 Position policies (where k entries sit):
 - ``rerotate``: consecutive, entry j at ``P0 + sum(T_<j)``; keys re-rotated in numpy.
 - ``parallel``: all at ``P0..``, the query after the longest (parallel context windows).
+
+Threads: one ``Memory`` serves any number of threads. Each thread assembles its past KV
+in its own buffers (``Layout``), and the bank state a query sees (refresh after a writer's
+commit, index sync, search, payload reads, weighting, key scales) is read under one lock
+(``Memory.lookup``), so every query is answered from one committed state: the one before
+a concurrent commit or the one after it. The key pass, dequantization and decoding run
+outside the lock.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -153,18 +161,20 @@ class Layout:
         prefix, rest = text.split(_ENTRIES)
         self._mid, self._tail = rest.split(_USER)
         self.prefix_ids = rt.tokenizer.encode(prefix)
-        self._store: tuple[np.ndarray, np.ndarray] | None = None
+        self._local = threading.local()   # .store: this thread's past-KV buffers (see _buffers)
         _, self.prefix_cache = rt.decoder.forward(self.prefix_ids, KVCache.empty(rt.manifest))
 
     def _buffers(self, total: int) -> tuple[np.ndarray, np.ndarray]:
-        """Past-KV buffers (L, 1, H_kv, total, D), reused across queries: fresh 20+ MB arrays
-        cost ~10 ms of page faults. Valid until the next assemble (the decoder copies them)."""
+        """Past-KV buffers (L, 1, H_kv, total, D), reused across the queries of one thread: fresh
+        20+ MB arrays cost ~10 ms of page faults. Each thread has its own pair, so an assembled
+        cache is valid until that thread's next assemble (the decoder's prefill copies it)."""
         m = self.rt.manifest
         shape = (m.num_layers, 1, m.num_kv_heads, total, m.head_dim)
         n = int(np.prod(shape))
-        if self._store is None or self._store[0].size < n:
-            self._store = (np.empty(n, np.float32), np.empty(n, np.float32))
-        return self._store[0][:n].reshape(shape), self._store[1][:n].reshape(shape)
+        store = getattr(self._local, "store", None)
+        if store is None or store[0].size < n:
+            store = self._local.store = (np.empty(n, np.float32), np.empty(n, np.float32))
+        return store[0][:n].reshape(shape), store[1][:n].reshape(shape)
 
     @property
     def p0(self) -> int:
@@ -252,18 +262,28 @@ class Layout:
         return KVCache(list(ks), list(vs)), nxt
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """What one query reads from a bank, all from the same committed state (``Memory.lookup``)."""
+    found: list               # [(info dict, verified payload bytes)], best first
+    injection: Injection      # the bank's weighting at that state
+    key_scale: np.ndarray | None  # the bank's shared key scales (L, H_kv, D) float16, or None
+
+
 class Memory:
-    """A bank opened for serving: key pass, calibration, search, read, layout."""
+    """A bank opened for serving: key pass, calibration, search, read, layout (thread-safe)."""
 
     def __init__(self, rt, bank: Bank):
         if not rt.manifest.retrieval_key:
             raise InduceKVError("this bundle has no retrieval-key graph; re-export it with this inducekv version")
         self.rt, self.bank = rt, bank
-        self.keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
+        self.keys = rt.key_encoder()
         if self.keys.dim != bank.geo.key_dim:
             raise InduceKVError(f"bank keys are {bank.geo.key_dim}-d but this bundle makes {self.keys.dim}-d keys")
         self.index = open_index(bank)
         self._layouts: dict = {}
+        self._lock = threading.Lock()          # the bank state and the index (see the module docstring)
+        self._layouts_lock = threading.Lock()  # building a layout (one prefix prefill each)
 
     def close(self) -> None:
         self.bank.close()
@@ -275,24 +295,43 @@ class Memory:
     def layout(self, system: str | None = None) -> Layout:
         template, policy = template_from(self.bank.catalog.get("template"))
         key = (template, policy, system)
-        if key not in self._layouts:
-            self._layouts[key] = Layout(self.rt, template, policy, system)
-        return self._layouts[key]
+        got = self._layouts.get(key)
+        if got is None:
+            with self._layouts_lock:
+                got = self._layouts.get(key)
+                if got is None:
+                    got = self._layouts[key] = Layout(self.rt, template, policy, system)
+        return got
 
     def query_key(self, prompt: str, image=None) -> np.ndarray:
         return key_of(self.rt, self.keys, prompt, image)
 
     def retrieve(self, prompt: str, k: int, timings=None, margin: float | None = None,
                  image=None) -> list[tuple[dict, bytes]]:
-        """Top-k entries for ``prompt``: ``[(info, verified payload)]``, best first.
+        """Top-k entries for ``prompt``: ``[(info, verified payload)]``, best first (``lookup``)."""
+        return self.lookup(prompt, k, timings, margin, image).found
+
+    def lookup(self, prompt: str, k: int, timings=None, margin: float | None = None, image=None) -> Lookup:
+        """Top-k entries for ``prompt`` with the weighting and key scales to inject them by, all
+        read from one committed state of the bank (a writer's commits are followed first).
 
         ``margin`` makes k adaptive: only entries scoring within ``margin`` of the best
         one are kept (a lone clear winner comes alone; near-ties come together)."""
         t0 = time.perf_counter()
-        if self.bank.refresh():  # a writer committed: follow it
-            self.index.sync(self.bank)
-        q = self.bank.calibrate(self.query_key(prompt, image))
-        t1 = time.perf_counter()
+        key = self.query_key(prompt, image) if k > 0 else None   # the key pass needs no bank state
+        with self._lock:
+            if self.bank.refresh():  # a writer committed: follow it
+                self.index.sync(self.bank)
+            q = self.bank.calibrate(key) if k > 0 else None
+            t1 = time.perf_counter()
+            out = self._search(q, k, margin) if k > 0 else []
+            found = Lookup(out, self.injection(), self.bank.key_scales() if out else None)
+        if timings is not None and k > 0:
+            timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+        return found
+
+    def _search(self, q: np.ndarray, k: int, margin: float | None) -> list[tuple[dict, bytes]]:
+        """Search with the calibrated query key and read the payloads (the caller holds the lock)."""
         ids, scores = self.index.search(q, k)
         if margin is not None and len(scores):
             keep = scores >= scores[0] - margin
@@ -305,8 +344,6 @@ class Memory:
                 continue  # swapped out since the index was synced
             buf, info = got
             out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens}, buf))
-        if timings is not None:
-            timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         return out
 
 
