@@ -109,12 +109,12 @@ def resolve(bank, method: str | None, slots: int | None, keep: float | None = No
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise InduceKVError(f"--slots must be a positive number of tokens, got {slots!r}")
         want = Compaction(method, slots)
-    if (want.method == "perlayer") != sparse:
-        have = f"{bank.geo.scheme} entries" + (" (per-layer slot maps)" if sparse else "")
-        raise BankError(f"{bank.path} stores {have}; {want.describe()} needs a bank created for it: use a new bank")
     if want != stored and len(bank.slots()):
         raise BankError(f"{bank.path} holds entries made with {stored.describe()}; this learn asks for "
                         f"{want.describe()}: one bank holds one compaction, use a new bank")
+    if (want.method == "perlayer") != sparse:
+        have = f"{bank.geo.scheme} entries" + (" (per-layer slot maps)" if sparse else "")
+        raise BankError(f"{bank.path} stores {have}; {want.describe()} needs a bank created for it: use a new bank")
     return want
 
 
