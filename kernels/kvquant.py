@@ -35,7 +35,7 @@ bank) and every entry's keys are coded against it (clipped at ``qmax`` steps):
 ``k4v4``   int4 codes, bank-wide per-channel scales     int4, fp16 scale per group
 =========  ===========================================  ==========================
 
-**Sparse** variants (``k8v8s``, ``k4v8s``, ``k4v4s``: per-layer slot maps, written by
+**Sparse** variants (``f16s``, ``k8v8s``, ``k4v8s``, ``k4v4s``: per-layer slot maps, written by
 ``ikv-learn --compact perlayer``) store, per layer, only ``T`` of an entry's ``span``
 tokens (each layer its own), coded as the dense scheme, plus a slot map::
 
@@ -52,14 +52,14 @@ from __future__ import annotations
 
 import numpy as np
 
-SPARSE = {"k8v8s": "k8v8", "k4v8s": "k4v8", "k4v4s": "k4v4"}   # per-layer slot maps -> dense scheme
+SPARSE = {"f16s": "fp16", "k8v8s": "k8v8", "k4v8s": "k4v8", "k4v4s": "k4v4"}   # per-layer slot maps -> dense scheme
 SCHEMES = ("fp16", "int8", "int4", "k8v8", "k4v8", "k4v4") + tuple(SPARSE)
 DENSE = tuple(s for s in SCHEMES if s not in SPARSE)
-SHARED_KEY_SCALE = ("k8v8", "k4v8", "k4v4") + tuple(SPARSE)    # key scales are the bank's, not the entry's
+SHARED_KEY_SCALE = ("k8v8", "k4v8", "k4v4", "k8v8s", "k4v8s", "k4v4s")   # key scales are the bank's, not the entry's
 MASKED = -1e9          # expand_into: attention bias of a position a layer does not store
 MAX_SPAN = 256         # slot indices are uint8
 _PARTS = {"int8": (8, 8), "int4": (4, 4), "k8v8": (8, 8), "k4v8": (4, 8), "k4v4": (4, 4)}  # (key bits, value bits)
-_PARTS.update({s: _PARTS[d] for s, d in SPARSE.items()})
+_PARTS.update({s: _PARTS[d] for s, d in SPARSE.items() if d in _PARTS})
 KEY_SCALE_MARGIN = 1.25   # fit_key_scale: headroom over the largest key seen per channel
 _BITS = {16: "fp16", 8: "k8v8", 4: "k4v4"}   # shared key scales: same accuracy as per-entry, fewer bytes
 

@@ -17,15 +17,15 @@ or the two steps under it::
         write(bank, p)                                                          # one atomic commit
 
 Modules: ``api`` (``learn_task``, ``LearnResult``), ``progress`` (bars or callbacks),
-``candidates`` (phase 1), ``compact`` (phase 1 with ``--compact genv``: fewer tokens per
-entry), ``calibrate`` (2), ``retain`` (3), ``select`` (4), ``plan`` (the plan and the write),
+``candidates`` (phase 1), ``compact`` and ``perlayer`` (phase 1 with ``--compact``: fewer
+tokens per entry; ``perlayer`` is the default), ``calibrate`` (2), ``retain`` (3), ``select`` (4), ``plan`` (the plan and the write),
 ``cli`` (``ikv-learn``).
 """
 from inducekv.learn.api import LearnResult, learn_task
 from inducekv.learn.calibrate import Calibration
 from inducekv.learn.candidates import Candidate, encode_candidates
-from inducekv.learn.plan import Plan, absorb, open_or_create, plan, read_examples, task_name, write
+from inducekv.learn.plan import Plan, absorb, open_or_create, page_tokens, plan, read_examples, task_name, write
 from inducekv.learn.select import STRATEGIES, Weights
 
 __all__ = ["Calibration", "Candidate", "LearnResult", "Plan", "STRATEGIES", "Weights", "absorb", "encode_candidates",
-           "learn_task", "open_or_create", "plan", "read_examples", "task_name", "write"]
+           "learn_task", "open_or_create", "page_tokens", "plan", "read_examples", "task_name", "write"]

@@ -38,7 +38,7 @@ from inducekv.learn.select import STRATEGIES
               help="Entry compaction: perlayer (each layer keeps its most-attended share --keep of the tokens, "
                    "in place), genv (the answer span + the tokens the model's own answer attends to most), or "
                    "none (full entries). Default: the bank's method; perlayer for a new bank when the bundle "
-                   "has a probe graph and the scheme is k8v8/k4v8/k4v4, else none.")
+                   "has a probe graph and the scheme is fp16/k8v8/k4v8/k4v4, else none.")
 @click.option("--keep", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help=f"Share of an entry's tokens each layer keeps with --compact perlayer (default: the bank's; "
                    f"{DEFAULT_KEEP} for a new bank).")

@@ -215,7 +215,7 @@ def new_bank_scheme(rt, scheme: str, method: str | None) -> str:
         if scheme in kvquant.SPARSE.values():
             return kvquant.sparse_of(scheme)
         if method == "perlayer":
-            raise InduceKVError(f"--compact perlayer stores k8v8/k4v8/k4v4 codes; scheme {scheme} has no "
+            raise InduceKVError(f"--compact perlayer stores fp16/k8v8/k4v8/k4v4 codes; scheme {scheme} has no "
                                 "per-layer variant")
     return scheme
 

@@ -75,6 +75,9 @@ def task_name(path: Path, name: str | None) -> str:
     return n
 
 
+SPARSE_PAGE_TOKENS = 1
+
+
 def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tokens: int = MAX_ENTRY_TOKENS) -> Bank:
     """The bank at ``bank_path`` opened for writing; created with cap ``budget`` when absent."""
     m = rt.manifest
@@ -83,7 +86,14 @@ def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tok
         return Bank.open(bank_path, writable=True, fingerprint=m.fingerprint)
     if budget is None:
         raise BankError(f"{bank_path} does not exist; pass --budget (e.g. 16MiB) to create it")
-    return Bank.create_for(bank_path, budget, m, scheme=scheme, max_tokens=max_tokens)
+    return Bank.create_for(bank_path, budget, m, scheme=scheme, max_tokens=max_tokens, page_tokens=page_tokens(scheme))
+
+
+def page_tokens(scheme: str) -> int:
+    """Page size of a new bank: 1 token for per-layer compacted entries (their slot counts
+    vary by one or two, so 4-token pages waste ~9% of them: 79.3 vs 72.5 KB mean on the
+    capitals task), else the bank's default 4."""
+    return SPARSE_PAGE_TOKENS if scheme in kvquant.SPARSE else 4
 
 
 def layout_spec(bank: Bank, template: str | None = None, policy: str | None = None) -> tuple[dict, bool]:

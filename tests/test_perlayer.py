@@ -42,7 +42,7 @@ def _sparse(rng, L=3, H=2, S=9, D=8, T=4):
 def test_sparse_payload_expands_to_its_positions(rng, scheme):
     k, v, slots, kc, vc = _sparse(rng)
     L, H, S, D = k.shape
-    ks = kvquant.fit_key_scale([k], scheme)
+    ks = kvquant.fit_key_scale([k], scheme) if scheme in kvquant.SHARED_KEY_SCALE else None
     buf = kvquant.pack(kc, vc, scheme, ks, slots=slots, slot_bias=np.array([0.0, 0.5, 1.25]), span=S)
     dense = kvquant.payload_nbytes(kvquant.SPARSE[scheme], L, H, 4, D)
     assert len(buf) == kvquant.payload_nbytes(scheme, L, H, 4, D) == dense + L * 4 + 2 * L + 2
