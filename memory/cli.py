@@ -7,7 +7,7 @@ import logging
 import click
 
 from inducekv.core.cli import ByteSize, fail_on_bad_input
-from inducekv.kernels.kvquant import SCHEMES
+from inducekv.kernels.kvquant import SCHEMES, SPARSE
 
 _CTX = {"help_option_names": ["-h", "--help"]}
 
@@ -26,6 +26,15 @@ def cli():
     logging.basicConfig(level=logging.WARNING)
 
 
+def _compact_line(rec, scheme: str) -> str:
+    if isinstance(rec, dict) and rec.get("method") == "perlayer":
+        return (f"perlayer, keep {rec.get('keep'):g}: each layer stores its own share of an entry's tokens "
+                "(token counts below are slots per layer)")
+    if isinstance(rec, dict) and rec.get("method") == "genv":
+        return f"genv, {rec.get('slots')} tokens per entry"
+    return "perlayer (no entries yet)" if scheme in SPARSE else "none (full entries)"
+
+
 @cli.command(context_settings=_CTX)
 @click.argument("bank", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -41,6 +50,7 @@ def info(bank, as_json):
                "key": {"dim": g.key_dim, "space": g.key_space, "calibrated": b.calibration() is not None},
                "shared_key_scales": (None if g.scales_bytes == 0 else b.key_scales() is not None),
                "weighting": b.catalog.get("extra", {}).get("injection"),
+               "compact": b.catalog.get("extra", {}).get("compact"),
                **u, "tasks": b.tasks(), "entry_bytes_at_tokens": per_entry,
                "mean_entry_bytes": (u["bytes_used"] // u["entries"]) if u["entries"] else None}
         lines = [f"{b.path}: inducekv bank, generation {b.gen}",
@@ -49,8 +59,9 @@ def info(bank, as_json):
                  f"{' (calibrated)' if obj['key']['calibrated'] else ''}"
                  + ("" if obj["shared_key_scales"] is None else
                     f"; shared key scales {'set' if obj['shared_key_scales'] else 'not set yet'}"),
-                 "  weighting  " + (f"softmax over centered scores, tau={obj['weighting']['tau']:g}"
+                 "  weighting  " + (f"softmax over retrieval scores, tau={obj['weighting']['tau']:g}"
                                     if obj["weighting"] and obj["weighting"].get("tau") else "none (entries unweighted)"),
+                 "  compact    " + _compact_line(obj["compact"], g.scheme),
                  f"  cap        {_mib(g.cap)} ({g.cap} B); file {g.file_bytes} B; format overhead {_mib(u['overhead_bytes'])}",
                  f"  used       {_mib(u['bytes_used'])} of {_mib(g.pages * g.page_bytes)} payload space; "
                  f"free {_mib(u['bytes_free'])}",
