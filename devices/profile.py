@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 PROFILE_DIR = Path(__file__).parent
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 CPU = "CPUExecutionProvider"
-_TOML_TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "tuple[str, ...]": (list, "a list of names"),
+_TOML_TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number"),
+               "tuple[str, ...]": (list, "a list of names"),
                "dict | None": (dict, "a table")}  # DeviceProfile field annotation -> TOML type
 _noticed: set[tuple[str, tuple[str, ...]]] = set()  # (profile, missing providers) already reported
 
@@ -40,6 +41,8 @@ class DeviceProfile:
     default_budget: str = "16MiB"      # cap of a new bank
     k: int = 1                         # entries per query (see devices/cpu.toml)
     kv_bits: int = 8                   # payload quantization of new entries
+    compact: str = "perlayer"          # entry compaction of new banks: perlayer (where the bundle can) or none
+    keep: float = 0.5                  # perlayer: share of an entry's tokens each layer keeps
 
     @property
     def default_budget_bytes(self) -> int:
@@ -115,6 +118,8 @@ def _check(prof: DeviceProfile, path: Path) -> None:
         raise InduceKVError(f"{where}: default_budget must be positive, got {prof.default_budget!r}")
     if prof.intra_op_threads < 0 or prof.inter_op_threads < 0 or prof.k < 1 or prof.kv_bits not in (4, 8, 16):
         raise InduceKVError(f"{where}: threads must be >= 0, k >= 1, kv_bits one of 4, 8, 16")
+    if prof.compact not in ("perlayer", "none") or not (isinstance(prof.keep, (int, float)) and 0 < prof.keep <= 1):
+        raise InduceKVError(f"{where}: compact must be perlayer or none, keep a share in (0, 1]")
     if prof.weights not in ("any", *WEIGHT_FORMATS):
         raise InduceKVError(f"{where}: weights must be one of any, {', '.join(WEIGHT_FORMATS)}; got {prof.weights!r}")
     if not prof.execution_providers or not all(isinstance(p, str) for p in prof.execution_providers):
@@ -151,5 +156,6 @@ def describe_profiles() -> list[dict]:
         use, missing = p.split_providers(available)
         rows.append({"name": p.name, "description": p.description, "intra_op_threads": p.intra_op_threads,
                      "execution_providers": list(p.execution_providers), "uses_here": use, "missing_here": missing,
-                     "weights": p.weights, "kv_bits": p.kv_bits, "k": p.k, "default_budget": p.default_budget})
+                     "weights": p.weights, "kv_bits": p.kv_bits, "k": p.k, "default_budget": p.default_budget,
+                     "compact": p.compact, "keep": p.keep})
     return rows

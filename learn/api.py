@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from inducekv.core.errors import InduceKVError
-from inducekv.kernels.kvquant import scheme_for_bits
+from inducekv.kernels.kvquant import SPARSE, scheme_for_bits
 from inducekv.learn.candidates import as_example
 from inducekv.learn.compact import check_request, new_bank_scheme
 from inducekv.learn.defaults import N_ANCHORS, RESERVE
@@ -82,8 +82,11 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
                       dry_run, progress)
     path = Path(memory)
     check_request(rt, compact, slots, path.exists(), keep)  # before a bank is created
-    if not path.exists():
-        scheme = new_bank_scheme(rt, scheme or scheme_for_bits(rt.profile.kv_bits), compact)
+    if not path.exists():   # a new bank: the profile's scheme and compaction unless asked otherwise
+        scheme = new_bank_scheme(rt, scheme or scheme_for_bits(rt.profile.kv_bits),
+                                 compact if compact is not None or rt.profile.compact == "perlayer" else "none")
+        if keep is None and scheme in SPARSE:
+            keep = rt.profile.keep
     tmp = None
     if dry_run and not path.exists():  # plan against an empty bank of that cap; leave nothing behind
         tmp = tempfile.TemporaryDirectory()

@@ -106,9 +106,11 @@ def _list_devices(as_json: bool):
         return
     from inducekv.kernels.kvquant import scheme_for_bits
 
-    table = [("profile", "threads", "providers, in order", "used here", "weights", "kv", "k", "budget", "target")]
+    table = [("profile", "threads", "providers, in order", "used here", "weights", "kv", "compact", "k", "budget",
+              "target")]
     table += [(r["name"], str(r["intra_op_threads"]), ", ".join(map(_short, r["execution_providers"])),
-               ", ".join(map(_short, r["uses_here"])), r["weights"], scheme_for_bits(r["kv_bits"]), str(r["k"]),
+               ", ".join(map(_short, r["uses_here"])), r["weights"], scheme_for_bits(r["kv_bits"]),
+               f"perlayer {r['keep']:g}" if r["compact"] == "perlayer" else "none", str(r["k"]),
                r["default_budget"], r["description"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:

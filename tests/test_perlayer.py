@@ -199,3 +199,20 @@ def test_empty_dense_bank_refuses_perlayer(rt, tmp_path):
     with Bank.create_for(tmp_path / "d.ikv", 600_000, rt.manifest, scheme="k4v4", max_tokens=96) as b:
         with pytest.raises(InduceKVError, match="needs a bank created for it"):
             plan(rt, b, FACTS, "t", compact="perlayer")
+
+
+def test_profile_carries_the_compaction_defaults(device_bundle, tmp_path):
+    from inducekv.devices.profile import load_profile
+
+    for name, extra, scheme, rec in (("none", 'compact = "none"', "k4v4", None),
+                                     ("k3", "keep = 0.3", "k4v4s", {"method": "perlayer", "slots": None, "keep": 0.3})):
+        prof = tmp_path / f"{name}.toml"
+        prof.write_text(f'name = "{name}"\nkv_bits = 4\n{extra}\n')
+        rt = Runtime.open(device_bundle, device=load_profile(prof))
+        learn_task(rt, tmp_path / f"{name}.ikv", FACTS, name="facts", budget=600_000, n_anchors=1)
+        with Bank.open(tmp_path / f"{name}.ikv") as b:
+            assert b.geo.scheme == scheme and b.catalog["extra"].get("compact") == rec
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\ncompact = "genv"\n')
+    with pytest.raises(InduceKVError, match="compact must be perlayer or none"):
+        load_profile(bad)
