@@ -137,8 +137,9 @@ def _native_graph(state: dict, cfg, weights: str, key_layers: int | None = None,
                   query_outputs: bool = False):
     from inducekv.export.graph import build_llama_graph
 
+    flavour = registry.lookup(getattr(cfg, "model_type", "llama")).flavour(cfg)
     return build_llama_graph(state, cfg, share_tied=(weights == "fp32"), key_layers=key_layers,
-                             embeds_input=embeds, query_outputs=query_outputs)
+                             embeds_input=embeds, query_outputs=query_outputs, flavour=flavour)
 
 
 def key_layers_for(num_layers: int) -> int:
@@ -321,7 +322,8 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
             vocab_size=cfg.vocab_size,
             max_context=int(getattr(cfg, "max_position_embeddings", 2048)),
             rope={"theta": float(rope_theta) if rope_theta else None,
-                  "scaling": getattr(cfg, "rope_scaling", None)},
+                  "scaling": getattr(cfg, "rope_scaling", None),
+                  **(spec.flavour(cfg).rope_manifest() if graph == "native" else {})},
             special_tokens=_special_tokens(tokenizer, cfg),
             add_bos_token=add_bos,
             chat_template=(vlm.chat_template(processor, tokenizer) if multimodal else

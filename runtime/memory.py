@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from inducekv.kernels import kvquant
-from inducekv.kernels.positions import rerotate_
+from inducekv.kernels.positions import layer_thetas, rerotate_
 from inducekv.memory.bank import Bank
 from inducekv.memory.index import open_index
 from inducekv.core.errors import InduceKVError
@@ -201,8 +201,8 @@ class Layout:
     def _assemble(self, lengths: list[int], fill, gates=None) -> tuple[KVCache, int]:
         if not lengths:
             return self.prefix_cache, self.p0
-        P0, theta = self.p0, float(self.rt.manifest.rope["theta"])
         m = self.rt.manifest
+        P0, theta = self.p0, layer_thetas(m.rope, m.num_layers)
         total = P0 + sum(lengths)
         ks, vs = self._buffers(total)                                             # (L, 1, H_kv, P0+ΣT, D) each
         for i in range(m.num_layers):
