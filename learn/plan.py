@@ -37,7 +37,7 @@ from inducekv.learn.retain import retention
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, INJECTION_KEY, TEMPLATES, Injection, Layout,
                                      template_from)
-from inducekv.runtime.session import KeyEncoder
+from inducekv.runtime.session import KeyEncoder, require_memory_support
 from inducekv.runtime.tasks import iter_task
 
 
@@ -76,7 +76,9 @@ def task_name(path: Path, name: str | None) -> str:
 
 
 def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tokens: int = MAX_ENTRY_TOKENS) -> Bank:
-    """The bank at ``bank_path`` opened for writing; created with cap ``budget`` when absent."""
+    """The bank at ``bank_path`` opened for writing; created with cap ``budget`` when absent
+    (never for a bundle that cannot serve memory: nothing is written then)."""
+    require_memory_support(rt.manifest)
     m = rt.manifest
     bank_path = Path(bank_path)
     if bank_path.exists():

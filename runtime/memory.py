@@ -29,7 +29,7 @@ from inducekv.kernels.positions import layer_thetas, rerotate_
 from inducekv.memory.bank import Bank
 from inducekv.memory.index import open_index
 from inducekv.core.errors import InduceKVError
-from inducekv.runtime.session import KVCache, KeyEncoder
+from inducekv.runtime.session import KVCache, KeyEncoder, require_memory_support
 from inducekv.runtime.vision import with_image
 
 POLICIES = ("rerotate", "parallel")
@@ -225,8 +225,7 @@ class Memory:
     """A bank opened for serving: key pass, calibration, search, read, layout."""
 
     def __init__(self, rt, bank: Bank):
-        if not rt.manifest.retrieval_key:
-            raise InduceKVError("this bundle has no retrieval-key graph; re-export it with this inducekv version")
+        require_memory_support(rt.manifest)
         self.rt, self.bank = rt, bank
         self.keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
         if self.keys.dim != bank.geo.key_dim:
