@@ -42,6 +42,7 @@ def cli(model, out, weights, graph, force, no_validate, threads, quiet, verbose,
     Examples:
       ikv-export default -o bundles/default/int8 --weights int8
       ikv-export default-vlm -o bundles/vlm
+      ikv-export gemma3-270m -o bundles/gemma3
     """
     logging.basicConfig(level=logging.WARNING)
     with fail_on_bad_input(), (contextlib.nullcontext() if verbose else quiet_libraries()):

@@ -48,10 +48,13 @@ class _G:
     """Tiny helper that names nodes and collects initializers."""
 
     def __init__(self):
-        self.nodes, self.inits = [], []
+        self.nodes, self.inits, self._names = [], [], set()
 
     def init(self, name: str, arr: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        """Add a constant once; a name seen before (a shared constant) is reused as it is."""
+        if name not in self._names:
+            self._names.add(name)
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, **attrs) -> list[str] | str:

@@ -193,3 +193,12 @@ def test_per_layer_rerotation_helpers_agree(rng):
     assert np.abs(want[0] - rerotate(keys[0], 4, 50000.0)).max() > 1e-3
     with pytest.raises(ValueError, match="2 RoPE bases for 3 layers"):
         rerotate(keys, 4, (1.0, 2.0))
+
+
+def test_graph_has_no_duplicate_initializers(built):
+    import onnx
+
+    for arch in ("qwen3", "gemma3"):
+        for f in (contract.DECODER_FILE, contract.KEY_FILE, contract.PROBE_FILE):
+            names = [t.name for t in onnx.load(built[arch][1] / f).graph.initializer]
+            assert len(names) == len(set(names)), (arch, f)
