@@ -202,3 +202,19 @@ def test_graph_has_no_duplicate_initializers(built):
         for f in (contract.DECODER_FILE, contract.KEY_FILE, contract.PROBE_FILE):
             names = [t.name for t in onnx.load(built[arch][1] / f).graph.initializer]
             assert len(names) == len(set(names)), (arch, f)
+
+
+def test_gemma3_int8_bundle_quantizes_every_matmul_and_stays_close(built, tmp_path):
+    import onnx
+
+    from inducekv.export.build import export_bundle
+
+    d, fp32, _ = built["gemma3"]
+    export_bundle(str(d), tmp_path / "int8", weights="int8", progress=False)
+    ops = [n.op_type for n in onnx.load(tmp_path / "int8" / contract.DECODER_FILE).graph.node]
+    assert ops.count("MatMulNBits") == 3 * 4 + 1 and "Gelu" in ops   # qkv, o, gate_up, down per layer + head
+    a, b = Runtime.open(fp32), Runtime.open(tmp_path / "int8")
+    ids = a.encode_prompt(PROMPT)
+    x, _ = a.decoder.forward(ids, KVCache.empty(a.manifest))
+    y, _ = b.decoder.forward(ids, KVCache.empty(b.manifest))
+    assert (x.argmax(-1) == y.argmax(-1)).mean() >= 0.9 and np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.999
