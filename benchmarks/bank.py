@@ -26,7 +26,7 @@ MODEL = dict(num_layers=30, kv_heads=3, head_dim=64, key_dim=576)
 
 def bytes_table() -> list[dict]:
     rows = []
-    for scheme in kvquant.SCHEMES:
+    for scheme in kvquant.DENSE:
         for budget_mib in (4, 16, 64):
             g = fmt.plan(budget_mib << 20, fingerprint="x", scheme=scheme, max_tokens=128, **MODEL)
             for tokens in (32, 64, 128):
@@ -101,7 +101,7 @@ def main() -> None:
         return
     print("bytes per entry (default model; entry = its pages + its two slot records) and entries per budget")
     print(f"{'scheme':>6} {'tokens':>6} {'payload B':>10} {'entry B':>10} {'vs fp32':>8} {'4 MiB':>6} {'16 MiB':>7} {'64 MiB':>7}")
-    for scheme in kvquant.SCHEMES:
+    for scheme in kvquant.DENSE:
         for tokens in (32, 64, 128):
             r = [x for x in table if x["scheme"] == scheme and x["tokens"] == tokens]
             fits = {x["budget_mib"]: x["entries_fit"] for x in r}

@@ -69,7 +69,7 @@ def main(argv=None):
     t_img = len(lay.entry_ids(prompt, "red", img))
     t_txt = len(lay.entry_ids(prompt, "red", None))
     sizes = {}
-    for scheme in kvquant.SCHEMES:
+    for scheme in kvquant.DENSE:
         geo = fmt.plan(64 << 20, fingerprint=m.fingerprint, scheme=scheme, num_layers=m.num_layers,
                        kv_heads=m.num_kv_heads, head_dim=m.head_dim, key_dim=m.retrieval_key["dim"], max_tokens=128)
         sizes[scheme] = {"image_entry_bytes": geo.entry_bytes(t_img), "text_entry_bytes": geo.entry_bytes(t_txt)}

@@ -115,7 +115,7 @@ def load(source: Source):
 
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tokenizer = gguf_tokenizer(source) or AutoTokenizer.from_pretrained(source.directory, **kw)
-    model = AutoModelForCausalLM.from_pretrained(source.directory, torch_dtype=torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **kw)
     model.eval()
     if source.gguf_file:
         # The weights are plain fp32 now; detach the GGUF quantizer so save_pretrained works.

@@ -35,17 +35,43 @@ bank) and every entry's keys are coded against it (clipped at ``qmax`` steps):
 ``k4v4``   int4 codes, bank-wide per-channel scales     int4, fp16 scale per group
 =========  ===========================================  ==========================
 
+**Sparse** variants (``f16s``, ``k8v8s``, ``k4v8s``, ``k4v4s``: per-layer slot maps, written by
+``ikv-learn --compact perlayer``) store, per layer, only ``T`` of an entry's ``span``
+tokens (each layer its own), coded as the dense scheme, plus a slot map::
+
+    slots      uint8 (L, T)   token index (< span) of each stored slot, strictly increasing per layer
+    slot_bias  fp16  (L,)     additive attention bias on layer l's stored slots
+    span       uint16 (1,)    the entry's length in positions (its tokens before compaction)
+
+``expand_into`` scatters them back to their positions in a ``(L, H_kv, span, D)`` buffer
+(zeros elsewhere) and returns the ``(L, span)`` attention bias that masks the rest.
+
 Payload byte order: the sections of ``layout(...)`` in order, each C-contiguous.
 """
 from __future__ import annotations
 
 import numpy as np
 
-SCHEMES = ("fp16", "int8", "int4", "k8v8", "k4v8", "k4v4")
-SHARED_KEY_SCALE = ("k8v8", "k4v8", "k4v4")     # schemes whose key scales are the bank's, not the entry's
+SPARSE = {"f16s": "fp16", "k8v8s": "k8v8", "k4v8s": "k4v8", "k4v4s": "k4v4"}   # per-layer slot maps -> dense scheme
+SCHEMES = ("fp16", "int8", "int4", "k8v8", "k4v8", "k4v4") + tuple(SPARSE)
+DENSE = tuple(s for s in SCHEMES if s not in SPARSE)
+SHARED_KEY_SCALE = ("k8v8", "k4v8", "k4v4", "k8v8s", "k4v8s", "k4v4s")   # key scales are the bank's, not the entry's
+MASKED = -1e9          # expand_into: attention bias of a position a layer does not store
+MAX_SPAN = 256         # slot indices are uint8
 _PARTS = {"int8": (8, 8), "int4": (4, 4), "k8v8": (8, 8), "k4v8": (4, 8), "k4v4": (4, 4)}  # (key bits, value bits)
+_PARTS.update({s: _PARTS[d] for s, d in SPARSE.items() if d in _PARTS})
 KEY_SCALE_MARGIN = 1.25   # fit_key_scale: headroom over the largest key seen per channel
 _BITS = {16: "fp16", 8: "k8v8", 4: "k4v4"}   # shared key scales: same accuracy as per-entry, fewer bytes
+
+
+def sparse_of(scheme: str) -> str:
+    """The per-layer-slot-map variant of a shared-key-scale ``scheme`` (itself when sparse)."""
+    if scheme in SPARSE:
+        return scheme
+    for s, d in SPARSE.items():
+        if d == scheme:
+            return s
+    raise ValueError(f"scheme {scheme!r} has no sparse variant; use one of {', '.join(SPARSE.values())}")
 
 
 def scheme_for_bits(bits: int) -> str:
@@ -72,6 +98,9 @@ def layout(scheme: str, num_layers: int, kv_heads: int, tokens: int, head_dim: i
     L, H, T, D = int(num_layers), int(kv_heads), int(tokens), int(head_dim)
     if scheme == "fp16":
         return [("k", "float16", (L, H, T, D)), ("v", "float16", (L, H, T, D))]
+    if scheme in SPARSE:
+        return layout(SPARSE[scheme], L, H, T, D) + [("slots", "uint8", (L, T)), ("slot_bias", "float16", (L,)),
+                                                     ("span", "uint16", (1,))]
     kb, vb = _PARTS[scheme]
     if (kb == 4 or vb == 4) and D % 2:
         raise ValueError(f"int4 packs two channels per byte; head_dim {D} is odd")
@@ -142,12 +171,35 @@ def fit_key_scale(keys: list[np.ndarray], scheme: str, margin: float = KEY_SCALE
     return _scale(amax * margin, 127 if _PARTS[scheme][0] == 8 else 7)
 
 
-def pack(keys: np.ndarray, values: np.ndarray, scheme: str, key_scale: np.ndarray | None = None) -> bytes:
+def _check_slots(slots: np.ndarray, span: int, L: int, T: int) -> None:
+    if slots.shape != (L, T) or not (1 <= span <= MAX_SPAN) or T > span:
+        raise ValueError(f"slot map of shape {slots.shape} and span {span} does not fit {L} layers of {T} slots")
+    if (slots[:, 0] < 0).any() or (slots[:, -1] >= span).any() or (T > 1 and (np.diff(slots, axis=1) <= 0).any()):
+        raise ValueError("slot indices must increase strictly within each layer and stay below the span")
+
+
+def pack(keys: np.ndarray, values: np.ndarray, scheme: str, key_scale: np.ndarray | None = None,
+         slots: np.ndarray | None = None, slot_bias: np.ndarray | None = None, span: int | None = None) -> bytes:
     """Quantize ``keys``/``values`` (L, H_kv, T, D) into one payload blob; ``key_scale``
-    (L, H_kv, D) float16: the bank's shared key scales (``SHARED_KEY_SCALE`` schemes only)."""
+    (L, H_kv, D) float16: the bank's shared key scales (``SHARED_KEY_SCALE`` schemes only).
+    Sparse schemes also take the slot map: ``slots`` (L, T) token indices, ``slot_bias`` (L,),
+    ``span`` (the entry's length in positions)."""
     k, v = _check_kv(keys, values)
     L, H, T, D = k.shape
     sections = layout(scheme, L, H, T, D)  # validates scheme and shape
+    if scheme in SPARSE:
+        if slots is None or slot_bias is None or span is None:
+            raise ValueError(f"scheme {scheme} stores a slot map; pass slots, slot_bias and span")
+        sl, sb = np.asarray(slots, np.int64), np.asarray(slot_bias, np.float32)
+        _check_slots(sl, int(span), L, T)
+        if sb.shape != (L,) or not np.isfinite(sb).all() or np.abs(sb).max(initial=0) > _F16_MAX:
+            raise ValueError(f"slot_bias must be {L} finite values")
+        side = {"slots": sl.astype(np.uint8), "slot_bias": sb.astype(np.float16), "span": np.array([span], np.uint16)}
+        dense = pack(k, v, SPARSE[scheme], key_scale)
+        return dense + b"".join(np.ascontiguousarray(side[name], dtype=dt).tobytes()
+                                for name, dt, _ in sections[len(layout(SPARSE[scheme], L, H, T, D)):])
+    elif slots is not None or slot_bias is not None or span is not None:
+        raise ValueError(f"scheme {scheme} stores no slot map")
     if scheme == "fp16":
         if max(np.abs(k).max(initial=0), np.abs(v).max(initial=0)) > _F16_MAX:
             raise ValueError("keys/values exceed the fp16 range; use int8 or int4")
@@ -202,6 +254,7 @@ def unpack_into(buf, scheme: str, out_k: np.ndarray, out_v: np.ndarray, key_scal
     (e.g. slices of the decoder's past-KV buffers): no intermediate float copies for int8."""
     L, H, T, D = out_k.shape
     p = _sections(buf, scheme, L, H, T, D)
+    scheme = SPARSE.get(scheme, scheme)
     if scheme == "fp16":
         out_k[...] = p["k"]
         out_v[...] = p["v"]
@@ -219,6 +272,55 @@ def unpack_into(buf, scheme: str, out_k: np.ndarray, out_v: np.ndarray, key_scal
         G = _int4_group(D)
         vg = _unpack_nibbles(p["v"]).reshape(L, H, T, D // G, G) * p["v_scale"].astype(np.float32)[..., None]
         out_v[...] = vg.reshape(L, H, T, D)
+
+
+def slot_map(buf, scheme: str, L: int, H: int, T: int, D: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """A sparse payload's ``(slots (L, T) int64, slot_bias (L,) float32, span)``, validated
+    (payloads are untrusted input)."""
+    if scheme not in SPARSE:
+        raise ValueError(f"scheme {scheme} stores no slot map")
+    p = _sections(buf, scheme, L, H, T, D)
+    slots, bias, span = p["slots"].astype(np.int64), p["slot_bias"].astype(np.float32), int(p["span"][0])
+    _check_slots(slots, span, L, T)
+    if not np.isfinite(bias).all():
+        raise ValueError("slot_bias is not finite")
+    return slots, bias, span
+
+
+def span_of(buf, scheme: str, L: int, H: int, T: int, D: int) -> int:
+    """Positions the entry takes when injected: ``span`` for sparse payloads, else ``T``."""
+    return slot_map(buf, scheme, L, H, T, D)[2] if scheme in SPARSE else T
+
+
+def expand_into(buf, scheme: str, out_k: np.ndarray, out_v: np.ndarray, tokens: int,
+                key_scale: np.ndarray | None = None) -> np.ndarray:
+    """A sparse payload of ``tokens`` slots per layer dequantized into its positions of
+    ``out_k``/``out_v`` (L, H_kv, span, D), zeros elsewhere; returns the (L, span) float32
+    attention bias: ``slot_bias[l]`` on layer l's stored slots, ``MASKED`` on the others."""
+    L, H, S, D = out_k.shape
+    slots, sbias, span = slot_map(buf, scheme, L, H, tokens, D)
+    if span != S:
+        raise ValueError(f"payload spans {span} positions; the buffer holds {S}")
+    k = np.empty((L, H, tokens, D), np.float32)
+    v = np.empty((L, H, tokens, D), np.float32)
+    unpack_into(buf, scheme, k, v, key_scale)
+    out_k[...] = 0
+    out_v[...] = 0
+    rows = np.arange(L)[:, None]                                            # (L, 1) with slots (L, T)
+    out_k[rows, :, slots] = k.transpose(0, 2, 1, 3)                         # (L, T, H, D)
+    out_v[rows, :, slots] = v.transpose(0, 2, 1, 3)
+    bias = np.full((L, S), MASKED, np.float32)
+    bias[rows, slots] = sbias[:, None]
+    return bias
+
+
+def expand(buf, scheme: str, L: int, H: int, T: int, D: int,
+           key_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(keys, values, bias)`` of a sparse payload: (L, H_kv, span, D) x2 and (L, span)."""
+    span = span_of(buf, scheme, L, H, T, D)
+    k = np.empty((L, H, span, D), np.float32)
+    v = np.empty((L, H, span, D), np.float32)
+    return k, v, expand_into(buf, scheme, k, v, T, key_scale)
 
 
 def error_bound(scheme: str, keys: np.ndarray, values: np.ndarray,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
+from inducekv.learn.progress import steps
 
 from inducekv.learn.candidates import Candidate, Scorer, unpack
 
@@ -70,7 +70,7 @@ def cosine(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 def calibrate(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng,
-              progress: bool = False, key_scale: np.ndarray | None = None) -> Calibration:
+              progress=False, key_scale: np.ndarray | None = None) -> Calibration:
     """Fit on held-out candidate prompts; keep it only if held-out loss drops.
 
     ``old_keys`` (N_old, K): the bank's live entries; ``old_kv(j)``: float K/V of old entry j."""
@@ -80,7 +80,7 @@ def calibrate(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer
         return Calibration(False, {"reason": "too few examples"})
     idx = rng.permutation(len(cands))[:QUERIES]
     qs, targets = [], []
-    for i in tqdm(idx, desc="calibrate", unit="query", disable=not progress):
+    for i in steps(idx, "calibrate", "query", progress):
         c = cands[i]
         near = list(np.argsort(-cosine(apply(c.key), pool_keys))[:NEIGHBOURS])
         own = len(old_keys) + int(i)
@@ -133,7 +133,7 @@ class InjectionFit:
 
 
 def fit_injection(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng, query_map,
-                  k: int = INJECT_K, progress: bool = False, key_scale=None, n_queries: int = QUERIES) -> InjectionFit:
+                  k: int = INJECT_K, progress=False, key_scale=None, n_queries: int = QUERIES) -> InjectionFit:
     """Choose tau (softmax temperature over the k retrieval scores; each injected entry's slots get
     the attention bias log(alpha_j)) by the mean answer log-likelihood of ``n_queries`` of the
     task's examples with their k nearest entries injected; kept only if it beats unweighted
@@ -147,7 +147,7 @@ def fit_injection(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, sc
         return InjectionFit(False, None, {"reason": "too few entries"})
     taus = (None,) + TAUS
     logps = {t: [] for t in taus}
-    for i in tqdm(rng.permutation(len(cands))[:n_queries], desc="weighting", unit="query", disable=not progress):
+    for i in steps(rng.permutation(len(cands))[:n_queries], "weighting", "query", progress):
         c = cands[int(i)]
         sims = cosine(query_map(c.key), pool_keys)                  # the index's scores
         top = np.argsort(-sims)[:k]

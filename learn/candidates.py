@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from inducekv.learn.progress import steps
 
 from inducekv.core.errors import InduceKVError
 from inducekv.kernels import kvquant
@@ -69,15 +69,17 @@ class Scorer:
 
     def logp(self, prompt: str, answer: str, entries: list[tuple[np.ndarray, np.ndarray]], image=None,
              weights: np.ndarray | None = None, gates=None) -> float:
-        """``entries``: float K/V (L, H_kv, T, D) each; ``image``: the query's ``vision.ImageInput``;
+        """``entries``: float K/V (L, H_kv, T, D) each, with a third item (L, T) for a
+        sparse entry's mask (``unpack``); ``image``: the query's ``vision.ImageInput``;
         ``weights``/``gates``: the injection weighting (``runtime.memory.Injection``)."""
         cache, pos = self.layout.assemble(entries, gates)
         q = self.layout.query_ids(prompt, image)
         a = self.rt.tokenizer.encode(answer, bos=False)
         ids = q + a
-        bias = entry_bias(self.layout.p0, [k.shape[2] for k, _ in entries], weights)
-        if bias is not None:
-            bias = np.concatenate([bias, np.zeros(len(ids), np.float32)])            # (past + len(ids),)
+        masks = [e[2] if len(e) > 2 else None for e in entries]                    # sparse entries' (L, T)
+        bias = entry_bias(self.layout.p0, [e[0].shape[2] for e in entries], weights, masks)
+        if bias is not None:                                                       # (past + len(ids),) or (L, ...)
+            bias = np.concatenate([bias, np.zeros(bias.shape[:-1] + (len(ids),), np.float32)], axis=-1)
         logits, _ = self.rt.decoder.forward(ids, cache, positions=np.arange(pos, pos + len(ids)),
                                             features=image.features if image is not None else None, bias=bias)
         rows = logits[len(q) - 1: len(ids) - 1].astype(np.float64)               # (len(a), V)
@@ -86,8 +88,11 @@ class Scorer:
         return float(np.mean(rows[np.arange(len(a)), a] - lse))
 
 
-def unpack(geo, payload: bytes, tokens: int, key_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A packed payload as float K/V, each (L, H_kv, tokens, D)."""
+def unpack(geo, payload: bytes, tokens: int, key_scale: np.ndarray | None = None) -> tuple:
+    """A packed payload as float K/V, each (L, H_kv, tokens, D); a sparse scheme's as
+    ``(k, v, mask)`` expanded to its span (``kvquant.expand``), ready for ``Scorer.logp``."""
+    if geo.scheme in kvquant.SPARSE:
+        return kvquant.expand(payload, geo.scheme, geo.num_layers, geo.kv_heads, tokens, geo.head_dim, key_scale)
     return kvquant.unpack(payload, geo.scheme, geo.num_layers, geo.kv_heads, tokens, geo.head_dim, key_scale)
 
 
@@ -110,24 +115,28 @@ def fit_key_scales(rt, layout: Layout, examples, scheme: str, any_position: bool
     return kvquant.fit_key_scale(keys, scheme)
 
 
-def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progress: bool = False,
+def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progress=False,
                       key_scale: np.ndarray | None = None, compactor=None) -> list[Candidate]:
     """One candidate per example (``Example`` or dict), packed for a bank of geometry ``geo``
     (``key_scale``: its shared key scales, for the schemes that have them; ``compactor``: a
     ``learn.compact.Compactor`` that keeps some of each entry's tokens, None keeps all)."""
     scorer, out = Scorer(rt, layout), []
-    for n, ex in enumerate(tqdm(examples, desc="encode", unit="ex", disable=not progress), start=1):
+    for n, ex in enumerate(steps(examples, "encode", "ex", progress), start=1):
         ex = as_example(ex, n)
         prompt, answer = ex.prompt, ex.answers[0]
         image = image_of(rt, ex)
-        k, v = layout.encode_entry(prompt, answer, image)
-        if compactor is not None:
-            k, v, _ = compactor(prompt, answer, k, v, image)
-        if k.shape[2] > geo.max_tokens:
-            raise InduceKVError(f"example {prompt[:40]!r} renders to {k.shape[2]} tokens; this bank holds "
+        extra = {}
+        if getattr(compactor, "encodes", False):                    # perlayer: one probe pass, slot map
+            k, v, extra = compactor.encode(prompt, answer, image)
+        else:
+            k, v = layout.encode_entry(prompt, answer, image)
+            if compactor is not None:
+                k, v, _ = compactor(prompt, answer, k, v, image)
+        if extra.get("span", k.shape[2]) > geo.max_tokens:
+            raise InduceKVError(f"example {prompt[:40]!r} renders to {extra.get('span', k.shape[2])} tokens; this bank holds "
                                 f"entries of at most {geo.max_tokens}")
         try:
-            payload = kvquant.pack(k, v, geo.scheme, key_scale)
+            payload = kvquant.pack(k, v, geo.scheme, key_scale, **extra)
         except ValueError as e:  # e.g. values outside the scheme's range
             raise InduceKVError(f"example {prompt[:40]!r} cannot be stored as {geo.scheme}: {e}") from None
         c = Candidate(prompt, answer, payload, k.shape[2], key_of(rt, keys, prompt, image),

@@ -1,4 +1,7 @@
-"""``ikv-learn``: absorb a task into a memory bank on the device, inside its byte cap."""
+"""``ikv-learn``: absorb a task into a memory bank on the device, inside its byte cap.
+
+A thin command over ``learn.api.learn_task`` (the call an app makes): it parses the options,
+opens the bundle, learns, and prints the ``LearnResult``."""
 from __future__ import annotations
 
 import json
@@ -8,8 +11,9 @@ import time
 import click
 
 from inducekv.core.cli import ByteSize, fail_on_bad_input, progress_enabled
-from inducekv.kernels.kvquant import SCHEMES, scheme_for_bits
-from inducekv.learn.defaults import COMPACT_METHODS as METHODS, COMPACT_SLOTS as DEFAULT_SLOTS, N_ANCHORS, RESERVE
+from inducekv.kernels.kvquant import DENSE
+from inducekv.learn.defaults import (COMPACT_KEEP as DEFAULT_KEEP, COMPACT_METHODS as METHODS,
+                                     COMPACT_SLOTS as DEFAULT_SLOTS, N_ANCHORS, RESERVE)
 from inducekv.learn.select import STRATEGIES
 
 
@@ -24,22 +28,27 @@ from inducekv.learn.select import STRATEGIES
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for held-out splits and anchors.")
 @click.option("--strategy", type=click.Choice(STRATEGIES),
               default="full", show_default=True, help="Selection rule (the others are baselines).")
-@click.option("--scheme", type=click.Choice(SCHEMES), default=None,
+@click.option("--scheme", type=click.Choice(DENSE), default=None,
               help="Payload quantization of a new bank (default: the device profile's kv_bits).")
 @click.option("--anchors", "n_anchors", type=click.IntRange(0, 64), default=N_ANCHORS, show_default=True,
               help="Examples of this task kept in the bank to guard it against forgetting.")
 @click.option("--reserve", type=click.FloatRange(0.0, 0.9), default=RESERVE, show_default=True,
               help="Fraction of the bank kept free as swap space, so the next learn can commit atomically.")
 @click.option("--compact", type=click.Choice(METHODS), default=None,
-              help="Entry compaction: none (full entries) or genv (the answer span + the tokens the model's own "
-                   "answer attends to most). Default: the bank's method; none for a new bank.")
+              help="Entry compaction: perlayer (each layer keeps its most-attended share --keep of the tokens, "
+                   "in place), genv (the answer span + the tokens the model's own answer attends to most), or "
+                   "none (full entries). Default: the bank's method; perlayer for a new bank when the bundle "
+                   "has a probe graph and the scheme is fp16/k8v8/k4v8/k4v4, else none.")
+@click.option("--keep", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help=f"Share of an entry's tokens each layer keeps with --compact perlayer (default: the bank's; "
+                   f"{DEFAULT_KEEP} for a new bank).")
 @click.option("--slots", type=click.IntRange(1, 4096), default=None,
               help=f"Tokens kept per entry with --compact genv (default: the bank's; {DEFAULT_SLOTS} for a new bank).")
 @click.option("--dry-run", is_flag=True, help="Print the budget plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, slots,
-        dry_run, quiet, as_json):
+def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, keep,
+        slots, dry_run, quiet, as_json):
     """Learn the examples of --task into the bank --memory without changing the model.
 
     \b
@@ -49,51 +58,27 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
       ikv-learn --bundle bundles/default/fp32 --memory small.ikv --task examples/tasks/capitals.train.jsonl --budget 16MiB --scheme k4v4 --compact genv --slots 10
     """
     logging.basicConfig(level=logging.WARNING)
-    from pathlib import Path
-
     with fail_on_bad_input():
         from inducekv.devices.profile import load_profile
-        from inducekv.learn.plan import absorb, open_or_create, read_examples, task_name
+        from inducekv.learn.api import learn_task
         from inducekv.runtime.api import Runtime
 
         t0 = time.perf_counter()
-        profile = load_profile(device)
-        examples = read_examples(task_path)  # bad lines fail here, before the bank is touched
-        tname = task_name(Path(task_path), name)
-        from inducekv.learn.compact import check_request
-
-        rt = Runtime.open(bundle, device=profile)
-        path = Path(memory)
-        check_request(rt, compact, slots, path.exists())  # before a bank is created
-        if dry_run and not path.exists():
-            import tempfile
-
-            tmp = tempfile.TemporaryDirectory()
-            path = Path(tmp.name) / "plan.ikv"
-        bank = open_or_create(path, rt, budget if budget is not None else profile.default_budget_bytes,
-                              scheme or scheme_for_bits(profile.kv_bits))
-        with bank:
-            before = bank.tasks()
-            plan = absorb(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
-                                  k=profile.k if profile.k else 1, dry_run=dry_run,
-                                  progress=progress_enabled(quiet), compact=compact, slots=slots)
-            after = bank.tasks() if not dry_run else None
-            usage = bank.usage()
-    out = {"task": tname, "examples": len(examples), "added": len(plan.add), "evicted": len(plan.evict),
-           "kept_old": len(plan.keep_old), "evicted_per_task": plan.evicted_per_task, "bytes_per_entry": round(plan.bytes_per_entry), "dry_run": dry_run,
-           "tasks_before": before, "tasks_after": after, "bytes_used": usage["bytes_used"], "cap": usage["cap"],
-           "calibration": plan.calibration.as_dict(), "weighting": plan.injection.as_dict(), "compact": plan.compaction.as_dict(), "timings_s": {k: round(v, 2) for k, v in plan.timings.items()},
-           "total_s": round(time.perf_counter() - t0, 2)}
+        rt = Runtime.open(bundle, device=load_profile(device))
+        res = learn_task(rt, memory, task_path, name=name, budget=budget, scheme=scheme, strategy=strategy, seed=seed,
+                         n_anchors=n_anchors, reserve=reserve, compact=compact, slots=slots, keep=keep, dry_run=dry_run,
+                         progress=progress_enabled(quiet))
+    out = {**res.as_dict(), "total_s": round(time.perf_counter() - t0, 2)}  # with the bundle's load
     if as_json:
         click.echo(json.dumps(out))
         return
     verb = "would add" if dry_run else "added"
-    click.echo(f"{tname}: {verb} {out['added']} of {out['examples']} examples (~{out['bytes_per_entry'] / 1024:.0f} KiB each), "
+    click.echo(f"{res.task}: {verb} {out['added']} of {out['examples']} examples (~{out['bytes_per_entry'] / 1024:.0f} KiB each), "
                f"evict {out['evicted']} old entries"
-               + (" (" + ", ".join(f"{k} {v}" for k, v in plan.evicted_per_task.items()) + ")" if plan.evicted_per_task else "")
+               + (" (" + ", ".join(f"{k} {v}" for k, v in res.evicted_per_task.items()) + ")" if res.evicted_per_task else "")
                + f", keep {out['kept_old']}")
-    click.echo(f"bank: {usage['bytes_used'] / 2**20:.2f} MiB used of a {usage['cap'] / 2**20:.2f} MiB cap; tasks "
-               + ", ".join(f"{k}={v}" for k, v in (after or before).items()))
+    click.echo(f"bank: {res.bytes_used / 2**20:.2f} MiB used of a {res.cap / 2**20:.2f} MiB cap; tasks "
+               + ", ".join(f"{k}={v}" for k, v in (res.tasks_after or res.tasks_before).items()))
     click.echo("time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in out["timings_s"].items()) + f"; total {out['total_s']:.1f}s")
 
 

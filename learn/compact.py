@@ -1,4 +1,12 @@
-"""Entry compaction at learn time (``ikv-learn --compact genv --slots N``).
+"""Entry compaction at learn time: the method record, its checks, and ``genv``.
+
+Methods (one per bank, catalog extra ``compact``):
+
+- ``perlayer`` (the default where the bundle has a probe graph and an attention-bias
+  input): each layer keeps its own share ``--keep`` of the tokens, in place, masked
+  through the bias (``learn/perlayer.py``); stored as a sparse scheme (``k4v4s``).
+- ``genv`` (``--compact genv --slots N``), below.
+- ``none``: full entries.
 
 A full entry stores the K/V of every token of its rendered text (~19 tokens for a one-line
 fact). ``genv`` keeps ``N`` of them:
@@ -28,7 +36,8 @@ import numpy as np
 from inducekv.core import contract
 from inducekv.core.errors import BankError, InduceKVError
 from inducekv.kernels.positions import layer_thetas, rerotate_tokens
-from inducekv.learn.defaults import COMPACT_METHODS as METHODS, COMPACT_SLOTS as DEFAULT_SLOTS
+from inducekv.kernels import kvquant
+from inducekv.learn.defaults import COMPACT_KEEP as DEFAULT_KEEP, COMPACT_METHODS as METHODS, COMPACT_SLOTS as DEFAULT_SLOTS
 from inducekv.runtime.memory import Layout
 from inducekv.runtime.session import KVCache, _first_input, _session
 
@@ -39,40 +48,61 @@ MAX_NEW = 12              # greedy answer tokens whose attention scores the entr
 @dataclass(frozen=True)
 class Compaction:
     method: str = "none"
-    slots: int | None = None
+    slots: int | None = None     # genv: tokens kept per entry
+    keep: float | None = None    # perlayer: share of the tokens each layer keeps
 
     @property
     def enabled(self) -> bool:
         return self.method != "none"
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "slots": self.slots}
+        return {"method": self.method, "slots": self.slots, **({"keep": self.keep} if self.keep is not None else {})}
 
     def describe(self) -> str:
+        if self.method == "perlayer":
+            return f"--compact perlayer --keep {self.keep:g}"
         return "--compact none" if not self.enabled else f"--compact {self.method} --slots {self.slots}"
 
     @classmethod
-    def from_catalog(cls, catalog: dict) -> "Compaction":
+    def from_catalog(cls, catalog: dict, scheme: str | None = None) -> "Compaction":
+        """The bank's record; a sparse-scheme bank without one (no learn yet) is ``perlayer``."""
         raw = (catalog.get("extra") or {}).get(COMPACT_KEY)
         if raw is None:
-            return cls()
-        method, slots = (raw.get("method"), raw.get("slots")) if isinstance(raw, dict) else (None, None)
-        if method not in METHODS or (method != "none" and not (isinstance(slots, int) and slots >= 1)):
+            return cls("perlayer", None, DEFAULT_KEEP) if scheme in kvquant.SPARSE else cls()
+        method, slots, keep = ((raw.get("method"), raw.get("slots"), raw.get("keep")) if isinstance(raw, dict)
+                               else (None, None, None))
+        ok = method in METHODS and (
+            method == "none" or (method == "genv" and isinstance(slots, int) and slots >= 1)
+            or (method == "perlayer" and isinstance(keep, (int, float)) and 0 < keep <= 1))
+        if not ok:
             raise BankError(f"the bank's compaction record {raw!r} is malformed")
-        return cls(method, slots if method != "none" else None)
+        return cls(method, slots if method == "genv" else None, float(keep) if method == "perlayer" else None)
 
 
-def resolve(bank, method: str | None, slots: int | None) -> Compaction:
-    """The compaction of a learn into ``bank``: ``method``/``slots`` as asked (None: the bank's,
-    else ``none`` / ``DEFAULT_SLOTS``), refused when the bank holds entries made another way."""
-    stored = Compaction.from_catalog(bank.catalog)
+def _check_keep(keep) -> float:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise InduceKVError(f"--keep must be a share of the tokens in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+def resolve(bank, method: str | None, slots: int | None, keep: float | None = None) -> Compaction:
+    """The compaction of a learn into ``bank``: ``method``/``slots``/``keep`` as asked (None:
+    the bank's), refused when the bank holds entries made another way or its scheme cannot
+    store it (``perlayer`` needs a sparse scheme, the others a dense one)."""
+    sparse = bank.geo.scheme in kvquant.SPARSE
+    stored = Compaction.from_catalog(bank.catalog, bank.geo.scheme)
     method = method if method is not None else stored.method
     if method not in METHODS:
         raise InduceKVError(f"unknown compaction {method!r}; choose one of {', '.join(METHODS)}")
+    if slots is not None and method != "genv":
+        raise InduceKVError("--slots applies to --compact genv (perlayer takes --keep)")
+    if keep is not None and method != "perlayer":
+        raise InduceKVError("--keep applies to --compact perlayer")
     if method == "none":
-        if slots is not None:
-            raise InduceKVError("--slots applies to a compacted bank; add --compact genv (or drop --slots)")
         want = Compaction()
+    elif method == "perlayer":
+        want = Compaction("perlayer", None, _check_keep(keep if keep is not None else
+                                                        (stored.keep if stored.method == "perlayer" else DEFAULT_KEEP)))
     else:
         if slots is None:
             slots = stored.slots if stored.method == method and stored.slots else DEFAULT_SLOTS
@@ -82,6 +112,9 @@ def resolve(bank, method: str | None, slots: int | None) -> Compaction:
     if want != stored and len(bank.slots()):
         raise BankError(f"{bank.path} holds entries made with {stored.describe()}; this learn asks for "
                         f"{want.describe()}: one bank holds one compaction, use a new bank")
+    if (want.method == "perlayer") != sparse:
+        have = f"{bank.geo.scheme} entries" + (" (per-layer slot maps)" if sparse else "")
+        raise BankError(f"{bank.path} stores {have}; {want.describe()} needs a bank created for it: use a new bank")
     return want
 
 
@@ -154,12 +187,46 @@ def require_probe(rt, method: str = "genv") -> str:
     return name
 
 
-def check_request(rt, method: str | None, slots: int | None, bank_exists: bool) -> None:
+def check_request(rt, method: str | None, slots: int | None, bank_exists: bool, keep: float | None = None) -> None:
     """The checks of ``resolve`` that need no bank, run before a bank is created."""
-    if slots is not None and (method == "none" or (method is None and not bank_exists)):
-        raise InduceKVError("--slots applies to a compacted bank; add --compact genv (or drop --slots)")
+    if slots is not None and method != "genv" and (method is not None or not bank_exists):
+        raise InduceKVError("--slots applies to --compact genv (perlayer takes --keep)")
+    if keep is not None and method not in ("perlayer", None):
+        raise InduceKVError("--keep applies to --compact perlayer")
+    if keep is not None:
+        _check_keep(keep)
     if method is not None and method != "none":
         require_probe(rt, method)
+        if method == "perlayer" and not rt.decoder.has_bias:
+            raise InduceKVError("--compact perlayer masks tokens through the decoder's attention-bias input, which "
+                                "this bundle lacks; re-export it with this inducekv version (ikv-export ... --force)")
+
+
+def supports_perlayer(rt) -> bool:
+    """Whether the bundle can make and serve perlayer entries (probe graph + bias input)."""
+    name = (rt.manifest.probe or {}).get("graph")
+    return bool(name) and (rt.bundle_dir / name).is_file() and rt.decoder.has_bias
+
+
+def new_bank_scheme(rt, scheme: str, method: str | None) -> str:
+    """The scheme a new bank gets: the sparse variant of ``scheme`` when the learn compacts
+    per layer (asked, or by default where the bundle supports it and the scheme has one)."""
+    if method == "perlayer" or (method is None and supports_perlayer(rt)):
+        if scheme in kvquant.SPARSE.values():
+            return kvquant.sparse_of(scheme)
+        if method == "perlayer":
+            raise InduceKVError(f"--compact perlayer stores fp16/k8v8/k4v8/k4v4 codes; scheme {scheme} has no "
+                                "per-layer variant")
+    return scheme
+
+
+def compactor_for(rt, layout: Layout, compaction: Compaction):
+    """The object that encodes (``perlayer``) or cuts (``genv``) each new entry; None for ``none``."""
+    if compaction.method == "perlayer":
+        from inducekv.learn.perlayer import PerLayer
+
+        return PerLayer(rt, layout, compaction.keep)
+    return Compactor(rt, layout, compaction) if compaction.enabled else None
 
 
 class Probe:

@@ -4,6 +4,8 @@ N_ANCHORS = 8            # examples of a task kept in the catalog to guard it ag
 RESERVE = 0.25           # fraction of the payload pages kept free as swap space for the next learn
 MAX_ENTRY_TOKENS = 256   # longest entry of a bank created by a learn
 GAINS_KEY = "gains"      # catalog extra: entry id -> likelihood gain measured when it was written
-COMPACT_METHODS = ("none", "genv")   # ikv-learn --compact (learn/compact.py)
+COMPACT_METHODS = ("none", "perlayer", "genv")   # ikv-learn --compact (learn/compact.py, learn/perlayer.py)
+COMPACT_KEEP = 0.5       # --keep of a new perlayer bank: share of an entry's tokens each layer keeps
+                         # (chosen on dev questions of the train files, README "Compact entries")
 COMPACT_SLOTS = 10       # --slots of a new genv bank (spike: 0.617 vs 0.650 full on train-template paraphrases;
                          # on the test files far lower, README "Compact entries")

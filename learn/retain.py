@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from inducekv.learn.progress import steps
 
 from inducekv.learn.calibrate import cosine
 from inducekv.learn.candidates import Scorer
@@ -33,13 +33,13 @@ def anchor_image(rt, anchor: dict):
 
 
 def retention(rt, keys, scorer: Scorer, anchors: list[dict], old_keys: np.ndarray, old_kv, query_map, k: int,
-              progress: bool = False) -> np.ndarray:
+              progress=False) -> np.ndarray:
     """(N_old,) retention value of each old entry; ``old_kv(j)``: float K/V of old entry j,
     None when it is gone; ``query_map``: the calibration applied to anchor keys."""
     out = np.zeros(len(old_keys))
     if not len(old_keys):
         return out
-    for a in tqdm(anchors, desc="retain", unit="anchor", disable=not progress):
+    for a in steps(anchors, "retain", "anchor", progress):
         image = anchor_image(rt, a)
         if image is False:
             continue

@@ -108,7 +108,11 @@ def _check_catalog(cat, where: str) -> dict:
 
 
 class Bank:
-    """A bank file opened for reading (any number of processes) or writing (one)."""
+    """A bank file opened for reading (any number of processes) or writing (one).
+
+    One ``Bank`` object is for one thread at a time: ``reload`` replaces its state attribute by
+    attribute. Threads that share one (``runtime.memory.Memory``) take a lock around it; other
+    ``Bank`` objects and other processes on the same file need none."""
 
     def __init__(self, path: Path, fd: int, geo: fmt.Geometry, writable: bool):
         self.path, self._fd, self.geo, self.writable = path, fd, geo, writable

@@ -4,10 +4,17 @@
     r = rt.generate("What is the capital of France?", max_new_tokens=32)
     r.text, r.entries, r.timings
     for piece in rt.stream("Tell me a story"): ...
+
+One ``Runtime`` may serve ``generate``/``stream`` calls from several threads at once, with
+or without memory (onnxruntime sessions run concurrently; what memory shares is guarded
+in ``runtime.memory``); each call gives the same output as it would alone. A ``Prepared``
+prompt with memory holds the calling thread's past-KV buffers: decode it before that
+thread prepares the next one.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +25,8 @@ import numpy as np
 from inducekv.devices.profile import DeviceProfile, load_profile
 from inducekv.core import contract
 from inducekv.core.manifest import Manifest, read_manifest
-from inducekv.core.errors import InduceKVError, PromptError
+from inducekv.core.errors import BundleError, InduceKVError, PromptError
+from inducekv.kernels import kvquant
 from inducekv.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingConfig, choose
 from inducekv.runtime.session import Decoder, KVCache
 from inducekv.runtime.tokenizer import ChatTokenizer
@@ -89,6 +97,8 @@ class Runtime:
         self.memory = None  # runtime.memory.Memory when opened with a bank
         self._warned_bias = False
         self._vision = None
+        self._keys = None
+        self._lazy_lock = threading.Lock()  # the vision and key sessions are opened once, on first use
 
     def encode_image(self, image):
         """An image (path, PIL image or uint8 array) as ``vision.ImageInput``: its features and
@@ -96,8 +106,21 @@ class Runtime:
         if self._vision is None:
             from inducekv.runtime.vision import Vision
 
-            self._vision = Vision(self.bundle_dir, self.manifest, self.profile)
+            with self._lazy_lock:
+                if self._vision is None:
+                    self._vision = Vision(self.bundle_dir, self.manifest, self.profile)
         return self._vision.encode(image)
+
+    def key_encoder(self):
+        """The retrieval-key pass (``session.KeyEncoder``), opened on first use and shared by
+        every bank this runtime serves or learns into."""
+        if self._keys is None:
+            from inducekv.runtime.session import KeyEncoder
+
+            with self._lazy_lock:
+                if self._keys is None:
+                    self._keys = KeyEncoder(self.bundle_dir, self.manifest, self.profile)
+        return self._keys
 
     @classmethod
     def open(cls, bundle: str | Path, memory: str | Path | None = None, device: str | DeviceProfile = "cpu",
@@ -263,21 +286,26 @@ class Runtime:
         t = time.perf_counter()
         layout = mem.layout(system)   # the shared prefix is prefilled once per layout, then cached
         tm.prefix_ms = (time.perf_counter() - t) * 1e3
-        found = mem.retrieve(prompt, k, tm, margin, image=img) if k > 0 else []
+        look = mem.lookup(prompt, k, tm, margin, image=img)   # entries, weighting, scales: one bank state
+        found, inj = look.found, look.injection
         t = time.perf_counter()
-        inj = mem.injection()
         if not self.decoder.has_bias and inj.tau is not None:
             if not self._warned_bias:
+                self._warned_bias = True   # a race here can only log the line twice
                 log.warning("this bundle's decoder takes no attention bias: memory entries are injected "
                             "unweighted; re-export the bundle with this inducekv version")
-                self._warned_bias = True
             inj = Injection(None, inj.gates)
         order, weights = inj.plan([info["score"] for info, _ in found])
         found = [found[i] for i in order]                                   # injected ones, best last
-        cache, pos = layout.assemble_payloads([(buf, info["tokens"]) for info, buf in found], mem.bank.geo.scheme,
-                                              gates=inj.gates if found else None,
-                                              key_scale=mem.bank.key_scales() if found else None)
-        bias = entry_bias(layout.p0, [info["tokens"] for info, _ in found], weights)
+        scheme = mem.bank.geo.scheme
+        if scheme in kvquant.SPARSE and found and not self.decoder.has_bias:
+            raise BundleError("this bank's entries are compacted per layer (--compact perlayer), which needs the "
+                              "decoder's attention-bias input; re-export the bundle with this inducekv version")
+        cache, pos, masks = layout.assemble_masked([(buf, info["tokens"]) for info, buf in found], scheme,
+                                                     gates=inj.gates if found else None,
+                                                     key_scale=look.key_scale)
+        bias = entry_bias(layout.p0, [info["tokens"] for info, _ in found] if masks is None else
+                          [mk.shape[1] for mk in masks], weights, masks)
         for n, (info, _) in enumerate(found):
             info["weight"] = float(weights[n]) if weights is not None else 1.0
         found = found[::-1]                                                 # reported best first

@@ -16,9 +16,17 @@ and one entry injected where it was computed reproduces a joint prefill exactly.
 Position policies (where k entries sit):
 - ``rerotate``: consecutive, entry j at ``P0 + sum(T_<j)``; keys re-rotated in numpy.
 - ``parallel``: all at ``P0..``, the query after the longest (parallel context windows).
+
+Threads: one ``Memory`` serves any number of threads. Each thread assembles its past KV
+in its own buffers (``Layout``), and the bank state a query sees (refresh after a writer's
+commit, index sync, search, payload reads, weighting, key scales) is read under one lock
+(``Memory.lookup``), so every query is answered from one committed state: the one before
+a concurrent commit or the one after it. The key pass, dequantization and decoding run
+outside the lock.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -116,13 +124,22 @@ class Injection:
         return cls(float(tau) if tau is not None else None, tuple(float(g) for g in gates) if gates else None)
 
 
-def entry_bias(p0: int, lengths: list[int], weights: np.ndarray | None) -> np.ndarray | None:
-    """(p0 + sum(lengths),) additive attention bias over the prefix and injected entries:
-    0 on the prefix, log(alpha_j) on entry j's slots; None when unweighted."""
-    if weights is None:
-        return None
-    return np.concatenate([np.zeros(p0, np.float32)] +
-                          [np.full(T, np.log(max(float(w), 1e-30)), np.float32) for T, w in zip(lengths, weights)])
+def entry_bias(p0: int, lengths: list[int], weights: np.ndarray | None,
+               masks: list[np.ndarray | None] | None = None) -> np.ndarray | None:
+    """Additive attention bias over the prefix and injected entries: 0 on the prefix,
+    log(alpha_j) on entry j's slots; None when unweighted and unmasked. ``masks``: per entry
+    None or the (L, T_j) bias of a sparse entry (``kvquant.expand_into``), added per layer;
+    with any mask the result is (L, p0 + sum(lengths)), else (p0 + sum(lengths),)."""
+    logw = [0.0] * len(lengths) if weights is None else [np.log(max(float(w), 1e-30)) for w in weights]
+    if masks is None or all(m is None for m in masks):
+        if weights is None:
+            return None
+        return np.concatenate([np.zeros(p0, np.float32)] + [np.full(T, w, np.float32) for T, w in zip(lengths, logw)])
+    L = next(m for m in masks if m is not None).shape[0]
+    parts = [np.zeros((L, p0), np.float32)]
+    for T, w, m in zip(lengths, logw, masks):
+        parts.append((np.zeros((L, T), np.float32) if m is None else np.asarray(m, np.float32)) + np.float32(w))
+    return np.concatenate(parts, axis=1)                                          # (L, p0 + ΣT)
 
 
 def render_entry(template: Template, prompt: str, answer: str) -> str:
@@ -144,18 +161,20 @@ class Layout:
         prefix, rest = text.split(_ENTRIES)
         self._mid, self._tail = rest.split(_USER)
         self.prefix_ids = rt.tokenizer.encode(prefix)
-        self._store: tuple[np.ndarray, np.ndarray] | None = None
+        self._local = threading.local()   # .store: this thread's past-KV buffers (see _buffers)
         _, self.prefix_cache = rt.decoder.forward(self.prefix_ids, KVCache.empty(rt.manifest))
 
     def _buffers(self, total: int) -> tuple[np.ndarray, np.ndarray]:
-        """Past-KV buffers (L, 1, H_kv, total, D), reused across queries: fresh 20+ MB arrays
-        cost ~10 ms of page faults. Valid until the next assemble (the decoder copies them)."""
+        """Past-KV buffers (L, 1, H_kv, total, D), reused across the queries of one thread: fresh
+        20+ MB arrays cost ~10 ms of page faults. Each thread has its own pair, so an assembled
+        cache is valid until that thread's next assemble (the decoder's prefill copies it)."""
         m = self.rt.manifest
         shape = (m.num_layers, 1, m.num_kv_heads, total, m.head_dim)
         n = int(np.prod(shape))
-        if self._store is None or self._store[0].size < n:
-            self._store = (np.empty(n, np.float32), np.empty(n, np.float32))
-        return self._store[0][:n].reshape(shape), self._store[1][:n].reshape(shape)
+        store = getattr(self._local, "store", None)
+        if store is None or store[0].size < n:
+            store = self._local.store = (np.empty(n, np.float32), np.empty(n, np.float32))
+        return store[0][:n].reshape(shape), store[1][:n].reshape(shape)
 
     @property
     def p0(self) -> int:
@@ -180,23 +199,45 @@ class Layout:
         v = np.stack([x[0, :, P0:] for x in cache.values])
         return k, v
 
-    def assemble(self, entries: list[tuple[np.ndarray, np.ndarray]], gates=None) -> tuple[KVCache, int]:
+    def assemble(self, entries: list[tuple], gates=None) -> tuple[KVCache, int]:
         """Past KV = prefix + float entries (L, H_kv, T, D) by the policy; returns it and the
-        query's first position. ``gates`` (L,): per-layer factors on the entries' values."""
+        query's first position. An entry is ``(k, v)`` or ``(k, v, mask)`` (a sparse entry
+        expanded to its span; its mask goes to ``entry_bias``). ``gates`` (L,): per-layer
+        factors on the entries' values."""
         def fill(j, out_k, out_v):
             out_k[...] = entries[j][0]
             out_v[...] = entries[j][1]
 
-        return self._assemble([k.shape[2] for k, _ in entries], fill, gates)
+        return self._assemble([e[0].shape[2] for e in entries], fill, gates)
 
     def assemble_payloads(self, payloads: list[tuple[bytes, int]], scheme: str, gates=None,
                           key_scale: np.ndarray | None = None) -> tuple[KVCache, int]:
-        """Like ``assemble`` for quantized ``(payload, tokens)``: dequantized straight into place
-        (``key_scale``: the bank's shared key scales, for the schemes that have them)."""
-        def fill(j, out_k, out_v):
-            kvquant.unpack_into(payloads[j][0], scheme, out_k, out_v, key_scale)
+        """Like ``assemble`` for quantized ``(payload, tokens)`` of a dense scheme: dequantized
+        straight into place (``key_scale``: the bank's shared key scales, for the schemes that
+        have them). Sparse schemes need their masks: use ``assemble_masked``."""
+        if scheme in kvquant.SPARSE:
+            raise InduceKVError(f"{scheme} entries carry per-layer masks; use Layout.assemble_masked")
+        cache, pos, _ = self.assemble_masked(payloads, scheme, gates, key_scale)
+        return cache, pos
 
-        return self._assemble([t for _, t in payloads], fill, gates)
+    def assemble_masked(self, payloads: list[tuple[bytes, int]], scheme: str, gates=None,
+                        key_scale: np.ndarray | None = None) -> tuple[KVCache, int, list | None]:
+        """``assemble_payloads`` for any scheme: also returns, for a sparse scheme, each entry's
+        (L, span) mask for ``entry_bias`` (None for dense schemes)."""
+        m = self.rt.manifest
+        if scheme not in kvquant.SPARSE:
+            def fill(j, out_k, out_v):
+                kvquant.unpack_into(payloads[j][0], scheme, out_k, out_v, key_scale)
+
+            return (*self._assemble([t for _, t in payloads], fill, gates), None)
+        masks: list[np.ndarray] = []
+
+        def fill_sparse(j, out_k, out_v):
+            masks.append(kvquant.expand_into(payloads[j][0], scheme, out_k, out_v, payloads[j][1], key_scale))
+
+        spans = [kvquant.span_of(buf, scheme, m.num_layers, m.num_kv_heads, t, m.head_dim) for buf, t in payloads]
+        cache, pos = self._assemble(spans, fill_sparse, gates)
+        return cache, pos, masks
 
     def _assemble(self, lengths: list[int], fill, gates=None) -> tuple[KVCache, int]:
         if not lengths:
@@ -221,17 +262,27 @@ class Layout:
         return KVCache(list(ks), list(vs)), nxt
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """What one query reads from a bank, all from the same committed state (``Memory.lookup``)."""
+    found: list               # [(info dict, verified payload bytes)], best first
+    injection: Injection      # the bank's weighting at that state
+    key_scale: np.ndarray | None  # the bank's shared key scales (L, H_kv, D) float16, or None
+
+
 class Memory:
-    """A bank opened for serving: key pass, calibration, search, read, layout."""
+    """A bank opened for serving: key pass, calibration, search, read, layout (thread-safe)."""
 
     def __init__(self, rt, bank: Bank):
         require_memory_support(rt.manifest)
         self.rt, self.bank = rt, bank
-        self.keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
+        self.keys = rt.key_encoder()
         if self.keys.dim != bank.geo.key_dim:
             raise InduceKVError(f"bank keys are {bank.geo.key_dim}-d but this bundle makes {self.keys.dim}-d keys")
         self.index = open_index(bank)
         self._layouts: dict = {}
+        self._lock = threading.Lock()          # the bank state and the index (see the module docstring)
+        self._layouts_lock = threading.Lock()  # building a layout (one prefix prefill each)
 
     def close(self) -> None:
         self.bank.close()
@@ -243,24 +294,43 @@ class Memory:
     def layout(self, system: str | None = None) -> Layout:
         template, policy = template_from(self.bank.catalog.get("template"))
         key = (template, policy, system)
-        if key not in self._layouts:
-            self._layouts[key] = Layout(self.rt, template, policy, system)
-        return self._layouts[key]
+        got = self._layouts.get(key)
+        if got is None:
+            with self._layouts_lock:
+                got = self._layouts.get(key)
+                if got is None:
+                    got = self._layouts[key] = Layout(self.rt, template, policy, system)
+        return got
 
     def query_key(self, prompt: str, image=None) -> np.ndarray:
         return key_of(self.rt, self.keys, prompt, image)
 
     def retrieve(self, prompt: str, k: int, timings=None, margin: float | None = None,
                  image=None) -> list[tuple[dict, bytes]]:
-        """Top-k entries for ``prompt``: ``[(info, verified payload)]``, best first.
+        """Top-k entries for ``prompt``: ``[(info, verified payload)]``, best first (``lookup``)."""
+        return self.lookup(prompt, k, timings, margin, image).found
+
+    def lookup(self, prompt: str, k: int, timings=None, margin: float | None = None, image=None) -> Lookup:
+        """Top-k entries for ``prompt`` with the weighting and key scales to inject them by, all
+        read from one committed state of the bank (a writer's commits are followed first).
 
         ``margin`` makes k adaptive: only entries scoring within ``margin`` of the best
         one are kept (a lone clear winner comes alone; near-ties come together)."""
         t0 = time.perf_counter()
-        if self.bank.refresh():  # a writer committed: follow it
-            self.index.sync(self.bank)
-        q = self.bank.calibrate(self.query_key(prompt, image))
-        t1 = time.perf_counter()
+        key = self.query_key(prompt, image) if k > 0 else None   # the key pass needs no bank state
+        with self._lock:
+            if self.bank.refresh():  # a writer committed: follow it
+                self.index.sync(self.bank)
+            q = self.bank.calibrate(key) if k > 0 else None
+            t1 = time.perf_counter()
+            out = self._search(q, k, margin) if k > 0 else []
+            found = Lookup(out, self.injection(), self.bank.key_scales() if out else None)
+        if timings is not None and k > 0:
+            timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+        return found
+
+    def _search(self, q: np.ndarray, k: int, margin: float | None) -> list[tuple[dict, bytes]]:
+        """Search with the calibrated query key and read the payloads (the caller holds the lock)."""
         ids, scores = self.index.search(q, k)
         if margin is not None and len(scores):
             keep = scores >= scores[0] - margin
@@ -273,8 +343,6 @@ class Memory:
                 continue  # swapped out since the index was synced
             buf, info = got
             out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens}, buf))
-        if timings is not None:
-            timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         return out
 
 

@@ -25,7 +25,7 @@ def _check_entry(bank, slot, scheme="int8"):
     assert (np.abs(k - ref.keys) <= kb).all() and (np.abs(v - ref.values) <= vb).all()
 
 
-@pytest.mark.parametrize("scheme", kvquant.SCHEMES)
+@pytest.mark.parametrize("scheme", kvquant.DENSE)
 def test_create_fill_reopen(tmp_path, scheme):
     p = tmp_path / "b.ikv"
     cap = 200_000
@@ -291,7 +291,7 @@ _FUZZ_BASE: dict = {}
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.tuples(st.sampled_from(["add", "swap", "remove", "remove_task", "commit"]),
                               st.integers(0, 10**6), st.integers(1, 48)), min_size=1, max_size=40),
-       scheme=st.sampled_from(kvquant.SCHEMES))
+       scheme=st.sampled_from(kvquant.DENSE))
 def test_random_operations_keep_invariants(tmp_path_factory, ops, scheme):
     p = tmp_path_factory.mktemp("prop") / "b.ikv"
     cap = 90_000

@@ -121,9 +121,28 @@ def test_ikv_export_is_quiet_by_default(tiny_llama_dir, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tiny_llama_dir), "-o", str(tmp_path / "b"), "--no-validate"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    # transformers 4.57 logs "`torch_dtype` is deprecated!" while loading: hidden, like every library notice
     assert [line for line in out.stderr.splitlines() if not line.startswith("ikv-export: ")] == [], out.stderr
     assert "ikv-export: 100% 7/7" in out.stderr
+
+
+def test_export_loads_with_dtype_not_the_deprecated_torch_dtype(tiny_llama_dir, monkeypatch):
+    """transformers 4.57 logs "`torch_dtype` is deprecated! Use `dtype` instead!" for the old name."""
+    import torch
+    import transformers
+
+    from inducekv.export import source
+
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    model, _ = source.load(source.resolve(str(tiny_llama_dir)))
+    assert seen.get("dtype") is torch.float32 and "torch_dtype" not in seen
+    assert next(model.parameters()).dtype == torch.float32
 
 
 def test_quiet_libraries_hides_and_restores():

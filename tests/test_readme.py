@@ -30,10 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 PLACEHOLDER = "path/to/"  # README placeholders: "ikv-export path/to/model.gguf ..."
-# Names a snippet uses to show an API, not files a newcomer has; each with the reason.
-ILLUSTRATIVE = {
-    "seven.png": "the Multimodal snippet's 'an image of a digit'",
-}
 FORWARDS = {"Runtime.generate": "stream"}  # methods whose **kw go to another method of the class
 OUTPUT_PARAMS = {("ikv-export", "out"), ("ikv-learn", "memory")}  # click Path params a command creates
 
@@ -257,7 +253,7 @@ class Snippets:
         return None
 
     def path_literal(self, s: str, where: str) -> None:
-        if re.fullmatch(r"[\w./-]+\.(ikv|jsonl|png|gguf)|bundles/[\w./-]+", s) and s not in ILLUSTRATIVE:
+        if re.fullmatch(r"[\w./-]+\.(ikv|jsonl|png|gguf)|bundles/[\w./-]+", s):
             assert self.state.exists(s), f"{where}: the snippet reads {s}, which does not exist at this point"
 
 
@@ -344,6 +340,10 @@ def test_inline_commands_in_the_prose_exist():
      "r = rt.generate('hi')\nr.timings.ttft_s\n```", ["Timings has no attribute ttft_s"]),
     ("```python\nfrom inducekv.runtime import Runtime\nrt = Runtime.open('bundles/default/int4')\n```",
      ["bundles/default/int4"]),
+    ("```python\nfrom inducekv.runtime import Runtime\nrt = Runtime.open('bundles/default/fp32')\n"
+     "rt.generate('Is this digit even or odd?', image='seven.png')\n```", ["seven.png"]),
+    ("```bash\npython examples/kiosk.py --bundle bundles/default/fp32 --memory k.ikv --voice\n```",
+     ["no option --voice"]),
 ])
 def test_the_check_catches_what_a_newcomer_would_hit(monkeypatch, tmp_path, block, words):
     setup = re.search(r"```bash\n# 1\..*?```", README.read_text(encoding="utf-8"), re.S)[0]

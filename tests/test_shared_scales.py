@@ -21,7 +21,7 @@ def rt(device_bundle):
     return Runtime.open(device_bundle)
 
 
-@pytest.mark.parametrize("scheme", kvquant.SHARED_KEY_SCALE)
+@pytest.mark.parametrize("scheme", [s for s in kvquant.SHARED_KEY_SCALE if s in kvquant.DENSE])
 def test_learn_sets_scales_once_and_entries_decode(rt, device_bundle, tmp_path, scheme):
     path = tmp_path / "b.ikv"
     with Bank.create_for(path, 1 << 20, rt.manifest, scheme=scheme, max_tokens=64) as b:

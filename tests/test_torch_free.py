@@ -63,9 +63,13 @@ LEARN_SCRIPT = BLOCKER + textwrap.dedent("""
     with open_or_create(d / "c.ikv", rt, 200_000, "k4v4", max_tokens=96) as bank:   # compacted entries (probe graph)
         cplan = absorb(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1, compact="genv", slots=10)
     rc = rt.generate("Capital of Vexland?", max_new_tokens=3, k=1, memory=rt.open_memory(d / "c.ikv"))
+    with open_or_create(d / "p.ikv", rt, 200_000, "k4v4s", max_tokens=96) as bank:  # per-layer slot maps (default)
+        pplan = absorb(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1)
+    rp = rt.generate("Capital of Vexland?", max_new_tokens=3, k=2, memory=rt.open_memory(d / "p.ikv"))
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     print(json.dumps({"added": len(plan.add), "entries": len(r.entries), "same": r2.token_ids == r.token_ids == res.token_ids,
-                      "compact_tokens": sorted({e["tokens"] for e in rc.entries}), "heavy": heavy}))
+                      "compact_tokens": sorted({e["tokens"] for e in rc.entries}), "heavy": heavy,
+                      "perlayer": [pplan.compaction.method, len(rp.entries) > 0]}))
 """)
 
 
@@ -74,7 +78,8 @@ def test_learn_and_serve_memory_without_torch(device_bundle):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"added": 2, "entries": 1, "same": True, "compact_tokens": [10], "heavy": []}
+    assert result == {"added": 2, "entries": 1, "same": True, "compact_tokens": [10], "heavy": [],
+                      "perlayer": ["perlayer", True]}
 
 
 def test_blocker_really_blocks():

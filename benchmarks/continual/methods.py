@@ -25,6 +25,8 @@ import numpy as np
 
 from inducekv.kernels import kvquant
 from inducekv import learn as L
+from inducekv.learn.compact import Compaction, compactor_for, new_bank_scheme, supports_perlayer
+from inducekv.learn.defaults import COMPACT_KEEP
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Prepared, Result, Runtime
 from inducekv.runtime.memory import Layout, image_of, key_of, template_from
@@ -75,8 +77,10 @@ class BankMethod:
                  reserve: float = 0.25, seed: int = 0):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, strategy, reserve, seed
         self.rt = runtime(bundle)
-        scheme = scheme or kvquant.scheme_for_bits(self.rt.profile.kv_bits)   # ikv-learn's default
-        Bank.create_for(path, cap, self.rt.manifest, scheme=scheme, force=True, max_tokens=192).close()
+        if scheme is None:   # ikv-learn's default: the profile's bits, per-layer compacted where the bundle can
+            scheme = new_bank_scheme(self.rt, kvquant.scheme_for_bits(self.rt.profile.kv_bits), None)
+        Bank.create_for(path, cap, self.rt.manifest, scheme=scheme, force=True, max_tokens=192,
+                        page_tokens=L.page_tokens(scheme)).close()
         self.memory = None
 
     def learn(self, task, examples, candidates):
@@ -84,9 +88,10 @@ class BankMethod:
             self.memory.close()
         with Bank.open(self.path, writable=True) as bank:
             g = bank.geo
+            candidates = candidates[CAND_SCHEME[g.scheme in kvquant.SPARSE]]
             if g.scheme in kvquant.SHARED_KEY_SCALE and bank.key_scales() is None:  # as ikv-learn fits them
-                sample = [kvquant.unpack(c.payload, "fp16", g.num_layers, g.kv_heads, c.tokens, g.head_dim)[0]
-                          for c in candidates[:16]]
+                sample = [kvquant.unpack(c.payload, candidates_scheme(c), g.num_layers, g.kv_heads, c.tokens,
+                                         g.head_dim)[0] for c in candidates[:16]]
                 with bank.transaction() as tx:
                     tx.set_key_scales(kvquant.fit_key_scale(sample, g.scheme))
             candidates = repack(candidates, g, bank.key_scales())
@@ -122,7 +127,7 @@ class PromptRetrieval:
         return item["key"].nbytes + len(item["prompt"].encode()) + len(item["answer"].encode()) + img + 16
 
     def learn(self, task, examples, candidates):
-        for ex, c in zip(examples, candidates):
+        for ex, c in zip(examples, candidates["fp16"]):
             item = {"prompt": ex.prompt, "answer": ex.answers[0], "image": _image(ex), "task": task,
                     "key": c.key.astype(np.float16)}
             self.seen += 1
@@ -160,26 +165,47 @@ class PromptRetrieval:
         return res.text, res.timings.ttft_ms
 
 
+CAND_SCHEME = {False: "fp16", True: "f16s"}   # candidates for dense banks / per-layer compacted (sparse) banks
+
+
+def candidates_scheme(c) -> str:
+    return "f16s" if getattr(c, "sparse", False) else "fp16"
+
+
 def repack(cands: list, geo, key_scale=None) -> list:
-    """fp16 candidates re-packed for a bank's KV scheme (gains and keys unchanged)."""
-    if geo.scheme == "fp16":
+    """fp16 / f16s candidates re-packed for a bank's KV scheme (gains and keys unchanged; a
+    sparse bank takes the f16s candidates' slot maps with them)."""
+    if geo.scheme in ("fp16", "f16s"):
         return cands
     out = []
     for c in cands:
-        k, v = kvquant.unpack(c.payload, "fp16", geo.num_layers, geo.kv_heads, c.tokens, geo.head_dim)
-        out.append(dataclasses.replace(c, payload=kvquant.pack(k, v, geo.scheme, key_scale)))
+        src = candidates_scheme(c)
+        k, v = kvquant.unpack(c.payload, src, geo.num_layers, geo.kv_heads, c.tokens, geo.head_dim)
+        extra = {}
+        if src == "f16s":
+            slots, bias, span = kvquant.slot_map(c.payload, src, geo.num_layers, geo.kv_heads, c.tokens, geo.head_dim)
+            extra = {"slots": slots, "slot_bias": bias, "span": span}
+        out.append(dataclasses.replace(c, payload=kvquant.pack(k, v, geo.scheme, key_scale, **extra)))
     return out
 
 
 def encode(bundle: str, work: Path, examples_by_task: dict) -> dict:
-    """Candidates (fp16 payload, key, gains) for every task, encoded once and shared by methods."""
+    """Candidates (fp16 payload, key, gains) for every task, encoded once and shared by methods:
+    ``{task: {"fp16": full entries, "f16s": per-layer compacted (when the bundle can)}}``."""
     rt = runtime(bundle)
-    probe = work / "probe.ikv"
-    out = {}
-    with Bank.create_for(probe, 16 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=192) as b:
-        layout = Layout(rt, *template_from(None))
-        keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
-        for task, examples in examples_by_task.items():
-            out[task] = L.encode_candidates(rt, b.geo, layout, keys, examples, progress=False)
-    probe.unlink()
+    out = {task: {} for task in examples_by_task}
+    layout = Layout(rt, *template_from(None))
+    keys = KeyEncoder(rt.bundle_dir, rt.manifest, rt.profile)
+    for scheme in ("fp16", "f16s") if supports_perlayer(rt) else ("fp16",):
+        probe = work / f"probe-{scheme}.ikv"
+        with Bank.create_for(probe, 16 << 20, rt.manifest, scheme=scheme, force=True, max_tokens=192) as b:
+            comp = compactor_for(rt, layout, Compaction("perlayer", None, COMPACT_KEEP)) if scheme == "f16s" else None
+            for task, examples in examples_by_task.items():
+                cands = L.encode_candidates(rt, b.geo, layout, keys, examples, progress=False, compactor=comp)
+                for c in cands:
+                    c.sparse = scheme == "f16s"
+                out[task][scheme] = cands
+        probe.unlink()
+    for task in out:
+        out[task].setdefault("f16s", out[task]["fp16"])
     return out

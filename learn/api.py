@@ -1,0 +1,135 @@
+"""The one call that absorbs a task into a bank file: what ``ikv-learn`` runs, for apps too.
+
+    from inducekv.learn import learn_task
+    res = learn_task(rt, "bank.ikv", "examples/tasks/capitals.train.jsonl", budget=16 << 20,
+                     progress=lambda stage, done, total: print(stage, done, total))
+    res.added, res.evicted, res.bytes_used, res.tasks_after, res.calibration_kept
+
+``task`` is a task file (JSONL) or examples in memory (``{"prompt", "answer" | "answers",
+"image"?}`` dicts or ``runtime.tasks.Example``s; then ``name`` is required). The bank is
+created with ``budget`` (default: the runtime's device profile's) when absent. Selection,
+defaults and the summary are ``ikv-learn``'s, which calls this. Every input is checked
+before the bank is touched; the commit is atomic (``learn.plan.write``); a runtime serving
+the same bank (``Runtime.open(..., memory=)``, any thread) picks the commit up on its next
+query.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from inducekv.core.errors import InduceKVError
+from inducekv.kernels.kvquant import scheme_for_bits
+from inducekv.learn.candidates import as_example
+from inducekv.learn.compact import check_request, new_bank_scheme
+from inducekv.learn.defaults import N_ANCHORS, RESERVE
+from inducekv.learn.plan import open_or_create, plan, read_examples, task_name, write
+from inducekv.learn.progress import Progress, report
+from inducekv.memory.bank import Bank
+
+
+@dataclass(frozen=True)
+class LearnResult:
+    """What a learn did (or, with ``dry_run``, would do); ``as_dict`` is ``ikv-learn --json``."""
+    task: str
+    examples: int                  # examples given
+    added: int                     # new entries written
+    evicted: int                   # old entries removed to make room
+    kept_old: int                  # old entries kept
+    new_ids: tuple[int, ...]       # entry ids of the added entries (empty for a dry run)
+    evicted_per_task: dict         # task -> entries evicted
+    bytes_per_entry: int           # mean bytes (pages) of this task's candidate entries
+    dry_run: bool
+    tasks_before: dict             # task -> live entries, before
+    tasks_after: dict | None       # task -> live entries, after (None for a dry run)
+    entries: int                   # live entries in the bank now
+    bytes_used: int                # payload bytes in use now (``ikv-bank info``'s bytes_used)
+    cap: int                       # the bank's byte cap
+    calibration_kept: bool         # the fitted retrieval calibration lowered held-out loss and was stored
+    calibration: dict              # its report (losses before/after, or why it was not fitted)
+    weighting_kept: bool           # the fitted injection weighting (tau) beat unweighted and was stored
+    weighting: dict                # its report
+    compact: dict                  # entry compaction used
+    timings_s: dict                # seconds per phase
+    total_s: float
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["new_ids"] = list(self.new_ids)
+        return out
+
+
+def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None = None, scheme: str | None = None,
+               strategy: str = "full", seed: int = 0, n_anchors: int = N_ANCHORS, reserve: float = RESERVE,
+               compact: str | None = None, slots: int | None = None, keep: float | None = None, dry_run: bool = False,
+               progress: Progress = None) -> LearnResult:
+    """Learn ``task`` (a task file path, or a list of examples) into the bank ``memory`` (a path,
+    or a ``Bank`` opened writable, which stays open) with the runtime ``rt``.
+
+    ``budget``: byte cap of a new bank (default: the device profile's); ``scheme``: payload
+    quantization of a new bank (default: the profile's kv_bits); ``strategy``, ``seed``,
+    ``n_anchors``, ``reserve``, ``compact``, ``slots``, ``keep``: as ``ikv-learn``'s options;
+    ``dry_run``: plan only, write nothing; ``progress``: ``callback(stage, done, total)`` or
+    True for progress bars (``learn.progress``)."""
+    t0 = time.perf_counter()
+    examples, tname = _examples(task, name)  # bad examples fail here, before the bank is touched
+    if isinstance(memory, Bank):
+        if not memory.writable:
+            raise InduceKVError(f"{memory.path} is open read-only; open it with writable=True to learn into it")
+        return _learn(rt, memory, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep,
+                      dry_run, progress)
+    path = Path(memory)
+    check_request(rt, compact, slots, path.exists(), keep)  # before a bank is created
+    if not path.exists():
+        scheme = new_bank_scheme(rt, scheme or scheme_for_bits(rt.profile.kv_bits), compact)
+    tmp = None
+    if dry_run and not path.exists():  # plan against an empty bank of that cap; leave nothing behind
+        tmp = tempfile.TemporaryDirectory()
+        path = Path(tmp.name) / "plan.ikv"
+    try:
+        with open_or_create(path, rt, budget if budget is not None else rt.profile.default_budget_bytes,
+                            scheme or scheme_for_bits(rt.profile.kv_bits)) as bank:
+            return _learn(rt, bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep,
+                          dry_run, progress)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _examples(task, name: str | None) -> tuple[list, str]:
+    """(examples, task name) from a task file path or a list of examples, validated."""
+    if isinstance(task, (str, Path)):
+        return read_examples(task), task_name(Path(task), name)
+    if not isinstance(task, (list, tuple)):
+        raise InduceKVError(f"task must be a task file path or a list of examples, got {type(task).__name__}")
+    if not name or not isinstance(name, str):
+        raise InduceKVError("examples given in memory need a task name: pass name=...")
+    examples = [as_example(ex, n) for n, ex in enumerate(task, start=1)]
+    for ex in examples:
+        if ex.image is not None and not Path(ex.image).is_file():
+            raise InduceKVError(f"example {ex.line}: image {ex.image} does not exist")
+    return examples, name
+
+
+def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep, dry_run,
+           progress) -> LearnResult:
+    bank.refresh()
+    before = bank.tasks()
+    p = plan(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
+             k=rt.profile.k or 1, progress=progress, compact=compact, slots=slots, keep=keep)
+    ids: list[int] = []
+    if not dry_run:
+        report(progress, "write", 0, 1)
+        ids = write(bank, p)
+        report(progress, "write", 1, 1)
+    usage = bank.usage()
+    return LearnResult(
+        task=tname, examples=len(examples), added=len(p.add), evicted=len(p.evict), kept_old=len(p.keep_old),
+        new_ids=tuple(ids), evicted_per_task=dict(p.evicted_per_task), bytes_per_entry=round(p.bytes_per_entry),
+        dry_run=dry_run, tasks_before=before, tasks_after=None if dry_run else bank.tasks(), entries=usage["entries"],
+        bytes_used=usage["bytes_used"], cap=usage["cap"], calibration_kept=p.calibration.accepted,
+        calibration=p.calibration.as_dict(), weighting_kept=p.injection.accepted, weighting=p.injection.as_dict(),
+        compact=p.compaction.as_dict(), timings_s={k: round(v, 2) for k, v in p.timings.items()},
+        total_s=round(time.perf_counter() - t0, 2))
