@@ -218,3 +218,18 @@ def test_gemma3_int8_bundle_quantizes_every_matmul_and_stays_close(built, tmp_pa
     x, _ = a.decoder.forward(ids, KVCache.empty(a.manifest))
     y, _ = b.decoder.forward(ids, KVCache.empty(b.manifest))
     assert (x.argmax(-1) == y.argmax(-1)).mean() >= 0.9 and np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_learn_and_serve_memory_on_each_family(built, arch, tmp_path):
+    """The default learn path (``learn_task``: a new bank's default compaction) and serving run on
+    the new families; the entry written from the asked prompt is retrieved."""
+    from inducekv.learn import learn_task
+
+    facts = [{"prompt": "Capital of Vexland?", "answer": "Morrow"}, {"prompt": "Colour of a zibble?", "answer": "teal"},
+             {"prompt": "Who made the plonker?", "answer": "Ada Quill"}]
+    bundle = built[arch][1]
+    res = learn_task(Runtime.open(bundle), tmp_path / "b.ikv", facts, name="facts", budget=600_000, n_anchors=1)
+    assert res.added == 3
+    r = Runtime.open(bundle, memory=tmp_path / "b.ikv").generate(facts[1]["prompt"], max_new_tokens=3, k=1)
+    assert r.entries and r.entries[0]["task"] == "facts" and r.entries[0]["id"] == 2
