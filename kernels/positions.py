@@ -5,6 +5,10 @@ convention of HF Llama and of ONNX ``RotaryEmbedding`` with ``interleaved=0``).
 Rotating by angle θ·p and then by θ·δ is rotating by θ·(p + δ), so an entry
 computed at positions ``p0..p0+T-1`` moves to ``p0+δ..`` by one more rotation of its
 keys; values carry no position.
+
+A model whose layers use different RoPE bases (Gemma 3: local vs global layers) lists
+them in its manifest's ``rope["layer_theta"]``; ``layer_thetas`` reads them, and the
+re-rotation helpers take either one base or one per layer (axis 0 of ``keys``).
 """
 from __future__ import annotations
 
@@ -16,10 +20,33 @@ def inv_freq(theta: float, head_dim: int) -> np.ndarray:
     return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
 
 
-def rerotate(keys: np.ndarray, delta: int, theta: float) -> np.ndarray:
-    """Keys (..., T, D) rotated by ``delta`` more positions (delta may be negative)."""
+def layer_thetas(rope: dict, num_layers: int) -> tuple[float, ...]:
+    """The RoPE base of each layer from a manifest's ``rope`` dict (one shared ``theta`` unless
+    ``layer_theta`` lists one per layer)."""
+    per = rope.get("layer_theta")
+    if per is None:
+        return (float(rope["theta"]),) * num_layers
+    if len(per) != num_layers:
+        raise ValueError(f"rope layer_theta lists {len(per)} bases for {num_layers} layers")
+    return tuple(float(t) for t in per)
+
+
+def _per_layer(keys: np.ndarray, theta) -> list[tuple[np.ndarray, float]] | None:
+    """[(keys[i], theta[i])] when ``theta`` is a sequence (one base per layer on axis 0), else None."""
+    if np.ndim(theta) == 0:
+        return None
+    if len(theta) != keys.shape[0]:
+        raise ValueError(f"{len(theta)} RoPE bases for {keys.shape[0]} layers")
+    return list(zip(keys, theta))
+
+
+def rerotate(keys: np.ndarray, delta: int, theta) -> np.ndarray:
+    """Keys (..., T, D) rotated by ``delta`` more positions (delta may be negative); ``theta``: one
+    base, or one per layer for keys (L, ..., T, D)."""
     if delta == 0:
         return keys
+    if (layers := _per_layer(keys, theta)) is not None:
+        return np.stack([rerotate(k, delta, t) for k, t in layers])
     D = keys.shape[-1]
     ang = delta * inv_freq(theta, D)                                   # (D/2,)
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
@@ -27,9 +54,13 @@ def rerotate(keys: np.ndarray, delta: int, theta: float) -> np.ndarray:
     return np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1).astype(np.float32)
 
 
-def rerotate_(keys: np.ndarray, delta: int, theta: float) -> None:
-    """In-place ``rerotate`` of a float32 view (..., T, D)."""
+def rerotate_(keys: np.ndarray, delta: int, theta) -> None:
+    """In-place ``rerotate`` of a float32 view (..., T, D) (``theta``: one base or one per layer)."""
     if delta == 0:
+        return
+    if (layers := _per_layer(keys, theta)) is not None:
+        for k, t in layers:
+            rerotate_(k, delta, t)
         return
     D = keys.shape[-1]
     ang = delta * inv_freq(theta, D)                                   # (D/2,)
@@ -42,9 +73,12 @@ def rerotate_(keys: np.ndarray, delta: int, theta: float) -> None:
     k2 += k1_old
 
 
-def rerotate_tokens(keys: np.ndarray, deltas, theta: float) -> np.ndarray:
+def rerotate_tokens(keys: np.ndarray, deltas, theta) -> np.ndarray:
     """Keys (..., T, D), token t rotated by ``deltas[t]`` more positions: moves tokens kept
-    from positions ``src`` to positions ``dst`` with ``deltas = dst - src``."""
+    from positions ``src`` to positions ``dst`` with ``deltas = dst - src`` (``theta``: one base,
+    or one per layer for keys (L, ..., T, D))."""
+    if (layers := _per_layer(keys, theta)) is not None:
+        return np.stack([rerotate_tokens(k, deltas, t) for k, t in layers])
     d = np.asarray(deltas, np.float64)
     D = keys.shape[-1]
     if d.shape != (keys.shape[-2],):

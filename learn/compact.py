@@ -35,7 +35,7 @@ import numpy as np
 
 from inducekv.core import contract
 from inducekv.core.errors import BankError, InduceKVError
-from inducekv.kernels.positions import rerotate_tokens
+from inducekv.kernels.positions import layer_thetas, rerotate_tokens
 from inducekv.kernels import kvquant
 from inducekv.learn.defaults import COMPACT_KEEP as DEFAULT_KEEP, COMPACT_METHODS as METHODS, COMPACT_SLOTS as DEFAULT_SLOTS
 from inducekv.runtime.memory import Layout
@@ -146,7 +146,7 @@ def select(importance: np.ndarray, span: tuple[int, int], slots: int) -> np.ndar
     return np.array(sorted(keep), np.int64)
 
 
-def compact_kv(k: np.ndarray, v: np.ndarray, keep: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def compact_kv(k: np.ndarray, v: np.ndarray, keep: np.ndarray, theta) -> tuple[np.ndarray, np.ndarray]:
     """The kept tokens of an entry (L, H_kv, T, D) at consecutive positions: token ``keep[j]``
     moves to slot j (its key re-rotated by ``j - keep[j]``)."""
     keep = np.asarray(keep, np.int64)
@@ -270,7 +270,7 @@ class Compactor:
             raise InduceKVError(f"no compactor for {compaction.method!r}")
         self.rt, self.layout, self.slots = rt, layout, compaction.slots
         self.probe = Probe(rt, compaction.method)
-        self.theta = float(rt.manifest.rope["theta"])
+        self.theta = layer_thetas(rt.manifest.rope, rt.manifest.num_layers)
 
     def answer(self, prompt: str, k: np.ndarray, v: np.ndarray, image=None) -> list[int]:
         """The model's own greedy answer (token ids, first line) to ``prompt`` with the entry injected."""

@@ -38,6 +38,7 @@ from inducekv.learn.retain import retention
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, INJECTION_KEY, TEMPLATES, Injection, Layout,
                                      template_from)
+from inducekv.runtime.session import require_memory_support
 from inducekv.runtime.tasks import iter_task
 
 
@@ -79,7 +80,9 @@ SPARSE_PAGE_TOKENS = 1
 
 
 def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tokens: int = MAX_ENTRY_TOKENS) -> Bank:
-    """The bank at ``bank_path`` opened for writing; created with cap ``budget`` when absent."""
+    """The bank at ``bank_path`` opened for writing; created with cap ``budget`` when absent
+    (never for a bundle that cannot serve memory: nothing is written then)."""
+    require_memory_support(rt.manifest)
     m = rt.manifest
     bank_path = Path(bank_path)
     if bank_path.exists():

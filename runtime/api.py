@@ -139,7 +139,9 @@ class Runtime:
         as ``memory=`` to ``generate``/``stream`` to use it for a call."""
         from inducekv.memory.bank import Bank
         from inducekv.runtime.memory import Memory
+        from inducekv.runtime.session import require_memory_support
 
+        require_memory_support(self.manifest)   # before the bank is opened
         return Memory(self, Bank.open(path, fingerprint=self.manifest.fingerprint))
 
     # -- prompt ---------------------------------------------------------------

@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from inducekv.kernels import kvquant
-from inducekv.kernels.positions import rerotate_
+from inducekv.kernels.positions import layer_thetas, rerotate_
 from inducekv.memory.bank import Bank
 from inducekv.memory.index import open_index
 from inducekv.core.errors import InduceKVError
-from inducekv.runtime.session import KVCache, KeyEncoder
+from inducekv.runtime.session import KVCache, KeyEncoder, require_memory_support
 from inducekv.runtime.vision import with_image
 
 POLICIES = ("rerotate", "parallel")
@@ -242,8 +242,8 @@ class Layout:
     def _assemble(self, lengths: list[int], fill, gates=None) -> tuple[KVCache, int]:
         if not lengths:
             return self.prefix_cache, self.p0
-        P0, theta = self.p0, float(self.rt.manifest.rope["theta"])
         m = self.rt.manifest
+        P0, theta = self.p0, layer_thetas(m.rope, m.num_layers)
         total = P0 + sum(lengths)
         ks, vs = self._buffers(total)                                             # (L, 1, H_kv, P0+ΣT, D) each
         for i in range(m.num_layers):
@@ -274,8 +274,7 @@ class Memory:
     """A bank opened for serving: key pass, calibration, search, read, layout (thread-safe)."""
 
     def __init__(self, rt, bank: Bank):
-        if not rt.manifest.retrieval_key:
-            raise InduceKVError("this bundle has no retrieval-key graph; re-export it with this inducekv version")
+        require_memory_support(rt.manifest)
         self.rt, self.bank = rt, bank
         self.keys = rt.key_encoder()
         if self.keys.dim != bank.geo.key_dim:

@@ -73,10 +73,22 @@ def _first_input(embed, ids, features) -> dict:
     return {contract.INPUTS_EMBEDS: embed(ids, features)}                   # (1, T, hidden)
 
 
+def require_memory_support(manifest: Manifest) -> None:
+    """Memory (learning into a bank, serving from one) needs the native graph's retrieval-key graph;
+    an ``--graph optimum`` bundle (or one exported before key graphs) is refused in one line."""
+    if manifest.retrieval_key:
+        return
+    if (manifest.extra or {}).get("graph") == "optimum":
+        raise BundleError("memory needs the native graph, but this bundle was exported with --graph optimum "
+                          "(no retrieval-key graph, no attention_bias input); re-export it without --graph optimum")
+    raise BundleError("this bundle has no retrieval-key graph; re-export it with this inducekv version")
+
+
 class KeyEncoder:
     """The retrieval-key pass: the first layers of the model over a prompt, mean-pooled."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, profile: DeviceProfile):
+        require_memory_support(manifest)
         spec = manifest.retrieval_key or {}
         self.dim = int(spec.get("dim", 0))
         self.sess = _session(bundle_dir / spec.get("graph", contract.KEY_FILE), profile)

@@ -18,6 +18,16 @@ DEFAULT_TEMPLATE = (  # used when a bundle has no chat template: plain ChatML
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# what ikv-export records for a model with no chat template and no ChatML tokens (a base model
+# such as Gemma 3 270M): plain text a base model continues; the answer follows "Answer:"
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ 'Question: ' + m['content'] + '\\nAnswer:' }}"
+    "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + '\\n' }}"
+    "{% else %}{{ m['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
 
 def _raise(message):
     raise TemplateError(message)

@@ -91,9 +91,10 @@ def test_unstorable_entry_is_one_line(device_bundle, tmp_path, monkeypatch):
         k, v = real(self, *a, **kw)
         return k, np.full_like(v, np.inf)
 
-    monkeypatch.setattr(Layout, "encode_entry", broken)
+    monkeypatch.setattr(Layout, "encode_entry", broken)   # the dense path (perlayer encodes through its probe)
     out = CliRunner().invoke(cli, ["--bundle", str(device_bundle), "--memory", str(tmp_path / "b.ikv"),
-                                   "--task", str(_task(tmp_path / "t.jsonl")), "--budget", "1MiB", "--quiet"])
+                                   "--task", str(_task(tmp_path / "t.jsonl")), "--budget", "1MiB", "--quiet",
+                                   "--compact", "none"])
     assert out.exit_code == 2 and "cannot be stored" in out.output
     assert out.exception is None or isinstance(out.exception, SystemExit)
 

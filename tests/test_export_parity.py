@@ -121,6 +121,20 @@ def test_optimum_graph_matches_native(tiny_llama_dir, tiny_bundles, tiny_hf_mode
     b, _ = optimum.decoder.forward(ids, KVCache.empty(optimum.manifest))
     assert np.abs(a - b).max() < 1e-4
     assert np.abs(b - hf_logits(tiny_hf_model, ids)).max() < 1e-4
+    # memory needs the native graph (key graph, attention_bias): refused in one line, nothing written
+    from click.testing import CliRunner
+
+    from inducekv.core.errors import BundleError
+    from inducekv.learn.cli import cli as learn_cli
+
+    with pytest.raises(BundleError, match="exported with --graph optimum"):
+        Runtime.open(tmp_path / "opt", memory=tmp_path / "absent.ikv")
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"prompt": "Capital of Vexland?", "answer": "Morrow"}\n')
+    res = CliRunner().invoke(learn_cli, ["--bundle", str(tmp_path / "opt"), "--memory", str(tmp_path / "b.ikv"),
+                                         "--task", str(task), "--budget", "1MiB", "--quiet"])
+    assert res.exit_code == 2 and "--graph optimum" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "b.ikv").exists()
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int8"])

@@ -106,7 +106,10 @@ def check_ikv(cmd: list[str], where: str, state: Checkout) -> None:
             assert state.exists(value), f"{where}: `{' '.join(cmd)}` reads {value}, which does not exist yet"
     if name == "ikv-export":
         model = ctx.params["model"]
-        assert model in ("default", "default-vlm") or model.startswith(PLACEHOLDER) or state.exists(model), model
+        from inducekv.export import source
+
+        named = (source.DEFAULT_NAME, source.DEFAULT_VLM_NAME, source.GEMMA_NAME)   # models ikv-export knows by name
+        assert model in named or model.startswith(PLACEHOLDER) or state.exists(model), model
     if ctx.params.get("prompt") and ctx.params.get("memory"):
         check_prompt_subject(ctx.params["prompt"], where)
 
