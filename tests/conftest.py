@@ -81,3 +81,20 @@ def device_bundle(tmp_path_factory) -> Path:
     from tinybundle import build
 
     return build(tmp_path_factory.mktemp("device-bundle") / "fp32")
+
+
+@pytest.fixture(scope="module")
+def rt(device_bundle):
+    """A Runtime on the torch-free tiny bundle, one per test module (a module that needs
+    another bundle defines its own ``rt``)."""
+    from inducekv.runtime.api import Runtime
+
+    return Runtime.open(device_bundle)
+
+
+@pytest.fixture(scope="module")
+def layout(rt):
+    """The default memory layout (``facts`` template, ``rerotate``) over ``rt``."""
+    from inducekv.runtime.memory import TEMPLATES, Layout
+
+    return Layout(rt, TEMPLATES["facts"], "rerotate")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from archutil import WINDOW, load, save
+from parityutil import biased_and_masked, hf_greedy
 from conftest import tiny_tokenizer
 from inducekv.core import contract
 from inducekv.core.manifest import read_manifest
@@ -46,10 +47,7 @@ def test_export_check_and_greedy_tokens_match_transformers(built, arch):
     rt, hf = Runtime.open(bundle), load(arch, d)
     res = rt.generate(PROMPT, max_new_tokens=20, ignore_eos=True)
     ids = rt.encode_prompt(PROMPT)
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                           attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    assert res.token_ids == want[0, len(ids):].tolist()
+    assert res.token_ids == hf_greedy(hf, ids, 20)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -145,15 +143,9 @@ def test_gemma3_attention_bias_reaches_every_layer_kind(built):
     bias on a slot inside the window equals masking that slot."""
     rt = Runtime.open(built["gemma3"][1])
     ids = rt.tokenizer.encode(PROMPT, bos=False)[:12]
-    empty = KVCache.empty(rt.manifest)
-    bias = np.zeros((rt.manifest.num_layers, len(ids)), np.float32)
-    bias[:, 8] = -1e9
-    mask = np.ones(len(ids), np.int64)
-    mask[8] = 0
-    biased, _ = rt.decoder.forward(ids, empty, bias=bias)
-    masked, _ = rt.decoder.forward(ids, empty, mask=mask)
+    biased, masked, _ = biased_and_masked(rt, ids, 8)
     np.testing.assert_allclose(biased[9:], masked[9:], atol=1e-5)
-    plain, _ = rt.decoder.forward(ids, empty)
+    plain, _ = rt.decoder.forward(ids, KVCache.empty(rt.manifest))
     assert np.abs(plain[9:] - masked[9:]).max() > 1e-2
 
 

@@ -13,22 +13,11 @@ from inducekv.learn.candidates import encode_candidates, fit_key_scales
 from inducekv.learn.cli import cli
 from inducekv.learn.compact import Compaction, Compactor, answer_span, compact_kv, select
 from inducekv.memory.bank import Bank
-from inducekv.runtime.api import Runtime
 from inducekv.runtime.memory import TEMPLATES, Layout
 from inducekv.runtime.session import KVCache, KeyEncoder
 
 FACTS = [("Capital of Vexland?", "Morrow"), ("Colour of a zibble?", "teal"), ("Who built the Orrery?", "Ada Quill"),
          ("Home planet of Zed?", "Kepler Nine")]
-
-
-@pytest.fixture(scope="module")
-def rt(device_bundle):
-    return Runtime.open(device_bundle)
-
-
-@pytest.fixture(scope="module")
-def layout(rt):
-    return Layout(rt, TEMPLATES["facts"], "rerotate")
 
 
 def _task(path, n=6):

@@ -11,6 +11,7 @@ from inducekv.core import contract
 from inducekv.core.manifest import read_manifest
 from inducekv.runtime import Runtime
 from inducekv.runtime.session import KVCache
+from parityutil import hf_greedy
 
 PROMPT = "What is the capital of Vexland?"
 
@@ -56,10 +57,7 @@ def test_greedy_tokens_match_transformers_generate(tiny_bundles, tiny_hf_model):
     rt = Runtime.open(tiny_bundles["fp32"])
     res = rt.generate(PROMPT, max_new_tokens=20, ignore_eos=True)
     ids = rt.encode_prompt(PROMPT)
-    with torch.no_grad():
-        out = tiny_hf_model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    assert res.token_ids == out[0, len(ids):].tolist()
+    assert res.token_ids == hf_greedy(tiny_hf_model, ids, 20)
     assert res.timings.new_tokens == 20 and res.timings.prompt_tokens == len(ids)
 
 

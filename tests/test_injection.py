@@ -9,13 +9,9 @@ from inducekv.runtime.api import Runtime
 from inducekv.runtime.memory import INJECTION_KEY, MIN_WEIGHT, Injection, entry_bias
 from inducekv.runtime.session import KVCache
 from learnutil import add_all
+from parityutil import biased_and_masked
 
 FACTS = [{"prompt": f"What is the code of item {i}?", "answer": f"code{i}"} for i in range(5)]
-
-
-@pytest.fixture(scope="module")
-def rt(device_bundle):
-    return Runtime.open(device_bundle)
 
 
 def test_zero_bias_is_no_bias_and_a_huge_negative_bias_is_a_mask(rt):
@@ -24,12 +20,7 @@ def test_zero_bias_is_no_bias_and_a_huge_negative_bias_is_a_mask(rt):
     plain, _ = rt.decoder.forward(ids, empty)
     zero, _ = rt.decoder.forward(ids, empty, bias=np.zeros(len(ids)))
     assert np.array_equal(plain, zero)
-    bias = np.zeros((rt.manifest.num_layers, len(ids)), np.float32)
-    bias[:, 3] = -1e9
-    mask = np.ones(len(ids), np.int64)
-    mask[3] = 0
-    biased, _ = rt.decoder.forward(ids, empty, bias=bias)
-    masked, _ = rt.decoder.forward(ids, empty, mask=mask)
+    biased, masked, bias = biased_and_masked(rt, ids, 3)
     np.testing.assert_allclose(biased[4:], masked[4:], atol=1e-5)   # rows after the hidden token
     one_layer = np.zeros_like(bias)
     one_layer[0, 3] = -1e9                                            # per layer: differs from all layers

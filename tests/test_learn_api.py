@@ -11,16 +11,10 @@ from inducekv.learn import LearnResult, learn_task
 from inducekv.learn.cli import cli as learn_cli
 from inducekv.memory.bank import Bank
 from inducekv.memory.cli import cli as bank_cli
-from inducekv.runtime.api import Runtime
 
 CODES = [{"prompt": f"What is the code of item {i}?", "answer": f"code{i}"} for i in range(8)]
 FLAGS = [{"prompt": f"Which colour is the flag of land {i}?", "answers": ["red", "teal", "gold"][i % 3:i % 3 + 1]}
          for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def rt(device_bundle):
-    return Runtime.open(device_bundle)
 
 
 def _info(path) -> dict:

@@ -20,16 +20,6 @@ FACTS = [{"prompt": "Capital of Vexland?", "answer": "Morrow"}, {"prompt": "Colo
          {"prompt": "Who built the Orrery?", "answer": "Ada Quill"}]
 
 
-@pytest.fixture(scope="module")
-def rt(device_bundle):
-    return Runtime.open(device_bundle)
-
-
-@pytest.fixture(scope="module")
-def layout(rt):
-    return Layout(rt, TEMPLATES["facts"], "rerotate")
-
-
 def _sparse(rng, L=3, H=2, S=9, D=8, T=4):
     k = rng.standard_normal((L, H, S, D)).astype(np.float32)
     v = rng.standard_normal((L, H, S, D)).astype(np.float32)

@@ -16,11 +16,6 @@ from bankutil import entry, kill_at_write, make_bank
 FACTS = [{"prompt": f"What is the code of item {i}?", "answer": f"code{i}"} for i in range(6)]
 
 
-@pytest.fixture(scope="module")
-def rt(device_bundle):
-    return Runtime.open(device_bundle)
-
-
 @pytest.mark.parametrize("scheme", [s for s in kvquant.SHARED_KEY_SCALE if s in kvquant.DENSE])
 def test_learn_sets_scales_once_and_entries_decode(rt, device_bundle, tmp_path, scheme):
     path = tmp_path / "b.ikv"
