@@ -33,7 +33,9 @@ from inducekv.learn.select import STRATEGIES
 @click.option("--anchors", "n_anchors", type=click.IntRange(0, 64), default=N_ANCHORS, show_default=True,
               help="Examples of this task kept in the bank to guard it against forgetting.")
 @click.option("--reserve", type=click.FloatRange(0.0, 0.9), default=RESERVE, show_default=True,
-              help="Fraction of the bank kept free as swap space, so the next learn can commit atomically.")
+              help="Fraction of the bank left free after the learn. With 0 a task may use the whole cap: when its "
+                   "entries need the pages of the evicted ones, evictions are committed first (a kill in between "
+                   "leaves the bank verified, with the old entries minus the evictions).")
 @click.option("--compact", type=click.Choice(METHODS), default=None,
               help="Entry compaction: perlayer (each layer keeps its most-attended share --keep of the tokens, "
                    "in place), genv (the answer span + the tokens the model's own answer attends to most), or "

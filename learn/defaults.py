@@ -1,7 +1,8 @@
 """The learn job's defaults, in one place (the CLI and the Python API both read them)."""
 
 N_ANCHORS = 8            # examples of a task kept in the catalog to guard it against forgetting
-RESERVE = 0.25           # fraction of the payload pages kept free as swap space for the next learn
+RESERVE = 0.0            # fraction of the payload pages left free after a learn (no longer needed as swap
+                         # space: a learn commits evictions first when its entries need their pages, learn/commit.py)
 MAX_ENTRY_TOKENS = 256   # longest entry of a bank created by a learn
 GAINS_KEY = "gains"      # catalog extra: entry id -> likelihood gain measured when it was written
 COMPACT_METHODS = ("none", "perlayer", "genv")   # ikv-learn --compact (learn/compact.py, learn/perlayer.py)

@@ -1,7 +1,7 @@
 """A learn as two steps: ``plan`` decides, ``write`` commits.
 
 ``plan(rt, bank, examples, task)`` runs phases 1-4 and returns a ``Plan`` (nothing is
-written); ``write(bank, plan)`` is phase 5, one atomic commit; ``absorb`` does both.
+written); ``write(bank, plan)`` is phase 5 (``commit.py``); ``absorb`` does both.
 
 1. **encode** (``candidates.py``): every example becomes a candidate entry, with its
    likelihood gain.
@@ -11,12 +11,10 @@ written); ``write(bank, plan)`` is phase 5, one atomic commit; ``absorb`` does b
 3. **retain** (``retain.py``): old tasks' anchors value the old entries.
 4. **select** (``select.py``, inner level): old entries and new candidates compete for
    the same bytes and slots.
-5. **write**: evictions, additions, anchors, gains and calibration in one transaction.
-
-Swap space: a commit can only write into pages that are free before it (the old state
-must survive a kill), so selection keeps live entries within ``1 - reserve`` of the
-payload pages (default 0.25): the next learn always has a quarter of the bank to
-write its new entries into, and evicted entries free their pages for the one after.
+5. **write** (``commit.py``): evictions, additions, anchors, gains and calibration, in
+   one commit, or two (evictions first) when the new entries need the evicted entries'
+   pages; so old entries and new candidates compete for the whole cap (``reserve``, default
+   0, leaves a share of it free).
 """
 from __future__ import annotations
 
@@ -29,6 +27,7 @@ import numpy as np
 from inducekv.core.errors import BankError, InduceKVError
 from inducekv.learn import select as sel
 from inducekv.learn.calibrate import Calibration, InjectionFit, calibrate, fit_injection
+from inducekv.learn.commit import write
 from inducekv.learn.compact import COMPACT_KEY, Compaction, compactor_for, resolve as resolve_compaction
 from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE
 from inducekv.kernels import kvquant
@@ -36,7 +35,7 @@ from inducekv.learn.candidates import Candidate, Scorer, encode_candidates, fit_
 from inducekv.learn.progress import report
 from inducekv.learn.retain import retention
 from inducekv.memory.bank import Bank
-from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, INJECTION_KEY, TEMPLATES, Injection, Layout,
+from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Layout,
                                      template_from)
 from inducekv.runtime.session import require_memory_support
 from inducekv.runtime.tasks import iter_task
@@ -193,8 +192,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     if smallest > budget:
         raise BankError(f"the bank's cap ({g.cap} bytes) is too small for even one entry of this task "
                         f"(the smallest needs {smallest} bytes); create a bank with a larger --budget")
-    chosen = {int(i) for i in sel.select(pool, budget, bank.usage()["bytes_free"], strategy, weights, seed,
-                                         max_items=g.slots)}
+    chosen = {int(i) for i in sel.select(pool, budget, budget, strategy, weights, seed, max_items=g.slots)}
     add = [i - n_old for i in sorted(chosen) if i >= n_old]
     evict = [old[i].slot for i in range(n_old) if i not in chosen]
     evicted_ids = {str(old[i].entry_id) for i in range(n_old) if i not in chosen}
@@ -213,43 +211,6 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     timings["select_s"] = time.perf_counter() - t
     report(progress, "select", 1, 1)
     return p
-
-
-def write(bank: Bank, p: Plan) -> list[int]:
-    """Phase 5: the plan in one atomic commit. Returns the new entries' ids, in ``p.add`` order.
-
-    Refuses a plan made against another generation of the bank (another writer committed
-    in between): plan again."""
-    bank.refresh()
-    if bank.gen != p.bank_gen:
-        raise BankError(f"{bank.path} changed since this plan was made (generation {p.bank_gen} -> {bank.gen}); "
-                        "plan again")
-    t = time.perf_counter()
-    gains, ids = dict(p.gains), []
-    with bank.transaction() as tx:
-        if p.template is not None:
-            tx.set_template(p.template)
-        if p.key_scales is not None:
-            tx.set_key_scales(p.key_scales)
-        if p.store_compaction:
-            tx.set_extra(COMPACT_KEY, p.compaction.as_dict())
-        for s in p.evict:
-            tx.remove(s)
-        for ci in p.add:
-            c = p.candidates[ci]
-            added = tx.add(c.entry(p.task))
-            if added is None:
-                raise BankError("the selected entries did not fit; this is a bug in the byte accounting")
-            gains[str(added.entry_id)] = round(c.gain, 4)
-            ids.append(added.entry_id)
-        tx.set_anchors(p.task, p.anchors)
-        tx.set_extra(GAINS_KEY, gains)
-        if p.calibration.accepted:
-            tx.set_calibration(*p.calibration.arrays)
-        if p.injection.accepted:
-            tx.set_extra(INJECTION_KEY, Injection(p.injection.tau).as_dict())
-    p.timings["write_s"] = time.perf_counter() - t
-    return ids
 
 
 def absorb(rt, bank: Bank, examples, task: str, *, dry_run: bool = False, **kw) -> Plan:

@@ -41,6 +41,7 @@ def _compact_line(rec, scheme: str) -> str:
 def info(bank, as_json):
     """Cap, bytes used/free, entries per task, bytes per entry, quantization."""
     from inducekv.memory.bank import Bank
+    from inducekv.memory.format import PENDING_KEY
 
     with fail_on_bad_input(), Bank.open(bank) as b:
         g, u = b.geo, b.usage()
@@ -51,6 +52,7 @@ def info(bank, as_json):
                "shared_key_scales": (None if g.scales_bytes == 0 else b.key_scales() is not None),
                "weighting": b.catalog.get("extra", {}).get("injection"),
                "compact": b.catalog.get("extra", {}).get("compact"),
+               "learn_pending": b.catalog.get("extra", {}).get(PENDING_KEY),
                **u, "tasks": b.tasks(), "entry_bytes_at_tokens": per_entry,
                "mean_entry_bytes": (u["bytes_used"] // u["entries"]) if u["entries"] else None}
         lines = [f"{b.path}: inducekv bank, generation {b.gen}",
@@ -69,6 +71,9 @@ def info(bank, as_json):
                  + (f"; mean {_mib(obj['mean_entry_bytes'])} each" if u["entries"] else ""),
                  "  per entry  " + ", ".join(f"{t} tok = {_mib(n)}" for t, n in per_entry.items())]
         lines += [f"  task       {name}: {n} entries, {len(b.anchors(name))} anchors" for name, n in obj["tasks"].items()]
+        if obj["learn_pending"]:
+            lines.append(f"  pending    a learn of task {obj['learn_pending'].get('task')!r} was stopped after evicting "
+                         f"{obj['learn_pending'].get('evicted')} entries, before adding its own: learn it again")
     _emit(obj, as_json, lines)
 
 

@@ -226,6 +226,11 @@ class Transaction:
         self._catalog["extra"][key] = value
         self._catalog_dirty = True
 
+    def drop_extra(self, key: str) -> None:
+        self._check_open()
+        if self._catalog["extra"].pop(key, None) is not None:
+            self._catalog_dirty = True
+
     def set_calibration(self, a, b, U, V) -> None:
         """Store ``map(x) = a*x + b + (x @ V) @ U.T``; a, b (K,), U, V (K, r)."""
         self._check_open()

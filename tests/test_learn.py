@@ -1,6 +1,7 @@
 """ikv-learn on toy pools and the tiny Llama: cap, anchors, calibration, kills."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from inducekv.learn import absorb, read_examples
 from inducekv.learn.calibrate import fit_calibration, retrieval_loss
 from inducekv.memory.verify import verify
 from bankutil import kill_at_write
+from inducekv.learn.commit import pending
 from inducekv.runtime.api import Runtime
 from inducekv.learn.cli import cli
 
@@ -94,14 +96,19 @@ def test_two_tasks_under_a_cap_keep_anchors(tiny_rt, tmp_path):
     assert verify(p)["ok"]
 
 
-def test_killed_learn_leaves_the_bank_before_or_after(tiny_rt, tmp_path):
+def test_killed_learn_leaves_the_bank_before_evicted_or_after(tiny_rt, tmp_path):
+    """A kill at any write of a learn into a full bank: before, or evicted (old entries minus
+    the evictions, marked ``learn_pending``), or after; never anything else."""
     p = tmp_path / "b.ikv"
     with _new_bank(tiny_rt, p) as b:
         absorb(tiny_rt, b, read_examples(_task(tmp_path / "a.jsonl", "alpha", 8)), "alpha", n_anchors=2)
         before = (b.gen, b.tasks())
+    base = tmp_path / "base.ikv"
+    shutil.copy(p, base)
     examples = read_examples(_task(tmp_path / "b.jsonl", "beta", 8))
-    outcomes = set()
-    for kill_at in (1, 3, 6, 10, 10_000):
+    outcomes = []
+    for kill_at in range(1, 400, 3):
+        shutil.copy(base, p)
         pid = os.fork()
         if pid == 0:
             try:
@@ -113,12 +120,17 @@ def test_killed_learn_leaves_the_bank_before_or_after(tiny_rt, tmp_path):
         os.waitpid(pid, 0)
         assert verify(p)["ok"]
         with Bank.open(p) as bank:
-            state = (bank.gen, bank.tasks())
-        assert state == before or (state[0] == before[0] + 1 and "beta" in state[1])
-        outcomes.add("before" if state == before else "after")
-        if state != before:
+            state, mark = (bank.gen, bank.tasks()), pending(bank)
+        if state == before:
+            outcomes.append("before")
+        elif mark is not None:
+            assert mark["task"] == "beta" and "beta" not in state[1] and state[1]["alpha"] < before[1]["alpha"]
+            outcomes.append("evicted")
+        else:
+            assert "beta" in state[1] and state[0] in (before[0] + 1, before[0] + 2)
+            outcomes.append("after")
             break
-    assert outcomes == {"before", "after"}  # early kills left it as before; the last run finished
+    assert outcomes[0] == "before" and "evicted" in outcomes and outcomes[-1] == "after"
 
 
 def test_cli_dry_run_and_bad_input(tiny_bundles, tmp_path):
@@ -134,8 +146,11 @@ def test_cli_dry_run_and_bad_input(tiny_bundles, tmp_path):
     bad.write_text('{"prompt": "q", "answer": "a"}\n{"prompt": "no answer"}\n')
     out = r.invoke(cli, ["--bundle", str(tiny_bundles["fp32"]), "--memory", str(bank), "--task", str(bad), "--budget", "100KB"])
     assert out.exit_code == 2 and ":2" in out.output and not bank.exists()
-    out = r.invoke(cli, ["--bundle", str(tiny_bundles["fp32"]), "--memory", str(bank), "--task", str(task)])
-    assert out.exit_code == 0 or out.exit_code == 2
+    out = r.invoke(cli, ["--bundle", str(tiny_bundles["fp32"]), "--memory", str(bank), "--task", str(task),
+                         "--json", "--quiet"])   # no --budget: a new bank gets the device profile's default cap
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["cap"] == Runtime.open(tiny_bundles["fp32"]).profile.default_budget_bytes
+    assert verify(bank)["ok"]
     out = r.invoke(cli, ["--bundle", str(tiny_bundles["fp32"]), "--memory", str(tmp_path / "t2.ikv"), "--task", str(task),
                          "--budget", "1KB"])
     assert out.exit_code == 2 and "too small" in out.output

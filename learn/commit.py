@@ -1,0 +1,107 @@
+"""Phase 5 of a learn: the plan written to the bank, in one commit or two.
+
+A transaction can only write new entries into pages that are free before it: until it
+commits, the old state (which a kill must leave intact) still owns the pages of the
+entries it evicts. So when the new entries need more than is free, the write is two
+commits::
+
+    commit 1 (evict):  remove the evicted entries and their gains; mark the bank
+                       ``learn_pending = {task, evicted, adding}``; store layout and
+                       shared key scales if the plan brings them
+    commit 2 (add):    the new entries, the task's anchors, gains, calibration,
+                       weighting; clear ``learn_pending``
+
+and a kill leaves the bank in one of three states, each of which verifies:
+
+    before           the bank as it was (killed before commit 1 finished)
+    evicted          the old entries minus the evictions, ``learn_pending`` set
+                     (killed between the commits): serves the kept entries; learn the
+                     task again to fill the freed space
+    after            the plan fully written
+
+When the new entries fit in the free space (or nothing is evicted) it is one commit,
+and a kill leaves *before* or *after* only. This is what lets a new task use the whole
+cap: selection no longer has to keep a quarter of the bank free for the next learn.
+"""
+from __future__ import annotations
+
+import time
+
+from inducekv.core.errors import BankError
+from inducekv.learn.compact import COMPACT_KEY
+from inducekv.learn.defaults import GAINS_KEY
+from inducekv.memory.bank import Bank
+from inducekv.memory.format import PENDING_KEY
+from inducekv.runtime.memory import INJECTION_KEY, Injection
+
+
+def fits_now(bank: Bank, entry_tokens: list[int]) -> bool:
+    """Whether entries of these token counts fit in the pages and slots free before a commit."""
+    g, u = bank.geo, bank.usage()
+    pages = sum(g.pages_for(t) for t in entry_tokens)
+    return pages <= g.pages - u["pages_used"] and len(entry_tokens) <= g.slots - u["entries"]
+
+
+def write(bank: Bank, p) -> list[int]:
+    """Write the plan ``p`` (``learn.plan.Plan``); returns the new entries' ids in ``p.add`` order.
+
+    Refuses a plan made against another generation of the bank (another writer committed
+    in between): plan again."""
+    bank.refresh()
+    if bank.gen != p.bank_gen:
+        raise BankError(f"{bank.path} changed since this plan was made (generation {p.bank_gen} -> {bank.gen}); "
+                        "plan again")
+    t = time.perf_counter()
+    tokens = [p.candidates[ci].tokens for ci in p.add]
+    phased = bool(p.evict) and not fits_now(bank, tokens)
+    p.timings["commits"] = 2 if phased else 1
+    if phased:
+        with bank.transaction() as tx:
+            _metadata(tx, p)
+            for s in p.evict:
+                tx.remove(s)
+            tx.set_extra(GAINS_KEY, dict(p.gains))
+            tx.set_extra(PENDING_KEY, {"task": p.task, "evicted": len(p.evict), "adding": len(p.add)})
+    with bank.transaction() as tx:
+        if not phased:
+            _metadata(tx, p)
+            for s in p.evict:
+                tx.remove(s)
+        ids = _add(tx, p)
+        tx.drop_extra(PENDING_KEY)  # also the mark of an earlier learn that was stopped between its commits
+    p.timings["write_s"] = time.perf_counter() - t
+    return ids
+
+
+def _metadata(tx, p) -> None:
+    """What the new entries are coded against: the layout, shared key scales, compaction record."""
+    if p.template is not None:
+        tx.set_template(p.template)
+    if p.key_scales is not None:
+        tx.set_key_scales(p.key_scales)
+    if p.store_compaction:
+        tx.set_extra(COMPACT_KEY, p.compaction.as_dict())
+
+
+def _add(tx, p) -> list[int]:
+    gains, ids = dict(p.gains), []
+    for ci in p.add:
+        c = p.candidates[ci]
+        added = tx.add(c.entry(p.task))
+        if added is None:
+            raise BankError("the selected entries did not fit; this is a bug in the byte accounting")
+        gains[str(added.entry_id)] = round(c.gain, 4)
+        ids.append(added.entry_id)
+    tx.set_anchors(p.task, p.anchors)
+    tx.set_extra(GAINS_KEY, gains)
+    if p.calibration.accepted:
+        tx.set_calibration(*p.calibration.arrays)
+    if p.injection.accepted:
+        tx.set_extra(INJECTION_KEY, Injection(p.injection.tau).as_dict())
+    return ids
+
+
+def pending(bank: Bank) -> dict | None:
+    """The interrupted learn a bank was left in the middle of (``{task, evicted, adding}``), or None."""
+    got = (bank.catalog.get("extra") or {}).get(PENDING_KEY)
+    return got if isinstance(got, dict) else None
