@@ -51,7 +51,9 @@ class LearnResult:
     calibration: dict              # its report (losses before/after, or why it was not fitted)
     weighting_kept: bool           # the fitted injection weighting (tau) beat unweighted and was stored
     weighting: dict                # its report
+    gate: dict                     # the task's relevance gate: margin (None: ungated) and its report
     compact: dict                  # entry compaction used
+    commits: int                   # commits made: 1, or 2 when evictions went first (learn/commit.py); 0 dry run
     timings_s: dict                # seconds per phase
     total_s: float
 
@@ -133,6 +135,6 @@ def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reser
         new_ids=tuple(ids), evicted_per_task=dict(p.evicted_per_task), bytes_per_entry=round(p.bytes_per_entry),
         dry_run=dry_run, tasks_before=before, tasks_after=None if dry_run else bank.tasks(), entries=usage["entries"],
         bytes_used=usage["bytes_used"], cap=usage["cap"], calibration_kept=p.calibration.accepted,
-        calibration=p.calibration.as_dict(), weighting_kept=p.injection.accepted, weighting=p.injection.as_dict(),
-        compact=p.compaction.as_dict(), timings_s={k: round(v, 2) for k, v in p.timings.items()},
+        calibration=p.calibration.as_dict(), weighting_kept=p.injection.accepted, weighting=p.injection.as_dict(), gate=p.gate.as_dict(),
+        compact=p.compaction.as_dict(), commits=p.commits, timings_s={k: round(v, 2) for k, v in p.timings.items()},
         total_s=round(time.perf_counter() - t0, 2))

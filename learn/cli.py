@@ -81,6 +81,10 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                + f", keep {out['kept_old']}")
     click.echo(f"bank: {res.bytes_used / 2**20:.2f} MiB used of a {res.cap / 2**20:.2f} MiB cap; tasks "
                + ", ".join(f"{k}={v}" for k, v in (res.tasks_after or res.tasks_before).items()))
+    gate = res.gate.get("margin")
+    click.echo("relevance gate: " + (f"entries of {res.task} are injected when their retrieval margin (top-1 minus "
+                                     f"top-2 score) is >= {gate:g}" if gate is not None
+                                     else f"none ({res.gate.get('reason', 'not fitted')})"))
     click.echo("time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in out["timings_s"].items()) + f"; total {out['total_s']:.1f}s")
 
 

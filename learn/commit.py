@@ -9,7 +9,7 @@ commits::
                        ``learn_pending = {task, evicted, adding}``; store layout and
                        shared key scales if the plan brings them
     commit 2 (add):    the new entries, the task's anchors, gains, calibration,
-                       weighting; clear ``learn_pending``
+                       weighting, relevance gate; clear ``learn_pending``
 
 and a kill leaves the bank in one of three states, each of which verifies:
 
@@ -32,7 +32,7 @@ from inducekv.learn.compact import COMPACT_KEY
 from inducekv.learn.defaults import GAINS_KEY
 from inducekv.memory.bank import Bank
 from inducekv.memory.format import PENDING_KEY
-from inducekv.runtime.memory import INJECTION_KEY, Injection
+from inducekv.runtime.memory import INJECTION_KEY, RELEVANCE_KEY, Injection, relevance_from
 
 
 def fits_now(bank: Bank, entry_tokens: list[int]) -> bool:
@@ -54,7 +54,7 @@ def write(bank: Bank, p) -> list[int]:
     t = time.perf_counter()
     tokens = [p.candidates[ci].tokens for ci in p.add]
     phased = bool(p.evict) and not fits_now(bank, tokens)
-    p.timings["commits"] = 2 if phased else 1
+    p.commits = 2 if phased else 1
     if phased:
         with bank.transaction() as tx:
             _metadata(tx, p)
@@ -98,6 +98,10 @@ def _add(tx, p) -> list[int]:
         tx.set_calibration(*p.calibration.arrays)
     if p.injection.accepted:
         tx.set_extra(INJECTION_KEY, Injection(p.injection.tau).as_dict())
+    gates = {t: m for t, m in relevance_from(tx.bank.catalog).items() if t != p.task}
+    if p.gate.margin is not None:
+        gates[p.task] = p.gate.margin
+    tx.set_extra(RELEVANCE_KEY, gates)
     return ids
 
 

@@ -28,6 +28,7 @@ from inducekv.core.errors import BankError, InduceKVError
 from inducekv.learn import select as sel
 from inducekv.learn.calibrate import Calibration, InjectionFit, calibrate, fit_injection
 from inducekv.learn.commit import write
+from inducekv.learn.gate import GateFit, fit_gate
 from inducekv.learn.compact import COMPACT_KEY, Compaction, compactor_for, resolve as resolve_compaction
 from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE
 from inducekv.kernels import kvquant
@@ -54,6 +55,7 @@ class Plan:
     gains: dict[str, float]                  # entry id -> gain, for the kept old entries
     calibration: Calibration
     injection: InjectionFit                  # the fitted entry weighting (stored when accepted)
+    gate: GateFit                            # the task's relevance gate (``gate.py``; margin None: ungated)
     template: dict | None                    # the prompt layout to store (None: the bank has one)
     key_scales: np.ndarray | None            # shared key scales to store (a new bank of a k*v* scheme), else None
     bank_gen: int                            # the bank generation the plan was made against
@@ -62,6 +64,7 @@ class Plan:
     evicted_per_task: dict = field(default_factory=dict)
     compaction: Compaction = Compaction()    # how the new entries were compacted (``learn.compact``)
     store_compaction: bool = False           # the bank's record of it changes
+    commits: int = 0                         # commits ``write`` made (2: evictions first; 0: not written)
 
 
 def read_examples(path, require_answer: bool = True) -> list:
@@ -119,10 +122,11 @@ def layout_spec(bank: Bank, template: str | None = None, policy: str | None = No
 def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights: sel.Weights = sel.Weights(),
          seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress=False,
          candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None,
-         compact: str | None = None, slots: int | None = None, keep: float | None = None) -> Plan:
+         compact: str | None = None, slots: int | None = None, keep: float | None = None, gated: bool = True) -> Plan:
     """Phases 1-4 on an open bank: what to keep, evict and add. ``candidates`` skips phase 1
     (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries;
-    ``compact``/``slots``/``keep``: entry compaction (``learn.compact``; None: the bank's: perlayer
+    ``gated``: fit the task's relevance gate (``gate.py``); ``compact``/``slots``/``keep``: entry
+    compaction (``learn.compact``; None: the bank's: perlayer
     for a bank created with a sparse scheme, else none); ``progress``: True for tqdm bars, or a
     ``callback(stage, done, total)`` (``learn.progress``)."""
     timings, rng = {}, np.random.default_rng(seed)
@@ -160,10 +164,13 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     if strategy == "all":
         calib = Calibration(False, {"reason": "strategy all"})
         inject = InjectionFit(False, None, {"reason": "strategy all"})
+        gate = GateFit(None, {"reason": "strategy all"})
     else:
         calib = calibrate(bank, cands, snap.keys, old_kv, scorer, rng, progress, key_scale)
         inject = fit_injection(bank, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress=progress,
                                key_scale=key_scale)
+        gate = (fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale)
+                if gated else GateFit(None, {"reason": "gate off"}))
     timings["calibrate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -201,6 +208,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     p = Plan(task=task, keep_old=[old[i].slot for i in range(n_old) if i in chosen], evict=evict, add=add,
              candidates=cands, anchors=[cands[i].example() for i in picks],
              gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib, injection=inject,
+             gate=gate,
              template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
              bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings,
              compaction=compaction, store_compaction=(compaction != Compaction.from_catalog(bank.catalog, g.scheme)

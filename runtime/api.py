@@ -288,6 +288,9 @@ class Runtime:
         tm.prefix_ms = (time.perf_counter() - t) * 1e3
         look = mem.lookup(prompt, k, tm, margin, image=img)   # entries, weighting, scales: one bank state
         found, inj = look.found, look.injection
+        if not found:   # nothing retrieved, or nothing passed the relevance gate: the plain prompt (zero-shot)
+            return Prepared(self.encode_prompt(prompt, system=system, chat=True, image=img),
+                            KVCache.empty(self.manifest), 0, img.features if img is not None else None)
         t = time.perf_counter()
         if not self.decoder.has_bias and inj.tau is not None:
             if not self._warned_bias:

@@ -77,6 +77,18 @@ def template_from(spec: dict | None) -> tuple[Template, str]:
 
 INJECTION_KEY = "injection"   # catalog extra: the fitted Injection (ikv-learn's calibration)
 MIN_WEIGHT = 1e-3             # weighted entries below this share of attention are not injected
+RELEVANCE_KEY = "relevance"   # catalog extra: task -> the retrieval margin its entries need to be injected
+
+
+def relevance_from(catalog: dict) -> dict[str, float]:
+    """The bank's relevance gate: per task, the least margin (top-1 minus top-2 retrieval score)
+    a query needs for that task's top-1 entry to be injected; below it the query is answered
+    without memory (fitted by ``ikv-learn``, ``learn/gate.py``; a task without one is never gated)."""
+    raw = (catalog.get("extra") or {}).get(RELEVANCE_KEY) or {}
+    if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) and np.isfinite(v) and 0 <= v <= 2
+                                            for v in raw.values()):
+        raise InduceKVError("the bank's relevance gate is malformed; relearn a task to refit it")
+    return {str(k): float(v) for k, v in raw.items()}
 
 
 @dataclass(frozen=True)
@@ -268,6 +280,7 @@ class Lookup:
     found: list               # [(info dict, verified payload bytes)], best first
     injection: Injection      # the bank's weighting at that state
     key_scale: np.ndarray | None  # the bank's shared key scales (L, H_kv, D) float16, or None
+    gated: int = 0            # retrieved entries left out by the relevance gate
 
 
 class Memory:
@@ -323,19 +336,27 @@ class Memory:
                 self.index.sync(self.bank)
             q = self.bank.calibrate(key) if k > 0 else None
             t1 = time.perf_counter()
-            out = self._search(q, k, margin) if k > 0 else []
-            found = Lookup(out, self.injection(), self.bank.key_scales() if out else None)
+            out, gated = self._search(q, k, margin) if k > 0 else ([], 0)
+            found = Lookup(out, self.injection(), self.bank.key_scales() if out else None, gated)
         if timings is not None and k > 0:
             timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         return found
 
-    def _search(self, q: np.ndarray, k: int, margin: float | None) -> list[tuple[dict, bytes]]:
-        """Search with the calibrated query key and read the payloads (the caller holds the lock)."""
-        ids, scores = self.index.search(q, k)
+    def _search(self, q: np.ndarray, k: int, margin: float | None) -> tuple[list[tuple[dict, bytes]], int]:
+        """Search with the calibrated query key and read the payloads, unless the relevance gate
+        closes (the top-1 entry does not stand out enough from the top-2: then nothing); returns
+        the entries and how many the gate left out (the caller holds the lock)."""
+        ids, scores = self.index.search(q, max(k, 2))
+        floor = relevance_from(self.bank.catalog)
+        slot_of = self.bank.slot_of()
+        if floor and len(ids) >= 2 and ids[0] in slot_of:
+            need = floor.get(self.bank.entry(slot_of[int(ids[0])]).task, 0.0)
+            if scores[0] - scores[1] < need:
+                return [], min(k, len(ids))
+        ids, scores = ids[:k], scores[:k]
         if margin is not None and len(scores):
             keep = scores >= scores[0] - margin
             ids, scores = ids[keep], scores[keep]
-        slot_of = self.bank.slot_of()
         out = []
         for eid, score in zip(ids.tolist(), scores.tolist()):
             got = self.bank.read_payload(slot_of[eid], eid) if eid in slot_of else None
@@ -343,7 +364,7 @@ class Memory:
                 continue  # swapped out since the index was synced
             buf, info = got
             out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens}, buf))
-        return out
+        return out, 0
 
 
 def _features(image):

@@ -36,8 +36,9 @@ def _plan(bank: Bank, g: int):
     return SimpleNamespace(
         task=f"t{g}", bank_gen=bank.gen, candidates=[_Cand(s) for s in _group(g)], add=list(range(N)),
         evict=[e.slot for e in old], gains={}, template=None, key_scales=None, store_compaction=False,
-        anchors=[{"prompt": f"q{g}", "answer": f"a{g}"}], timings={},
-        calibration=SimpleNamespace(accepted=False), injection=SimpleNamespace(accepted=False))
+        anchors=[{"prompt": f"q{g}", "answer": f"a{g}"}], timings={}, commits=0,
+        calibration=SimpleNamespace(accepted=False), injection=SimpleNamespace(accepted=False),
+        gate=SimpleNamespace(margin=None))
 
 
 def _base(tmp_path):
@@ -77,7 +78,7 @@ def test_a_full_bank_learns_in_two_commits_and_every_kill_point_is_documented(tm
         p = _plan(b, 3)
         gen = b.gen
         write(b, p)
-        assert p.timings["commits"] == 2 and b.gen == gen + 2 and pending(b) is None
+        assert p.commits == 2 and b.gen == gen + 2 and pending(b) is None
     assert _groups(base) == ([2, 3], None)
     seen = []
     for k in range(1, 200):
@@ -112,7 +113,7 @@ def test_a_pending_mark_is_cleared_by_the_next_learn(tmp_path):
             tx.set_extra("learn_pending", {"task": "t3", "evicted": N, "adding": N})
         p = _plan(b, 3)
         write(b, p)
-        assert p.timings["commits"] == 1 and pending(b) is None  # it fit in the freed space: one commit
+        assert p.commits == 1 and pending(b) is None  # it fit in the freed space: one commit
     assert _groups(base) == ([2, 3], None)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from inducekv.kernels import kvquant
 from inducekv import learn as L
 from inducekv.learn.compact import Compaction, compactor_for, new_bank_scheme, supports_perlayer
-from inducekv.learn.defaults import COMPACT_KEEP
+from inducekv.learn.defaults import COMPACT_KEEP, RESERVE
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Prepared, Result, Runtime
 from inducekv.runtime.memory import Layout, image_of, key_of, template_from
@@ -74,7 +74,7 @@ class ZeroShot:
 
 class BankMethod:
     def __init__(self, name: str, bundle: str, path: Path, cap: int, strategy: str, scheme: str | None = None,
-                 reserve: float = 0.25, seed: int = 0):
+                 reserve: float = RESERVE, seed: int = 0):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, strategy, reserve, seed
         self.rt = runtime(bundle)
         if scheme is None:   # ikv-learn's default: the profile's bits, per-layer compacted where the bundle can

@@ -8,6 +8,9 @@ Sequences (task data generated with ``--seed``; train and test disjoint):
 - ``text``: task-incremental made-up facts (examples/tasks: capitals, inventors, planets, foods).
 - ``vqa``: continual VQA on the default VLM: vexcolour, vexshape, parity, side (never trained).
 - ``domain``: domain-incremental, the same colour question on clean, noisy, inverted images.
+- ``value``: made-up facts whose examples differ in value (``examples/make_value_tasks.py``):
+  duplicates, facts the model knows, terse vs verbose statements, label noise; ``--n-test``
+  facts per task, every statement of them trained.
 
 Protocol: tasks are learned in order into one memory; after each, every seen task's test
 set is answered (k=1, greedy): accuracy matrix; final average accuracy, average
@@ -45,6 +48,7 @@ SEQUENCES = {
     "text": {"bundle": "text", "tasks": ["capitals", "inventors", "planets", "foods"]},
     "vqa": {"bundle": "vlm", "tasks": ["vexcolour", "vexshape", "parity", "side"]},
     "domain": {"bundle": "vlm", "tasks": ["colour", "colour@noisy", "colour@inverted"]},
+    "value": {"bundle": "text", "tasks": ["dup-inventors", "known-capitals", "verbose-planets", "noisy-colours"]},
 }
 BANK_METHODS = {"inducekv": "full", "random": "random", "fifo": "fifo"}
 
@@ -68,6 +72,18 @@ def image_task(name: str, n_train: int, n_test: int, seed: int, work: Path):
     out = work / "image_tasks"
     return (load_task(write_task(out, name, family, n_train, "train", seed, domain or "clean")),
             load_task(write_task(out, name, family, n_test, "test", seed, domain or "clean")))
+
+
+def value_task(name: str, n_train: int, n_test: int, seed: int, work: Path):
+    """(train, test) of a value-differing task (``examples/make_value_tasks.py``, this seed):
+    about ``n_test`` facts (test: one question per fact; train: every statement of those facts)."""
+    from make_value_tasks import write_all
+
+    n_facts = max(n_test, 2)
+    out = work / f"value_tasks-{seed}-{n_facts}"
+    if not (out / f"{name}.train.jsonl").is_file():
+        write_all(out, seed, n_facts)
+    return load_task(out / f"{name}.train.jsonl"), load_task(out / f"{name}.test.jsonl")
 
 
 def evaluate(method, test) -> tuple[float, list[float]]:
@@ -123,7 +139,9 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
                  methods=ALL_METHODS, lora_epochs: int | None = None) -> dict:
     """Zero-shot, then each of ``methods`` (unbounded once; the rest at every cap)."""
     spec, t0 = SEQUENCES[seq], time.perf_counter()
-    if spec["bundle"] == "text":
+    if seq == "value":
+        tasks = {n: value_task(n, n_train, n_test, seed, work) for n in spec["tasks"]}
+    elif spec["bundle"] == "text":
         tasks = {n: text_task(n, n_train, n_test, seed) for n in spec["tasks"]}
     else:
         tasks = {n: image_task(n, n_train, n_test, seed, work) for n in spec["tasks"]}

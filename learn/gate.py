@@ -1,0 +1,74 @@
+"""Phase 2c of a learn: the relevance gate ("do no harm"), fitted on the task's own examples.
+
+A query whose answer the bank does not hold still retrieves *some* entry, and injecting
+it can override what the model already knows (a made-up capital for "the capital of
+France"). Retrieval scores alone cannot tell: raw cosines of the frozen keys sit at
+0.98-0.99 for every question of a task's shape. What does tell is whether the top entry
+*stands out*: the margin between the top-1 and top-2 scores. Measured on the default
+model with 625 fact entries (README "Do no harm"): paraphrased questions whose entry
+is top-1, median margin 0.006; questions the bank holds no answer to (real capitals),
+median 0.0002.
+
+The fit uses the only such questions a learn has: leave-one-out. Each sampled example is
+asked with its own entry left out of the pool (old entries + the task's candidates):
+its top-1 is then some other entry, and injecting it either raises the answer's
+likelihood (a neighbour with the same answer: a colour task) or lowers it (another
+fact). The gate's margin for the task is the ``QUANTILE`` of the margins of the harmful
+ones (none harmful: no gate). At inference, a query whose top-1 entry belongs to the
+task is answered with memory only when its margin reaches the gate; otherwise without
+memory, as the bare model would (``runtime.memory.Memory``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inducekv.learn.calibrate import cosine
+from inducekv.learn.candidates import Candidate, Scorer, unpack
+from inducekv.learn.progress import steps
+
+QUERIES = 24      # leave-one-out queries per learn
+QUANTILE = 0.9    # of the harmful queries' margins (chosen on the dev splits, README "Do no harm")
+MIN_HARMFUL = 3   # fewer harmful queries than this: no gate
+
+
+@dataclass
+class GateFit:
+    """The fitted margin for the task (None: the task is not gated) and the report."""
+    margin: float | None
+    report: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"margin": self.margin, **self.report}
+
+
+def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng, query_map,
+             progress=False, key_scale=None, n_queries: int = QUERIES, quantile: float = QUANTILE) -> GateFit:
+    """Leave-one-out margins and answer-likelihood gains of ``n_queries`` of the task's examples."""
+    pool = np.concatenate([old_keys, np.stack([c.key for c in cands])]) if cands else old_keys
+    if len(pool) < 3:
+        return GateFit(None, {"reason": "too few entries"})
+    n_old = len(old_keys)
+    margins, gains = [], []
+    for i in steps(rng.permutation(len(cands))[:n_queries], "gate", "query", progress):
+        c = cands[int(i)]
+        s = cosine(query_map(c.key), pool)                   # the index's scores
+        s[n_old + int(i)] = -np.inf                          # its own entry left out
+        top2 = np.argsort(-s)[:2]
+        j = int(top2[0])
+        kv = unpack(geo, cands[j - n_old].payload, cands[j - n_old].tokens, key_scale) if j >= n_old else old_kv(j)
+        if kv is None:
+            continue
+        image = scorer.rt.encode_image(c.image) if c.image else None
+        margins.append(float(s[top2[0]] - s[top2[1]]))
+        gains.append(scorer.logp(c.prompt, c.answer, [kv], image) - c.base)
+    margins, gains = np.array(margins), np.array(gains)
+    harmful = margins[gains < 0]
+    report = {"queries": len(margins), "harmful": int(len(harmful)),
+              "harmful_margins": sorted(round(float(x), 5) for x in harmful),
+              "margin_quartiles": [round(float(x), 5) for x in np.quantile(margins, [0.25, 0.5, 0.75])]
+              if len(margins) else []}
+    if len(harmful) < MIN_HARMFUL:
+        return GateFit(None, {**report, "reason": "leaving an example out rarely hurts: no gate"})
+    return GateFit(round(float(np.quantile(harmful, quantile)), 6), report)
