@@ -300,6 +300,12 @@ class Memory:
     def close(self) -> None:
         self.bank.close()
 
+    def __enter__(self) -> "Memory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def injection(self) -> Injection:
         """The bank's fitted injection weighting (re-read after each commit a writer makes)."""
         return Injection.from_catalog(self.bank.catalog, self.bank.geo.num_layers)

@@ -1,0 +1,90 @@
+"""The relevance gate: a query whose top-1 entry does not stand out is answered without memory."""
+import json
+
+import numpy as np
+import pytest
+
+from inducekv.core.errors import InduceKVError
+from inducekv.learn import absorb, read_examples
+from inducekv.learn.gate import fit_gate
+from inducekv.memory.bank import Bank
+from inducekv.runtime.api import Runtime
+from inducekv.runtime.memory import RELEVANCE_KEY
+from learnutil import add_all
+
+FACTS = [{"prompt": f"Capital of Vexland number {i}?", "answer": f"Morrow{i}"} for i in range(6)]
+QUERY = "Capital of Vexland number 3?"
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_bundles):
+    return Runtime.open(tiny_bundles["fp32"])
+
+
+@pytest.fixture()
+def bank_path(rt, tmp_path):
+    p = tmp_path / "b.ikv"
+    with Bank.create_for(p, 1 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=64) as b:
+        add_all(rt, b, FACTS, "facts")
+    return p
+
+
+def _set_gate(path, value):
+    with Bank.open(path, writable=True) as b, b.transaction() as tx:
+        tx.set_extra(RELEVANCE_KEY, value)
+
+
+def _margin(rt, path) -> float:
+    with rt.open_memory(path) as mem:
+        s = [info["score"] for info, _ in mem.lookup(QUERY, 2).found]
+    return s[0] - s[1]
+
+
+def test_a_closed_gate_answers_exactly_as_without_memory(rt, bank_path):
+    plain = rt.generate(QUERY, max_new_tokens=6, use_memory=False)
+    with_mem = rt.generate(QUERY, max_new_tokens=6, k=2, memory=rt.open_memory(bank_path))
+    assert len(with_mem.entries) == 2
+    margin = _margin(rt, bank_path)
+    _set_gate(bank_path, {"facts": margin + 1e-4})            # just above this query's margin: closed
+    mem = rt.open_memory(bank_path)
+    look = mem.lookup(QUERY, 2)
+    assert look.found == [] and look.gated == 2
+    gated = rt.generate(QUERY, max_new_tokens=6, k=2, memory=mem)
+    assert gated.entries == [] and gated.token_ids == plain.token_ids
+    assert gated.timings.prompt_tokens == plain.timings.prompt_tokens   # the plain prompt, not the memory layout
+    _set_gate(bank_path, {"facts": max(margin - 1e-4, 0.0)})  # just below: open
+    assert rt.generate(QUERY, max_new_tokens=6, k=2, memory=rt.open_memory(bank_path)).entries
+    _set_gate(bank_path, {"other task": 2.0})                 # another task's gate does not apply
+    assert len(rt.generate(QUERY, max_new_tokens=6, k=2, memory=rt.open_memory(bank_path)).entries) == 2
+
+
+@pytest.mark.parametrize("bad", [{"facts": -0.1}, {"facts": "high"}, ["facts"], {"facts": float("nan")}])
+def test_a_malformed_gate_is_refused_in_one_line(rt, bank_path, bad):
+    _set_gate(bank_path, bad)
+    with pytest.raises(InduceKVError, match="relevance gate is malformed"):
+        rt.generate(QUERY, max_new_tokens=2, k=1, memory=rt.open_memory(bank_path))
+
+
+def test_learn_fits_the_gate_from_harmful_leave_one_out_queries(rt, tmp_path):
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Code word number {i}?", "answer": f"Zup{i * 7}"}) + "\n"
+                            for i in range(12)))
+    with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, force=True, max_tokens=64) as b:
+        p = absorb(rt, b, read_examples(task), "codes", n_anchors=2)
+        rep = p.gate.as_dict()
+        assert rep["queries"] == 12 and rep["harmful"] == len(rep["harmful_margins"])
+        if p.gate.margin is None:
+            assert rep["harmful"] < 3
+            assert "codes" not in b.catalog["extra"][RELEVANCE_KEY]
+        else:
+            assert p.gate.margin == pytest.approx(np.quantile(rep["harmful_margins"], 0.9), abs=2e-5)
+            assert b.catalog["extra"][RELEVANCE_KEY]["codes"] == p.gate.margin
+        # the same fit, called directly, is deterministic for a seed
+        cands = p.candidates
+        from inducekv.learn.candidates import Scorer
+        from inducekv.runtime.memory import Layout, template_from
+
+        scorer = Scorer(rt, Layout(rt, *template_from(b.catalog.get("template"))))
+        fits = [fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, scorer,
+                         np.random.default_rng(3), lambda x: x) for _ in range(2)]
+        assert fits[0].as_dict() == fits[1].as_dict()
