@@ -8,10 +8,14 @@ A candidate is what the bank would store for one example, plus what selection ne
     base     float      mean log p(answer | prompt) per answer token, no memory
     gain     float      the same with this entry in memory, minus ``base``
 
-Likelihoods come from the ONNX decoder (``Scorer``); no torch.
+Likelihoods come from the ONNX decoder (``Scorer``); no torch. With a ``Spool``, payloads
+go to a temporary file as they are made and are read back when needed (calibration, the
+write), so a learn's RAM does not grow with its payloads (keys and scores stay in RAM).
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +49,56 @@ class Candidate:
         """The bank entry for this candidate."""
         return NewEntry(None, None, self.key, task, example_hash(self.example()), payload=self.payload,
                         tokens=self.tokens)
+
+
+class Spool:
+    """An unlinked temporary file that candidate payloads are appended to and read back from
+    (``os.pread``: nothing stays mapped, so reading does not grow the process's RSS)."""
+
+    def __init__(self, directory: str | None = None):
+        fd, path = tempfile.mkstemp(prefix="ikv-learn-", suffix=".spool", dir=directory)
+        os.unlink(path)                      # freed by the OS when closed, also after a kill
+        self.fd, self.size = fd, 0
+
+    def put(self, data: bytes) -> tuple[int, int]:
+        off = self.size
+        os.pwrite(self.fd, data, off)
+        self.size += len(data)
+        return off, len(data)
+
+    def get(self, where: tuple[int, int]) -> bytes:
+        off, n = where
+        return os.pread(self.fd, n, off)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Spool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class SpooledCandidate(Candidate):
+    """A ``Candidate`` whose payload lives in a ``Spool`` (set and read like the plain one)."""
+
+    def __init__(self, spool: Spool, *args, **kw):
+        self._spool, self._where = spool, None
+        super().__init__(*args, **kw)
+
+    @property
+    def payload(self) -> bytes:
+        return self._spool.get(self._where)
+
+    @payload.setter
+    def payload(self, data: bytes) -> None:
+        self._where = self._spool.put(data)
 
 
 def as_example(ex, n: int = 0) -> Example:
@@ -116,10 +170,12 @@ def fit_key_scales(rt, layout: Layout, examples, scheme: str, any_position: bool
 
 
 def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progress=False,
-                      key_scale: np.ndarray | None = None, compactor=None) -> list[Candidate]:
+                      key_scale: np.ndarray | None = None, compactor=None, spool: Spool | None = None
+                      ) -> list[Candidate]:
     """One candidate per example (``Example`` or dict), packed for a bank of geometry ``geo``
     (``key_scale``: its shared key scales, for the schemes that have them; ``compactor``: a
-    ``learn.compact.Compactor`` that keeps some of each entry's tokens, None keeps all)."""
+    ``learn.compact.Compactor`` that keeps some of each entry's tokens, None keeps all;
+    ``spool``: keep the payloads there, not in RAM)."""
     scorer, out = Scorer(rt, layout), []
     for n, ex in enumerate(steps(examples, "encode", "ex", progress), start=1):
         ex = as_example(ex, n)
@@ -139,8 +195,9 @@ def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progr
             payload = kvquant.pack(k, v, geo.scheme, key_scale, **extra)
         except ValueError as e:  # e.g. values outside the scheme's range
             raise InduceKVError(f"example {prompt[:40]!r} cannot be stored as {geo.scheme}: {e}") from None
-        c = Candidate(prompt, answer, payload, k.shape[2], key_of(rt, keys, prompt, image),
-                      image=str(Path(ex.image).resolve()) if ex.image is not None else None)
+        made = Candidate if spool is None else (lambda *a, **kw: SpooledCandidate(spool, *a, **kw))
+        c = made(prompt, answer, payload, k.shape[2], key_of(rt, keys, prompt, image),
+                 image=str(Path(ex.image).resolve()) if ex.image is not None else None)
         c.base = scorer.logp(prompt, answer, [], image)
         c.gain = scorer.logp(prompt, answer, [unpack(geo, payload, c.tokens, key_scale)], image) - c.base
         out.append(c)

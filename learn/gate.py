@@ -68,7 +68,8 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
     report = {"queries": len(margins), "harmful": int(len(harmful)),
               "harmful_margins": sorted(round(float(x), 5) for x in harmful),
               "margin_quartiles": [round(float(x), 5) for x in np.quantile(margins, [0.25, 0.5, 0.75])]
-              if len(margins) else []}
+              if len(margins) else [],
+              "gain_quartiles": [round(float(x), 3) for x in np.quantile(gains, [0.25, 0.5, 0.75])] if len(gains) else []}
     if len(harmful) < MIN_HARMFUL:
         return GateFit(None, {**report, "reason": "leaving an example out rarely hurts: no gate"})
     return GateFit(round(float(np.quantile(harmful, quantile)), 6), report)

@@ -32,7 +32,7 @@ from inducekv.learn.gate import GateFit, fit_gate
 from inducekv.learn.compact import COMPACT_KEY, Compaction, compactor_for, resolve as resolve_compaction
 from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE
 from inducekv.kernels import kvquant
-from inducekv.learn.candidates import Candidate, Scorer, encode_candidates, fit_key_scales, unpack
+from inducekv.learn.candidates import Candidate, Scorer, Spool, encode_candidates, fit_key_scales, unpack
 from inducekv.learn.progress import report
 from inducekv.learn.retain import retention
 from inducekv.memory.bank import Bank
@@ -94,6 +94,15 @@ def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tok
     return Bank.create_for(bank_path, budget, m, scheme=scheme, max_tokens=max_tokens, page_tokens=page_tokens(scheme))
 
 
+def spool_for(bank: Bank) -> Spool:
+    """Where a learn keeps its candidates' payloads: a temporary file beside the bank (the
+    device's storage, not RAM: /tmp is often a RAM disk), else the system's temp folder."""
+    try:
+        return Spool(str(Path(bank.path).parent))
+    except OSError:
+        return Spool()
+
+
 def page_tokens(scheme: str) -> int:
     """Page size of a new bank: 1 token for per-layer compacted entries (their slot counts
     vary by one or two, so 4-token pages waste ~9% of them: 79.3 vs 72.5 KB mean on the
@@ -150,7 +159,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
             raise InduceKVError(f"this {g.scheme} bank has no key scales yet; let the learn encode the examples")
         key_scale = new_scales = fit_key_scales(rt, layout, examples, g.scheme, any_position=compaction.method == "genv")
     cands = candidates if candidates is not None else encode_candidates(rt, g, layout, keys, examples, progress,
-                                                                        key_scale, compactor)
+                                                                        key_scale, compactor, spool_for(bank))
     timings["encode_s"] = time.perf_counter() - t
 
     old = snap.entries

@@ -5,6 +5,7 @@ set S (all terms are per entry, in nats of answer log-likelihood or in similarit
 
     f(S) = sum_t sqrt(sum(w_lik * gain_e / g0 + w_ret * retention_e / g0, e in S of task t))
          + w_cov * mean_x max_{e in S} sim(x, e)    facility-location coverage of all keys x
+                                                    (of a seeded sample of COVER_POINTS keys in bigger pools)
 
 gain: the likelihood gain (new and stored old); retention: what anchors of old tasks
 that retrieve e gain from it. (g0: the pool's mean positive gain, so the terms are on
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+COVER_POINTS = 1024   # keys coverage is measured on (a seeded sample above this): RAM O(n * 1024), not O(n^2)
 STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "random", "fifo", "all")
 # "all": keep every old entry, add new ones in order while they fit (no selection; for building test banks)
 
@@ -75,9 +77,10 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
             order = rng.permutation(n) if strategy == "random" else np.lexsort((rng.random(n), pool.age))
         return _fill(order, pool, budget, new_budget, cap)
     w = weights_for(strategy, weights)
-    unit = _unit(pool.keys.astype(np.float64))
-    sim = np.clip(unit @ unit.T, 0.0, None)                                   # (n, n)
-    best = np.zeros(n)                                                        # current max sim of each key to S
+    unit = _unit(pool.keys.astype(np.float64)).astype(np.float32)
+    points = rng.choice(n, COVER_POINTS, replace=False) if n > COVER_POINTS else np.arange(n)
+    sim = np.clip(unit @ unit[points].T, 0.0, None)                           # (n, M) float32
+    best = np.zeros(len(points), np.float32)                                  # current max sim of each point to S
     task = pool.task if pool.task is not None else np.zeros(n, np.int64)
     pos = pool.gain[pool.gain > 0]
     g0 = float(pos.mean()) if len(pos) else 1.0
@@ -92,7 +95,7 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
 
     def value(i: int) -> float:
         t = int(task[i])
-        cov = np.maximum(sim[i] - best, 0).sum() / n
+        cov = float(np.maximum(sim[i] - best, 0).sum()) / len(points)
         return np.sqrt(total[t] + use[i]) - np.sqrt(total[t]) + w.cov * cov
 
     chosen, used, used_new = [], 0, 0
