@@ -1,14 +1,16 @@
 """Decode speed and quality: inducekv vs onnxruntime-genai on the default model.
 
     python benchmarks/decode.py [--bundles DIR] [--precisions fp32,int8,int4] [--tokens 64]
-                                [--threads 2] [--rounds 3] [--work DIR] [--json]
+                                [--threads 2] [--rounds 3] [--load N] [--work DIR] [--json]
 
 Per precision, in one run and interleaved (the order flips every round): inducekv's
 ``Runtime.generate`` and onnxruntime-genai's ``Generator`` produce ``--tokens`` greedy
 tokens (EOS ignored) after the same prompt tokens, with the same intra-op thread count.
 Decode tok/s = (tokens - 1) / time after the first token; TTFT = call start to the first
 token chosen (ours includes rendering the chat template and tokenizing). Medians over
-rounds. Quality: argmax agreement of int8/int4 with the same system's fp32 on
+rounds. ``--load N`` runs N busy processes (pure-Python spin loops at normal priority) during
+the timed rounds, as other work on a device would; the load average is reported before and
+after them. Quality: argmax agreement of int8/int4 with the same system's fp32 on
 teacher-forced answer positions (plain onnxruntime on genai's model.onnx).
 
 Built once and cached under ``--work`` (default ~/.cache/inducekv-bench):
@@ -200,6 +202,18 @@ class Genai:
 
 
 # -- measurements --------------------------------------------------------------
+def start_load(n: int) -> list[subprocess.Popen]:
+    """N processes that keep one core each busy until stopped."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def stop_load(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait()
+
+
 def qa_sequences(rt: Runtime) -> list[tuple[list[int], int]]:
     """(ids of prompt + answer + end of turn, index of the first answer token) per QA pair."""
     out = []
@@ -240,12 +254,18 @@ def run(args) -> dict:
     for s in systems:  # warm-up, untimed
         for p in precisions:
             tokens[(s, p)] = systems[s][p].generate(args.tokens)[0]
-    for r in range(args.rounds):
-        log(f"round {r + 1}/{args.rounds}")
-        for p in precisions:
-            for s in (("ours", "genai") if r % 2 == 0 else ("genai", "ours")):
-                _, tps, ttft = systems[s][p].generate(args.tokens)
-                runs[(s, p)].append((tps, ttft))
+    load = start_load(args.load)
+    loadavg = [os.getloadavg()]
+    try:
+        for r in range(args.rounds):
+            log(f"round {r + 1}/{args.rounds}")
+            for p in precisions:
+                for s in (("ours", "genai") if r % 2 == 0 else ("genai", "ours")):
+                    _, tps, ttft = systems[s][p].generate(args.tokens)
+                    runs[(s, p)].append((tps, ttft))
+        loadavg.append(os.getloadavg())
+    finally:
+        stop_load(load)
 
     seqs = qa_sequences(ours["fp32"].rt)
     argmax = {(s, p): answer_argmax(systems[s][p], seqs) for s in systems for p in precisions}
@@ -275,7 +295,8 @@ def run(args) -> dict:
         "quality_positions": len(argmax[("ours", "fp32")]),
         "fp32_max_abs_logit_diff_ours_vs_genai": fp32_diff,
         "setup": {"prompt_tokens": len(prompt_ids), "new_tokens": args.tokens, "threads": args.threads,
-                  "rounds": args.rounds, "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+                  "rounds": args.rounds, "load": args.load,
+                  "loadavg_before_after": loadavg, "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
                   "onnxruntime_genai": onnxruntime_genai.__version__},
     }
 
@@ -284,7 +305,8 @@ def print_table(res: dict) -> None:
     s = res["setup"]
     print(f"decode of {s['new_tokens']} greedy tokens after a {s['prompt_tokens']}-token prompt, {s['threads']} threads, "
           f"median of {s['rounds']} rounds ({s['cpu_count']} cores; onnxruntime {s['onnxruntime']}, "
-          f"onnxruntime-genai {s['onnxruntime_genai']})")
+          f"onnxruntime-genai {s['onnxruntime_genai']}); {s['load']} busy processes, load average "
+          f"{s['loadavg_before_after'][0][0]:.2f} before and {s['loadavg_before_after'][-1][0]:.2f} after the rounds")
     print(f"{'weights':<8}{'ours tok/s':>11}{'genai tok/s':>12}{'ratio':>7}{'ours TTFT ms':>13}{'genai TTFT ms':>14}"
           f"{'same tokens':>12}")
     for p, r in res["rows"].items():
@@ -307,11 +329,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--load", type=int, default=0, help="Busy processes running during the timed rounds.")
     ap.add_argument("--work", default="~/.cache/inducekv-bench", help="Cache of built models.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if args.tokens < 2 or args.threads < 1 or args.rounds < 1:
-        ap.error("--tokens must be >= 2, --threads and --rounds >= 1")
+    if args.tokens < 2 or args.threads < 1 or args.rounds < 1 or args.load < 0:
+        ap.error("--tokens must be >= 2, --threads and --rounds >= 1, --load >= 0")
     try:
         res = run(args)
     except InduceKVError as e:
