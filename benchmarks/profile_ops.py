@@ -1,12 +1,13 @@
 """Where a bundle's prefill and decode steps spend their time, per op type (onnxruntime's profiler).
 
-    python benchmarks/profile_ops.py --bundle bundles/default/fp32 [--threads 2] [--runs 5] [--json]
+    python benchmarks/profile_ops.py --bundle bundles/default/fp32 [--threads 2] [--runs 5] [--past N] [--json]
 
 Opens the decoder as the runtime does (the ``cpu`` device profile, ``--threads`` intra-op
 threads) with ``SessionOptions.enable_profiling``, runs the chat prompt of
 ``benchmarks/decode.py`` (42 tokens with the default model) as a prefill ``--runs`` times after
 one untimed run, then as many single-token decode steps after it, and sums the profiler's
-per-node kernel times by op type. Times are per pass, in ms; "share" is of the summed kernel
+per-node kernel times by op type. ``--past N`` puts N random past KV slots before the prompt
+(as injected memory entries would). Times are per pass, in ms; "share" is of the summed kernel
 time (the rest of a pass's wall time is onnxruntime's own overhead between nodes).
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _feed(rt: Runtime, ids: list[int], cache: KVCache, pos: int) -> dict:
     return feed
 
 
-def profile(bundle: Path, threads: int, runs: int) -> dict:
+def profile(bundle: Path, threads: int, runs: int, past: int = 0) -> dict:
     rt = Runtime.open(bundle)
     ids = rt.encode_prompt(PROMPT)
     so = ort.SessionOptions()
@@ -54,17 +55,20 @@ def profile(bundle: Path, threads: int, runs: int) -> dict:
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ikv-prof-"), "decoder")
     sess = ort.InferenceSession(str(bundle / contract.DECODER_FILE), so, providers=["CPUExecutionProvider"])
     names = rt.decoder.out_names
-    empty = KVCache.empty(rt.manifest)
-    out = sess.run(names, _feed(rt, ids, empty, 0))                   # untimed first run
+    m, g = rt.manifest, np.random.default_rng(0)
+    shape = (1, m.num_kv_heads, past, m.head_dim)                                     # (1, H_kv, past, D)
+    empty = KVCache([g.standard_normal(shape, np.float32) for _ in range(m.num_layers)],
+                    [g.standard_normal(shape, np.float32) for _ in range(m.num_layers)])
+    out = sess.run(names, _feed(rt, ids, empty, past))                # untimed first run
     cache = KVCache(out[1::2], out[2::2])
     marks, walls = [], {"prefill": [], "decode": []}
     for _ in range(runs):
         marks.append(("prefill", time.perf_counter()))
-        sess.run(names, _feed(rt, ids, empty, 0))
+        sess.run(names, _feed(rt, ids, empty, past))
         walls["prefill"].append(time.perf_counter() - marks[-1][1])
     tok = int(np.argmax(out[0][0, -1]))
     for n in range(runs):
-        feed = _feed(rt, [tok], cache, len(ids) + n)
+        feed = _feed(rt, [tok], cache, past + len(ids) + n)
         t = time.perf_counter()
         out = sess.run(names, feed)
         walls["decode"].append(time.perf_counter() - t)
@@ -87,7 +91,7 @@ def profile(bundle: Path, threads: int, runs: int) -> dict:
             count[phase][op] += 1 / runs
             node = re.sub(r"^l\d+/", "l*/", e["name"][: -len("_kernel_time")])   # all layers together
             by_node[phase][f"{op} {node}"] += e["dur"] / 1e3 / runs
-    res = {"bundle": str(bundle), "prompt_tokens": len(ids), "threads": threads, "runs": runs,
+    res = {"bundle": str(bundle), "prompt_tokens": len(ids), "past": past, "threads": threads, "runs": runs,
            "onnxruntime": ort.__version__, "loadavg": os.getloadavg()}
     for phase in per:
         total = sum(per[phase].values())
@@ -103,15 +107,16 @@ def main() -> None:
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--past", type=int, default=0, help="Random past KV slots before the prompt.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if args.threads < 1 or args.runs < 1:
-        ap.error("--threads and --runs must be >= 1")
-    res = profile(Path(args.bundle), args.threads, args.runs)
+    if args.threads < 1 or args.runs < 1 or args.past < 0:
+        ap.error("--threads and --runs must be >= 1, --past >= 0")
+    res = profile(Path(args.bundle), args.threads, args.runs, args.past)
     if args.json:
         print(json.dumps(res))
         return
-    print(f"{res['bundle']}: {res['prompt_tokens']}-token prompt, {res['threads']} threads, {res['runs']} runs, "
+    print(f"{res['bundle']}: {res['prompt_tokens']}-token prompt after {res['past']} past slots, {res['threads']} threads, {res['runs']} runs, "
           f"onnxruntime {res['onnxruntime']}, load average {res['loadavg'][0]:.2f}")
     for phase in ("prefill", "decode"):
         r = res[phase]
