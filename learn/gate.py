@@ -29,7 +29,8 @@ from inducekv.learn.candidates import Candidate, Scorer, unpack
 from inducekv.learn.progress import steps
 
 QUERIES = 24      # leave-one-out queries per learn
-QUANTILE = 0.9    # of the harmful queries' margins (chosen on the dev splits, README "Do no harm")
+QUANTILE = 0.5    # of the harmful queries' margins; chosen on the dev splits of capitals and colours
+                  # (mean accuracy 0.333 at 0.5, 0.325 at 0.75 and 0.9, 0.358 ungated; README "Do no harm")
 MIN_HARMFUL = 3   # fewer harmful queries than this: no gate
 
 

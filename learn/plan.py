@@ -79,6 +79,7 @@ def task_name(path: Path, name: str | None) -> str:
 
 
 SPARSE_PAGE_TOKENS = 1
+SPARSE_ENTRY_TOKENS = 10
 
 
 def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tokens: int = MAX_ENTRY_TOKENS) -> Bank:
@@ -91,7 +92,7 @@ def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tok
         return Bank.open(bank_path, writable=True, fingerprint=m.fingerprint)
     if budget is None:
         raise BankError(f"{bank_path} does not exist; pass --budget (e.g. 16MiB) to create it")
-    return Bank.create_for(bank_path, budget, m, scheme=scheme, max_tokens=max_tokens, page_tokens=page_tokens(scheme))
+    return Bank.create_for(bank_path, budget, m, scheme=scheme, max_tokens=max_tokens, **bank_layout(scheme))
 
 
 def spool_for(bank: Bank) -> Spool:
@@ -101,6 +102,17 @@ def spool_for(bank: Bank) -> Spool:
         return Spool(str(Path(bank.path).parent))
     except OSError:
         return Spool()
+
+
+def bank_layout(scheme: str) -> dict:
+    """Page and slot sizing of a new bank for entries of ``scheme`` (``Bank.create_for``'s
+    ``page_tokens``, ``entry_tokens``: one slot per that many tokens of page space).
+    Per-layer compacted entries store half their tokens: a 64 MiB bank of the fact tasks
+    ran out of its 625 slots (16 tokens each) with a third of its pages free (63 KiB, about
+    10 one-token pages, per entry), so sparse banks get a slot per 10 tokens."""
+    if scheme in kvquant.SPARSE:
+        return {"page_tokens": SPARSE_PAGE_TOKENS, "entry_tokens": SPARSE_ENTRY_TOKENS}
+    return {"page_tokens": 4}
 
 
 def page_tokens(scheme: str) -> int:

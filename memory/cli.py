@@ -41,7 +41,7 @@ def _compact_line(rec, scheme: str) -> str:
 def info(bank, as_json):
     """Cap, bytes used/free, entries per task, bytes per entry, quantization."""
     from inducekv.memory.bank import Bank
-    from inducekv.memory.format import PENDING_KEY
+    from inducekv.memory.format import PENDING_KEY, RELEVANCE_KEY
 
     with fail_on_bad_input(), Bank.open(bank) as b:
         g, u = b.geo, b.usage()
@@ -53,6 +53,7 @@ def info(bank, as_json):
                "weighting": b.catalog.get("extra", {}).get("injection"),
                "compact": b.catalog.get("extra", {}).get("compact"),
                "learn_pending": b.catalog.get("extra", {}).get(PENDING_KEY),
+               "relevance": b.catalog.get("extra", {}).get(RELEVANCE_KEY) or {},
                **u, "tasks": b.tasks(), "entry_bytes_at_tokens": per_entry,
                "mean_entry_bytes": (u["bytes_used"] // u["entries"]) if u["entries"] else None}
         lines = [f"{b.path}: inducekv bank, generation {b.gen}",
@@ -64,6 +65,9 @@ def info(bank, as_json):
                  "  weighting  " + (f"softmax over retrieval scores, tau={obj['weighting']['tau']:g}"
                                     if obj["weighting"] and obj["weighting"].get("tau") else "none (entries unweighted)"),
                  "  compact    " + _compact_line(obj["compact"], g.scheme),
+                 "  gate       " + (", ".join(f"{t} >= {m:g}" for t, m in obj["relevance"].items())
+                                    + " (top-1 minus top-2 retrieval score a query needs for memory)"
+                                    if obj["relevance"] else "none (every query gets its entries)"),
                  f"  cap        {_mib(g.cap)} ({g.cap} B); file {g.file_bytes} B; format overhead {_mib(u['overhead_bytes'])}",
                  f"  used       {_mib(u['bytes_used'])} of {_mib(g.pages * g.page_bytes)} payload space; "
                  f"free {_mib(u['bytes_free'])}",

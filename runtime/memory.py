@@ -35,6 +35,7 @@ import numpy as np
 from inducekv.kernels import kvquant
 from inducekv.kernels.positions import layer_thetas, rerotate_
 from inducekv.memory.bank import Bank
+from inducekv.memory.format import RELEVANCE_KEY   # catalog extra: task -> the retrieval margin its entries need
 from inducekv.memory.index import open_index
 from inducekv.core.errors import InduceKVError
 from inducekv.runtime.session import KVCache, KeyEncoder, require_memory_support
@@ -77,7 +78,6 @@ def template_from(spec: dict | None) -> tuple[Template, str]:
 
 INJECTION_KEY = "injection"   # catalog extra: the fitted Injection (ikv-learn's calibration)
 MIN_WEIGHT = 1e-3             # weighted entries below this share of attention are not injected
-RELEVANCE_KEY = "relevance"   # catalog extra: task -> the retrieval margin its entries need to be injected
 
 
 def relevance_from(catalog: dict) -> dict[str, float]:

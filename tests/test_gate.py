@@ -6,7 +6,7 @@ import pytest
 
 from inducekv.core.errors import InduceKVError
 from inducekv.learn import absorb, read_examples
-from inducekv.learn.gate import fit_gate
+from inducekv.learn.gate import QUANTILE, fit_gate
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
 from inducekv.runtime.memory import RELEVANCE_KEY
@@ -77,7 +77,7 @@ def test_learn_fits_the_gate_from_harmful_leave_one_out_queries(rt, tmp_path):
             assert rep["harmful"] < 3
             assert "codes" not in b.catalog["extra"][RELEVANCE_KEY]
         else:
-            assert p.gate.margin == pytest.approx(np.quantile(rep["harmful_margins"], 0.9), abs=2e-5)
+            assert p.gate.margin == pytest.approx(np.quantile(rep["harmful_margins"], QUANTILE), abs=2e-5)
             assert b.catalog["extra"][RELEVANCE_KEY]["codes"] == p.gate.margin
         # the same fit, called directly, is deterministic for a seed
         cands = p.candidates

@@ -27,6 +27,7 @@ from inducekv.kernels import kvquant
 from inducekv import learn as L
 from inducekv.learn.compact import Compaction, compactor_for, new_bank_scheme, supports_perlayer
 from inducekv.learn.defaults import COMPACT_KEEP, RESERVE
+from inducekv.learn.plan import bank_layout
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Prepared, Result, Runtime
 from inducekv.runtime.memory import Layout, image_of, key_of, template_from
@@ -80,7 +81,7 @@ class BankMethod:
         if scheme is None:   # ikv-learn's default: the profile's bits, per-layer compacted where the bundle can
             scheme = new_bank_scheme(self.rt, kvquant.scheme_for_bits(self.rt.profile.kv_bits), None)
         Bank.create_for(path, cap, self.rt.manifest, scheme=scheme, force=True, max_tokens=192,
-                        page_tokens=L.page_tokens(scheme)).close()
+                        **bank_layout(scheme)).close()
         self.memory = None
 
     def learn(self, task, examples, candidates):
