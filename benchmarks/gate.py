@@ -1,0 +1,97 @@
+"""Do no harm: what a bank of made-up facts does to questions the bare model already answers.
+
+    python benchmarks/gate.py --bundle bundles/default/fp32 [--tasks capitals,inventors,planets,foods,colours]
+        [--budget 64MiB] [--questions examples/known_facts.jsonl] [--dev capitals,colours] [--seed 0] [--json]
+
+Learns the tasks' train files (``examples/tasks``) into one bank with ``ikv-learn``'s
+defaults (the relevance gate fitted per task), then asks each question file: without
+memory, with memory ungated (a copy of the bank without its gate) at k=1 and k=4, and
+gated (an entry is injected only when the query's top-1 minus top-2 retrieval score
+reaches the gate of the top-1 entry's task, ``learn/gate.py``). Question files:
+``--questions`` (real-world facts, not from any task file) and the dev splits
+``examples/tasks/dev/NAME.dev.jsonl`` (paraphrases of training facts). Reports accuracy,
+and for the real-world file also on the questions the bare model answers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from facts import TASKS  # noqa: E402
+from inducekv.core.cli import parse_bytes  # noqa: E402
+from inducekv.learn import learn_task  # noqa: E402
+from inducekv.memory.bank import Bank  # noqa: E402
+from inducekv.runtime.api import Runtime  # noqa: E402
+from inducekv.runtime.memory import RELEVANCE_KEY, relevance_from  # noqa: E402
+from inducekv.runtime.scoring import score  # noqa: E402
+from inducekv.runtime.tasks import load_task  # noqa: E402
+
+
+def ask(rt, mem, gates: dict, examples) -> dict:
+    rows = []
+    for e in examples:
+        found = mem.lookup(e.prompt, 2).found
+        margin = found[0][0]["score"] - found[1][0]["score"] if len(found) > 1 else float("inf")
+        opened = margin >= gates.get(found[0][0]["task"], 0.0) if found else False
+        right = lambda **kw: float(score(rt.generate(e.prompt, max_new_tokens=16, stop=["\n"], **kw).text,
+                                         e.answers)[0])
+        zero, k1, k4 = right(k=0, use_memory=False), right(k=1, memory=mem), right(k=4, memory=mem)
+        rows.append({"zero": zero, "k1": k1, "k4": k4, "gated_k1": k1 if opened else zero,
+                     "gated_k4": k4 if opened else zero, "open": float(opened), "margin": margin})
+    mean = lambda rs, k: float(np.mean([r[k] for r in rs])) if rs else None
+    keys = ("zero", "k1", "k4", "gated_k1", "gated_k4", "open")
+    out = {"n": len(rows), **{k: mean(rows, k) for k in keys}}
+    known = [r for r in rows if r["zero"] == 1.0]
+    out["known"] = {"n": len(known), **{k: mean(known, k) for k in keys}}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--tasks", default="capitals,inventors,planets,foods,colours")
+    ap.add_argument("--budget", default="64MiB")
+    ap.add_argument("--questions", default=str(HERE.parent / "examples" / "known_facts.jsonl"))
+    ap.add_argument("--dev", default="capitals,colours")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    rt = Runtime.open(args.bundle)
+    res = {"learn": {}, "questions": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        bank, ungated = Path(tmp) / "bank.ikv", Path(tmp) / "ungated.ikv"
+        for t in args.tasks.split(","):
+            r = learn_task(rt, bank, TASKS / f"{t}.train.jsonl", budget=parse_bytes(args.budget), seed=args.seed)
+            res["learn"][t] = {"added": r.added, "evicted": r.evicted, "gate": r.gate.get("margin")}
+            print(f"learned {t}: {r.added} added, {r.evicted} evicted, gate {r.gate.get('margin')}", file=sys.stderr)
+        shutil.copy(bank, ungated)
+        with Bank.open(ungated, writable=True) as b:
+            gates = relevance_from(b.catalog)
+            with b.transaction() as tx:
+                tx.drop_extra(RELEVANCE_KEY)
+        files = {"real-world": Path(args.questions)}
+        files.update({f"dev {d}": TASKS / "dev" / f"{d}.dev.jsonl" for d in args.dev.split(",") if d})
+        with rt.open_memory(ungated) as mem:
+            for name, path in files.items():
+                res["questions"][name] = ask(rt, mem, gates, load_task(path))
+                q = res["questions"][name]
+                print(f"{name}: n={q['n']} zero {q['zero']:.3f} | ungated k1 {q['k1']:.3f} k4 {q['k4']:.3f} | gated k1 "
+                      f"{q['gated_k1']:.3f} k4 {q['gated_k4']:.3f} (open {q['open']:.2f}); on the {q['known']['n']} the "
+                      f"bare model answers: ungated k1 {q['known']['k1'] or 0:.3f}, gated {q['known']['gated_k1'] or 0:.3f}",
+                      file=sys.stderr)
+    res["gates"] = gates
+    if args.json:
+        print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
