@@ -46,10 +46,13 @@ from inducekv.learn.select import STRATEGIES
                    f"{DEFAULT_KEEP} for a new bank).")
 @click.option("--slots", type=click.IntRange(1, 4096), default=None,
               help=f"Tokens kept per entry with --compact genv (default: the bank's; {DEFAULT_SLOTS} for a new bank).")
+@click.option("--gate/--no-gate", default=True, show_default=True,
+              help="Fit this task's relevance gate: a query whose top-1 entry of this task does not stand out "
+                   "from the top-2 (retrieval margin below the fitted one) is answered without memory.")
 @click.option("--dry-run", is_flag=True, help="Print the budget plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, keep,
+def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, keep, gate,
         slots, dry_run, quiet, as_json):
     """Learn the examples of --task into the bank --memory without changing the model.
 
@@ -69,7 +72,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         rt = Runtime.open(bundle, device=load_profile(device))
         res = learn_task(rt, memory, task_path, name=name, budget=budget, scheme=scheme, strategy=strategy, seed=seed,
                          n_anchors=n_anchors, reserve=reserve, compact=compact, slots=slots, keep=keep, dry_run=dry_run,
-                         progress=progress_enabled(quiet))
+                         gated=gate, progress=progress_enabled(quiet))
     out = {**res.as_dict(), "total_s": round(time.perf_counter() - t0, 2)}  # with the bundle's load
     if as_json:
         click.echo(json.dumps(out))

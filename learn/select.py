@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 COVER_POINTS = 1024   # keys coverage is measured on (a seeded sample above this): RAM O(n * 1024), not O(n^2)
-STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "random", "fifo", "all")
+STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "no-likelihood", "no-coverage", "random", "fifo", "all")
 # "all": keep every old entry, add new ones in order while they fit (no selection; for building test banks)
 
 
@@ -41,7 +41,8 @@ class Weights:
 
 def weights_for(strategy: str, base: Weights) -> Weights:
     return {"full": base, "likelihood": Weights(base.lik, 0.0, 0.0), "coverage": Weights(0.0, 0.0, base.cov or 1.0),
-            "no-anchors": Weights(base.lik, 0.0, base.cov)}.get(strategy, base)
+            "no-anchors": Weights(base.lik, 0.0, base.cov), "no-likelihood": Weights(0.0, base.ret, base.cov),
+            "no-coverage": Weights(base.lik, base.ret, 0.0)}.get(strategy, base)
 
 
 @dataclass

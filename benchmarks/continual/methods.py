@@ -75,8 +75,9 @@ class ZeroShot:
 
 class BankMethod:
     def __init__(self, name: str, bundle: str, path: Path, cap: int, strategy: str, scheme: str | None = None,
-                 reserve: float = RESERVE, seed: int = 0):
+                 reserve: float = RESERVE, seed: int = 0, gated: bool = True):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, strategy, reserve, seed
+        self.gated = gated
         self.rt = runtime(bundle)
         if scheme is None:   # ikv-learn's default: the profile's bits, per-layer compacted where the bundle can
             scheme = new_bank_scheme(self.rt, kvquant.scheme_for_bits(self.rt.profile.kv_bits), None)
@@ -97,7 +98,7 @@ class BankMethod:
                     tx.set_key_scales(kvquant.fit_key_scale(sample, g.scheme))
             candidates = repack(candidates, g, bank.key_scales())
             L.absorb(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed,
-                             reserve=self.reserve, candidates=candidates, n_anchors=N_ANCHORS)
+                             reserve=self.reserve, candidates=candidates, n_anchors=N_ANCHORS, gated=self.gated)
         self.memory = self.rt.open_memory(self.path)
 
     def answer(self, ex):

@@ -51,6 +51,10 @@ SEQUENCES = {
     "value": {"bundle": "text", "tasks": ["dup-inventors", "known-capitals", "verbose-planets", "noisy-colours"]},
 }
 BANK_METHODS = {"inducekv": "full", "random": "random", "fifo": "fifo"}
+ABLATIONS = {   # inducekv with one part of the selection or the gate removed (not run unless named)
+    "inducekv-no-likelihood": ("no-likelihood", True), "inducekv-no-coverage": ("no-coverage", True),
+    "inducekv-no-anchors": ("no-anchors", True), "inducekv-no-gate": ("full", False),
+}
 
 
 def text_task(name: str, n_train: int, n_test: int, seed: int):
@@ -133,6 +137,7 @@ def run_method(method, tasks: dict, cands: dict, log) -> dict:
 
 
 ALL_METHODS = ("unbounded-fp16", "inducekv", "random", "fifo", "prompt-retrieval", "lora")
+KNOWN_METHODS = ALL_METHODS + tuple(ABLATIONS)
 
 
 def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: int, seed: int, work: Path, log,
@@ -162,10 +167,11 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
     for cap in caps:
         log(f"[{seq}] cap {cap / 2 ** 20:g} MiB")
         per = {}
-        for name, strategy in BANK_METHODS.items():
+        bank_methods = {**{n: (s, True) for n, s in BANK_METHODS.items()}, **ABLATIONS}
+        for name, (strategy, gated) in bank_methods.items():
             if name in methods:
                 per[name] = run_method(M.BankMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, strategy,
-                                                    seed=seed), tasks, cands, log)
+                                                    seed=seed, gated=gated), tasks, cands, log)
         if "prompt-retrieval" in methods:
             per["prompt-retrieval"] = run_method(M.PromptRetrieval(bundle, cap, seed), tasks, cands, log)
         if "lora" in methods:
@@ -237,8 +243,8 @@ def main(argv=None):
                      f"(ikv-export {'default' if SEQUENCES[s]['bundle'] == 'text' else 'default-vlm'} -o ...)")
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
-        if m not in ALL_METHODS:
-            ap.error(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
+        if m not in KNOWN_METHODS:
+            ap.error(f"unknown method {m!r}; choose from {', '.join(KNOWN_METHODS)}")
     if "lora" in methods:
         try:
             import peft  # noqa: F401
