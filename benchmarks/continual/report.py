@@ -5,6 +5,11 @@ import json
 from pathlib import Path
 
 CAPPED = ("inducekv", "random", "fifo", "prompt-retrieval", "lora")
+
+
+def _ordered(per: dict) -> list[str]:
+    """The capped methods of one cap in table order: the main ones, then ablations as run."""
+    return [m for m in CAPPED if m in per] + [m for m in per if m not in CAPPED]
 ONCE = ("zero-shot", "unbounded-fp16")
 
 
@@ -44,14 +49,14 @@ def markdown(results: dict) -> str:
             lines.append(f"| {m} | {'-' if m == 'zero-shot' else 'unbounded'} | {v['final_avg']:.3f} | "
                          f"{v['avg_incremental']:.3f} | {v['forgetting']:.3f} | {v['bwt']:.3f} | {v['median_ttft_ms']:.0f} |")
         for cap, per in r["caps"].items():
-            for m in (m for m in CAPPED if m in per):
+            for m in _ordered(per):
                 v = per[m]
                 lines.append(f"| {m} | {_mib(cap)} | {v['final_avg']:.3f} | {v['avg_incremental']:.3f} | "
                              f"{v['forgetting']:.3f} | {v['bwt']:.3f} | {v['median_ttft_ms']:.0f} |")
         lines.append("")
         cap = list(r["caps"])[-1]
         lines += [f"Accuracy matrices at {_mib(cap)} (row: after learning task i; column: task j):", ""]
-        for m in (m for m in CAPPED if m in r["caps"][cap]):
+        for m in _ordered(r["caps"][cap]):
             lines.append(f"- {m}: " + " / ".join(" ".join("-" if a is None else f"{a:.2f}" for a in row)
                                                   for row in r["caps"][cap][m]["matrix"]))
         lines.append("")
@@ -68,9 +73,9 @@ def plots(results: dict, out: Path) -> list[str]:
     files = []
     for seq, r in results["sequences"].items():
         cap = list(r["caps"])[-1]
-        mats = [("zero-shot", r["zero-shot"])] + [(m, r["caps"][cap][m]) for m in CAPPED if m in r["caps"][cap]] + [(m, r[m]) for m in ONCE[1:] if m in r]
-        fig, axes = plt.subplots(1, len(mats), figsize=(3 * len(mats), 3.2))
-        for ax, (m, v) in zip(axes, mats):
+        mats = [("zero-shot", r["zero-shot"])] + [(m, r["caps"][cap][m]) for m in _ordered(r["caps"][cap])] + [(m, r[m]) for m in ONCE[1:] if m in r]
+        fig, axes = plt.subplots(1, len(mats), figsize=(3 * len(mats), 3.2), squeeze=False)
+        for ax, (m, v) in zip(axes[0], mats):
             a = np.array([[np.nan if x is None else x for x in row] for row in v["matrix"]])
             ax.imshow(a, vmin=0, vmax=1, cmap="viridis")
             ax.set_title(m if m in ONCE else f"{m}\n{_mib(cap)}", fontsize=9)
