@@ -118,8 +118,8 @@ def bank_layout(scheme: str) -> dict:
 def page_tokens(scheme: str) -> int:
     """Page size of a new bank: 1 token for per-layer compacted entries (their slot counts
     vary by one or two, so 4-token pages waste ~9% of them: 79.3 vs 72.5 KB mean on the
-    capitals task), else the bank's default 4."""
-    return SPARSE_PAGE_TOKENS if scheme in kvquant.SPARSE else 4
+    capitals task), else the bank's default 4 (``bank_layout``)."""
+    return bank_layout(scheme)["page_tokens"]
 
 
 def layout_spec(bank: Bank, template: str | None = None, policy: str | None = None) -> tuple[dict, bool]:
