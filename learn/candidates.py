@@ -7,6 +7,7 @@ A candidate is what the bank would store for one example, plus what selection ne
     key      (K,)       the frozen retrieval key of its prompt (and image)
     base     float      mean log p(answer | prompt) per answer token, no memory
     gain     float      the same with this entry in memory, minus ``base``
+    neighbours, neighbour_gains   held-out value: its answer's gain with other entries (``value.py``)
 
 Likelihoods come from the ONNX decoder (``Scorer``); no torch. With a ``Spool``, payloads
 go to a temporary file as they are made and are read back when needed (calibration, the
@@ -40,6 +41,9 @@ class Candidate:
     base: float = 0.0    # mean log p(answer | prompt) with no memory
     gain: float = 0.0    # ... with this entry in memory, minus base
     image: str | None = None  # the example's image file (image-bearing entries), absolute
+    neighbours: tuple = ()       # indices of its nearest other candidates (``learn.value``)
+    neighbour_gains: tuple = ()  # its answer's gain with each of them injected instead
+    value: float | None = None   # what selection credits it with (stored as its gain; None: ``gain``)
 
     def example(self) -> dict:
         """The example as anchors and ``example_hash`` record it."""

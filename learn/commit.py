@@ -90,7 +90,7 @@ def _add(tx, p) -> list[int]:
         added = tx.add(c.entry(p.task))
         if added is None:
             raise BankError("the selected entries did not fit; this is a bug in the byte accounting")
-        gains[str(added.entry_id)] = round(c.gain, 4)
+        gains[str(added.entry_id)] = round(c.gain if c.value is None else c.value, 4)
         ids.append(added.entry_id)
     tx.set_anchors(p.task, p.anchors)
     tx.set_extra(GAINS_KEY, gains)

@@ -4,7 +4,8 @@
 written); ``write(bank, plan)`` is phase 5 (``commit.py``); ``absorb`` does both.
 
 1. **encode** (``candidates.py``): every example becomes a candidate entry, with its
-   likelihood gain.
+   likelihood gain; then (``value.py``) each example is asked again with its nearest
+   other candidates injected, so selection sees what an entry does for other questions.
 2. **calibrate** (``calibrate.py``, outer level): the retrieval key map, kept only when
    held-out retrieval loss drops; then the injection weighting (the temperature of the
    softmax over the k retrieval scores), kept only when it beats unweighted injection.
@@ -35,6 +36,7 @@ from inducekv.kernels import kvquant
 from inducekv.learn.candidates import Candidate, Scorer, Spool, encode_candidates, fit_key_scales, unpack
 from inducekv.learn.progress import report
 from inducekv.learn.retain import retention
+from inducekv.learn.value import neighbour_gains, served
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Layout,
                                      template_from)
@@ -173,6 +175,11 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     cands = candidates if candidates is not None else encode_candidates(rt, g, layout, keys, examples, progress,
                                                                         key_scale, compactor, spool_for(bank))
     timings["encode_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    valued = strategy not in ("random", "fifo", "all") and sel.weights_for(strategy, weights).lik > 0
+    if valued and not all(c.neighbours for c in cands):
+        neighbour_gains(g, cands, scorer, key_scale, progress=progress)
+    timings["value_s"] = time.perf_counter() - t
 
     old = snap.entries
     stored = snap.catalog.get("extra", {}).get(GAINS_KEY, {})
@@ -214,6 +221,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         is_new=np.array([False] * n_old + [True] * len(cands)),
         age=np.array([max_id - e.entry_id + 1 for e in old] + [0] * len(cands), float),
         task=np.array([hash(e.task) for e in old] + [hash(task)] * len(cands), np.int64),
+        served=served(cands, offset=len(old)) if valued else None,
     )
     budget = int(g.pages * g.page_bytes * (1.0 - reserve))
     smallest = min(ent_bytes(c.tokens) for c in cands)
@@ -222,6 +230,10 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
                         f"(the smallest needs {smallest} bytes); create a bank with a larger --budget")
     chosen = {int(i) for i in sel.select(pool, budget, budget, strategy, weights, seed, max_items=g.slots)}
     add = [i - n_old for i in sorted(chosen) if i >= n_old]
+    if pool.served is not None:     # what each new entry is stored with: the queries it serves
+        for i, v in sel.credit(pool.served, chosen).items():
+            if i >= n_old:
+                cands[i - n_old].value = v
     evict = [old[i].slot for i in range(n_old) if i not in chosen]
     evicted_ids = {str(old[i].entry_id) for i in range(n_old) if i not in chosen}
     by_gain = sorted(add, key=lambda ci: -cands[ci].gain)  # anchors: the kept facts that help most

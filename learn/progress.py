@@ -6,7 +6,7 @@ Every step that loops over examples, queries or anchors iterates through ``steps
     progress=callback                   callback(stage, done, total) at 0 and after each item
     progress=None / False               silent
 
-Stages, in order: ``encode`` (one per example), ``calibrate`` and ``weighting`` (held-out
+Stages, in order: ``encode`` and ``value`` (one per example), ``calibrate`` and ``weighting`` (held-out
 queries), ``retain`` (old tasks' anchors), then ``select`` and ``write`` (0/1, then 1/1).
 A stage with nothing to do is not reported.
 """

@@ -8,7 +8,10 @@ set S (all terms are per entry, in nats of answer log-likelihood or in similarit
                                                     (of a seeded sample of COVER_POINTS keys in bigger pools)
 
 gain: the likelihood gain (new and stored old); retention: what anchors of old tasks
-that retrieve e gain from it. (g0: the pool's mean positive gain, so the terms are on
+that retrieve e gain from it. With ``Pool.served`` (``value.py``) a task's new candidates
+are valued by the held-out queries they serve instead of their own gains: the task's
+likelihood term is then the facility location sum_j w_j max_{i in S near j} G[j, i], so
+a duplicate adds nothing once its twin is kept (old entries keep their stored values). (g0: the pool's mean positive gain, so the terms are on
 comparable scales.) On the made-up fact tasks a plain sum of gains over-fills the task
 with the largest gains and forgets the others; the square root gives each task
 diminishing returns. Retention sits inside its task's square root, rescaled so that a
@@ -54,6 +57,7 @@ class Pool:
     is_new: np.ndarray     # (n,) bool
     age: np.ndarray        # (n,) larger = older (FIFO evicts the oldest first)
     task: np.ndarray | None = None  # (n,) int task label (None: one task)
+    served: tuple | None = None     # (query, server, gain, weight) arrays (``value.served``), pool indices
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -88,6 +92,21 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
     gain, ret = np.maximum(pool.gain, 0.0) / g0, pool.retention / g0
     total = {int(t): 0.0 for t in np.unique(task)}                            # sum of kept gains per task
 
+    fl = pool.served if pool.served is not None and w.lik > 0 else None
+    if fl is not None:          # servers of the facility location: their own gain is one of its terms
+        fq, fs, fg, fw = fl
+        gain = np.where(np.isin(np.arange(n), fs), 0.0, gain)
+        order = np.argsort(fs, kind="stable")
+        fq, fs, fg, fw = fq[order], fs[order], np.maximum(fg[order], 0.0) / g0 * w.lik, fw[order]
+        lo, hi = np.searchsorted(fs, np.arange(n)), np.searchsorted(fs, np.arange(n), side="right")
+        cur = np.zeros(n)                                                     # best served gain of each query
+
+    def served(i: int) -> float:
+        if fl is None or lo[i] == hi[i]:
+            return 0.0
+        q, g = fq[lo[i]:hi[i]], fg[lo[i]:hi[i]]
+        return float((fw[lo[i]:hi[i]] * np.maximum(g - cur[q], 0.0)).sum())
+
     use = w.lik * gain + w.ret * np.maximum(ret, 0.0)                         # (n,) what i adds to its task
     for t in np.unique(task):   # retention ranks a task's entries; the task's share follows its gains alone
         m = task == t
@@ -97,7 +116,7 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
     def value(i: int) -> float:
         t = int(task[i])
         cov = float(np.maximum(sim[i] - best, 0).sum()) / len(points)
-        return np.sqrt(total[t] + use[i]) - np.sqrt(total[t]) + w.cov * cov
+        return np.sqrt(total[t] + use[i] + served(i)) - np.sqrt(total[t]) + w.cov * cov
 
     chosen, used, used_new = [], 0, 0
     alive = np.ones(n, bool)
@@ -119,7 +138,9 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
             used += int(pool.nbytes[i])
             used_new += int(pool.nbytes[i]) if pool.is_new[i] else 0
             best = np.maximum(best, sim[i])
-            total[int(task[i])] += use[i]
+            total[int(task[i])] += use[i] + served(i)
+            if fl is not None:
+                cur[fq[lo[i]:hi[i]]] = np.maximum(cur[fq[lo[i]:hi[i]]], fg[lo[i]:hi[i]])
     return np.array(sorted(chosen), dtype=np.int64)
 
 
@@ -134,3 +155,18 @@ def _fill(order: np.ndarray, pool: Pool, budget: int, new_budget: int, cap: int)
             used += b
             used_new += b if pool.is_new[i] else 0
     return np.array(sorted(chosen), dtype=np.int64)
+
+
+def credit(served: tuple, chosen) -> dict[int, float]:
+    """What each chosen server earns in the facility location: the weighted gains of the
+    queries it serves best among ``chosen`` (pool indices -> nats; the value a learn stores)."""
+    fq, fs, fg, fw = served
+    keep = np.isin(fs, np.asarray(list(chosen), np.int64))
+    best: dict[int, tuple[float, int, float]] = {}
+    for q, s, g, w in zip(fq[keep], fs[keep], fg[keep], fw[keep]):
+        if int(q) not in best or g > best[int(q)][0]:
+            best[int(q)] = (float(g), int(s), float(w))
+    out = {int(i): 0.0 for i in chosen}
+    for g, s, w in best.values():
+        out[s] += w * max(g, 0.0)
+    return out

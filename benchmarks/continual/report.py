@@ -17,6 +17,15 @@ def _mib(cap) -> str:
     return f"{int(cap) / 2 ** 20:.3g} MiB"
 
 
+def _known(run: dict, zero: dict) -> str:
+    """Do no harm: final accuracy on the test questions the bare model answers, and how
+    many there are ("-": none, or results from before per-question hits were kept)."""
+    pairs = [(h, z) for t, zs in zero.get("final_hits", {}).items()
+             for h, z in zip(run.get("final_hits", {}).get(t, []), zs)]
+    known = [h for h, z in pairs if z]
+    return f"{sum(known) / len(known):.2f} ({len(known)})" if known else "-"
+
+
 def summary(results: dict) -> dict:
     """Per sequence and method (capped methods per cap): final avg, forgetting, median TTFT."""
     out = {"seed": results["seed"], "quick": results["quick"], "wall_s": round(results["wall_s"], 1), "sequences": {}}
@@ -42,17 +51,21 @@ def markdown(results: dict) -> str:
              "just-learned accuracy.", ""]
     for seq, r in results["sequences"].items():
         lines += [f"## {seq}: {', '.join(r['tasks'])} ({r['n_train']} train / {r['n_test']} test per task)", "",
-                  "| method | cap | final avg acc | avg incremental | forgetting | BWT | median TTFT ms |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | cap | final avg acc | known | avg incremental | forgetting | BWT | median TTFT ms |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m in (m for m in ONCE if m in r):
             v = r[m]
             lines.append(f"| {m} | {'-' if m == 'zero-shot' else 'unbounded'} | {v['final_avg']:.3f} | "
+                         f"{_known(v, r['zero-shot'])} | "
                          f"{v['avg_incremental']:.3f} | {v['forgetting']:.3f} | {v['bwt']:.3f} | {v['median_ttft_ms']:.0f} |")
         for cap, per in r["caps"].items():
             for m in _ordered(per):
                 v = per[m]
-                lines.append(f"| {m} | {_mib(cap)} | {v['final_avg']:.3f} | {v['avg_incremental']:.3f} | "
+                lines.append(f"| {m} | {_mib(cap)} | {v['final_avg']:.3f} | {_known(v, r['zero-shot'])} | "
+                             f"{v['avg_incremental']:.3f} | "
                              f"{v['forgetting']:.3f} | {v['bwt']:.3f} | {v['median_ttft_ms']:.0f} |")
+        lines += ["", "Known: final accuracy on the test questions the bare model answers (zero-shot right); "
+                  "do no harm means ~1.00 there."]
         lines.append("")
         cap = list(r["caps"])[-1]
         lines += [f"Accuracy matrices at {_mib(cap)} (row: after learning task i; column: task j):", ""]

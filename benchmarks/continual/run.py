@@ -90,12 +90,14 @@ def value_task(name: str, n_train: int, n_test: int, seed: int, work: Path):
     return load_task(out / f"{name}.train.jsonl"), load_task(out / f"{name}.test.jsonl")
 
 
-def evaluate(method, test) -> tuple[float, list[float]]:
+def evaluate(method, test) -> tuple[float, list[float], list[bool]]:
+    """(accuracy, TTFTs, each question right or not)."""
     if hasattr(method, "answer_all"):    # LoRA: batched in torch; TTFT = the zero-shot model's
         texts, ttfts = method.answer_all(test), [method.ttft(ex) for ex in test]
     else:
         texts, ttfts = zip(*(method.answer(ex) for ex in test))
-    return float(np.mean([score(t, ex.answers)[0] for t, ex in zip(texts, test)])), list(ttfts)
+    hits = [bool(score(t, ex.answers)[0]) for t, ex in zip(texts, test)]
+    return float(np.mean(hits)), list(ttfts), hits
 
 
 def metrics(matrix: list[list[float | None]]) -> dict:
@@ -113,7 +115,7 @@ def metrics(matrix: list[list[float | None]]) -> dict:
 
 def run_method(method, tasks: dict, cands: dict, log) -> dict:
     names = list(tasks)
-    matrix, ttfts, learn_s, eval_s = [], [], [], 0.0
+    matrix, ttfts, learn_s, eval_s, final_hits = [], [], [], 0.0, {}
     for i, n in enumerate(names):
         t = time.perf_counter()
         method.learn(n, tasks[n][0], cands[n])
@@ -124,16 +126,18 @@ def run_method(method, tasks: dict, cands: dict, log) -> dict:
                 row.append(None)
                 continue
             t = time.perf_counter()
-            acc, tt = evaluate(method, tasks[names[j]][1])
+            acc, tt, hits = evaluate(method, tasks[names[j]][1])
             eval_s += time.perf_counter() - t
             row.append(acc)
+            if i == len(names) - 1:
+                final_hits[names[j]] = hits
             ttfts += tt
         matrix.append(row)
         held = method.entries() if hasattr(method, "entries") else {}
         log(f"  {method.name:>16} after {n:<16} " + " ".join("  -  " if a is None else f"{a:.2f} " for a in row)
             + (f"  kept {held}" if held else ""))
     return {"matrix": matrix, **metrics(matrix), "median_ttft_ms": statistics.median(ttfts),
-            "learn_s": learn_s, "eval_s": eval_s}
+            "learn_s": learn_s, "eval_s": eval_s, "final_hits": final_hits}
 
 
 ALL_METHODS = ("unbounded-fp16", "inducekv", "random", "fifo", "prompt-retrieval", "lora")

@@ -1,0 +1,68 @@
+"""Phase 1b of a learn: what an entry is worth to *other* questions (held-out value).
+
+An entry's gain on its own prompt says little about use: a served question is phrased
+differently, and a second statement of a fact is worth nothing once the first is kept.
+So each example is also asked as a held-out query, with each of its ``NEIGHBOURS``
+nearest other candidates (the entries the index would retrieve for it, its own left out)
+injected instead of its own::
+
+    G[j, j]    gain of example j's answer with its own entry (``Candidate.gain``)
+    G[j, i]    ... with candidate i instead, for i in j's NEIGHBOURS nearest keys
+
+A neighbour i with G[j, i] >= TWIN * G[j, j] answers j's question about as well as j's
+own entry does: a duplicate. Selection (``select.py``) then values a set S of entries by
+the queries it serves, a facility location::
+
+    value(S) = sum_j w_j * max(0, max_{i in S, i = j or i in N(j)} G[j, i])
+    w_j      = 1 / (1 + number of j's twins)        each fact counted about once
+
+so a duplicate adds nothing once its twin is kept, an example the model already answers
+adds ~0 (its gains are ~0), and a shorter entry that serves as well costs fewer bytes.
+(The weights estimate how many statements a fact has from the NEIGHBOURS nearest only:
+a fact stated 5 times counts ~5/3, not 5.)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from inducekv.learn.calibrate import cosine
+from inducekv.learn.candidates import Candidate, Scorer, unpack
+from inducekv.learn.progress import steps
+
+NEIGHBOURS = 2    # held-out neighbours each example is asked with
+TWIN = 0.5        # a neighbour serving j at least this share of j's own gain is j's twin
+
+
+def neighbour_gains(geo, cands: list[Candidate], scorer: Scorer, key_scale=None, n: int = NEIGHBOURS,
+                    progress=False) -> None:
+    """Set each candidate's ``neighbours`` (indices into ``cands``) and ``neighbour_gains``
+    (G[j, i] for each) in place. Costs ``n`` scorings per candidate."""
+    if len(cands) < 2 or n <= 0:
+        for c in cands:
+            c.neighbours, c.neighbour_gains = (), ()
+        return
+    keys = np.stack([c.key for c in cands])                                   # (N, K)
+    for j in steps(range(len(cands)), "value", "ex", progress):
+        c = cands[j]
+        s = cosine(c.key, keys)
+        s[j] = -np.inf                                                        # its own entry left out
+        near = [int(i) for i in np.argsort(-s)[:min(n, len(cands) - 1)]]
+        image = scorer.rt.encode_image(c.image) if c.image else None
+        gains = [scorer.logp(c.prompt, c.answer, [unpack(geo, cands[i].payload, cands[i].tokens, key_scale)], image)
+                 - c.base for i in near]
+        c.neighbours, c.neighbour_gains = tuple(near), tuple(float(g) for g in gains)
+
+
+def served(cands: list[Candidate], offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The facility-location terms of a task's candidates, as parallel arrays
+    (query, server, gain, weight), indices shifted by ``offset`` (the candidates' place in
+    the selection pool). Candidates without neighbour gains serve their own query only."""
+    q, s, g, w = [], [], [], []
+    for j, c in enumerate(cands):
+        near = getattr(c, "neighbours", ()) or ()
+        gains = getattr(c, "neighbour_gains", ()) or ()
+        twins = sum(1 for x in gains if c.gain > 0 and x >= TWIN * c.gain)
+        wj = 1.0 / (1 + twins)
+        for i, x in [(j, c.gain), *zip(near, gains)]:
+            q.append(offset + j), s.append(offset + i), g.append(x), w.append(wj)
+    return (np.array(q, np.int64), np.array(s, np.int64), np.array(g, np.float64), np.array(w, np.float64))
