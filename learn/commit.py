@@ -5,11 +5,11 @@ commits, the old state (which a kill must leave intact) still owns the pages of 
 entries it evicts. So when the new entries need more than is free, the write is two
 commits::
 
-    commit 1 (evict):  remove the evicted entries and their gains; mark the bank
+    commit 1 (evict):  remove the evicted entries, their gains and twin groups; mark the bank
                        ``learn_pending = {task, evicted, adding}``; store layout and
                        shared key scales if the plan brings them
-    commit 2 (add):    the new entries, the task's anchors, gains, calibration,
-                       weighting, relevance gate; clear ``learn_pending``
+    commit 2 (add):    the new entries, the task's anchors, gains, twin groups,
+                       calibration, weighting, relevance gate; clear ``learn_pending``
 
 and a kill leaves the bank in one of three states, each of which verifies:
 
@@ -31,7 +31,7 @@ from inducekv.core.errors import BankError
 from inducekv.learn.compact import COMPACT_KEY
 from inducekv.learn.defaults import GAINS_KEY
 from inducekv.memory.bank import Bank
-from inducekv.memory.format import PENDING_KEY
+from inducekv.memory.format import PENDING_KEY, TWINS_KEY
 from inducekv.runtime.memory import INJECTION_KEY, RELEVANCE_KEY, Injection, relevance_from
 
 
@@ -61,6 +61,7 @@ def write(bank: Bank, p) -> list[int]:
             for s in p.evict:
                 tx.remove(s)
             tx.set_extra(GAINS_KEY, dict(p.gains))
+            tx.set_extra(TWINS_KEY, dict(p.twins))
             tx.set_extra(PENDING_KEY, {"task": p.task, "evicted": len(p.evict), "adding": len(p.add)})
     with bank.transaction() as tx:
         if not phased:
@@ -94,6 +95,7 @@ def _add(tx, p) -> list[int]:
         ids.append(added.entry_id)
     tx.set_anchors(p.task, p.anchors)
     tx.set_extra(GAINS_KEY, gains)
+    tx.set_extra(TWINS_KEY, {**p.twins, **_new_twins(p, ids)})
     if p.calibration.accepted:
         tx.set_calibration(*p.calibration.arrays)
     if p.injection.accepted:
@@ -109,3 +111,14 @@ def pending(bank: Bank) -> dict | None:
     """The interrupted learn a bank was left in the middle of (``{task, evicted, adding}``), or None."""
     got = (bank.catalog.get("extra") or {}).get(PENDING_KEY)
     return got if isinstance(got, dict) else None
+
+
+def _new_twins(p, ids: list[int]) -> dict[str, int]:
+    """Entry id -> twin group (its group's lowest new entry id) for the new entries that have
+    a twin among them (``learn.value.twin_groups``)."""
+    if p.twin_group is None:
+        return {}
+    members: dict[int, list[int]] = {}
+    for ci, eid in zip(p.add, ids):
+        members.setdefault(p.twin_group[ci], []).append(eid)
+    return {str(e): min(m) for m in members.values() if len(m) > 1 for e in m}

@@ -13,7 +13,9 @@ The fit uses the only such questions a learn has: leave-one-out. Each sampled ex
 asked with its own entry left out of the pool (old entries + the task's candidates):
 its top-1 is then some other entry, and injecting it either raises the answer's
 likelihood (a neighbour with the same answer: a colour task) or lowers it (another
-fact). The gate's margin for the task is the ``QUANTILE`` of the margins of the harmful
+fact). (A margin is measured to the best entry that is not the top one's twin: two
+statements of one fact are not a near-tie.) The gate's margin for the task is the
+``QUANTILE`` of the margins of the harmful
 ones (none harmful: no gate). At inference, a query whose top-1 entry belongs to the
 task is answered with memory only when its margin reaches the gate; otherwise without
 memory, as the bare model would (``runtime.memory.Memory``).
@@ -27,6 +29,7 @@ import numpy as np
 from inducekv.learn.calibrate import cosine
 from inducekv.learn.candidates import Candidate, Scorer, unpack
 from inducekv.learn.progress import steps
+from inducekv.runtime.memory import TWIN_LOOK, gate_margin
 
 QUERIES = 24      # leave-one-out queries per learn
 QUANTILE = 0.5    # of the harmful queries' margins; chosen on the dev splits of capitals and colours
@@ -45,8 +48,11 @@ class GateFit:
 
 
 def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng, query_map,
-             progress=False, key_scale=None, n_queries: int = QUERIES, quantile: float = QUANTILE) -> GateFit:
-    """Leave-one-out margins and answer-likelihood gains of ``n_queries`` of the task's examples."""
+             progress=False, key_scale=None, n_queries: int = QUERIES, quantile: float = QUANTILE,
+             twins: dict[int, int] | None = None) -> GateFit:
+    """Leave-one-out margins and answer-likelihood gains of ``n_queries`` of the task's examples.
+    ``twins``: pool index (old entries, then candidates) -> twin group; margins skip the top
+    entry's twins as the runtime's do (``gate_margin``)."""
     pool = np.concatenate([old_keys, np.stack([c.key for c in cands])]) if cands else old_keys
     if len(pool) < 3:
         return GateFit(None, {"reason": "too few entries"})
@@ -56,13 +62,13 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
         c = cands[int(i)]
         s = cosine(query_map(c.key), pool)                   # the index's scores
         s[n_old + int(i)] = -np.inf                          # its own entry left out
-        top2 = np.argsort(-s)[:2]
-        j = int(top2[0])
+        order = np.argsort(-s)[:len(s) - 1]                  # (its own entry is last)
+        j = int(order[0])
         kv = unpack(geo, cands[j - n_old].payload, cands[j - n_old].tokens, key_scale) if j >= n_old else old_kv(j)
         if kv is None:
             continue
         image = scorer.rt.encode_image(c.image) if c.image else None
-        margins.append(float(s[top2[0]] - s[top2[1]]))
+        margins.append(gate_margin(order[:2 + TWIN_LOOK], s[order[:2 + TWIN_LOOK]], twins or {}))
         gains.append(scorer.logp(c.prompt, c.answer, [kv], image) - c.base)
     margins, gains = np.array(margins), np.array(gains)
     harmful = margins[gains < 0]

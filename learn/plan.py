@@ -36,10 +36,10 @@ from inducekv.kernels import kvquant
 from inducekv.learn.candidates import Candidate, Scorer, Spool, encode_candidates, fit_key_scales, unpack
 from inducekv.learn.progress import report
 from inducekv.learn.retain import retention
-from inducekv.learn.value import neighbour_gains, served
+from inducekv.learn.value import neighbour_gains, served, twin_groups
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Layout,
-                                     template_from)
+                                     template_from, twins_from)
 from inducekv.runtime.session import require_memory_support
 from inducekv.runtime.tasks import iter_task
 
@@ -67,6 +67,8 @@ class Plan:
     compaction: Compaction = Compaction()    # how the new entries were compacted (``learn.compact``)
     store_compaction: bool = False           # the bank's record of it changes
     commits: int = 0                         # commits ``write`` made (2: evictions first; 0: not written)
+    twins: dict = field(default_factory=dict)  # entry id -> twin group, for the kept old entries
+    twin_group: list | None = None           # candidate -> its twin group's first candidate (``value.py``)
 
 
 def read_examples(path, require_answer: bool = True) -> list:
@@ -183,6 +185,10 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
 
     old = snap.entries
     stored = snap.catalog.get("extra", {}).get(GAINS_KEY, {})
+    old_twins = twins_from(snap.catalog)
+    group = twin_groups(cands) if valued else np.arange(len(cands))
+    pool_twins = {**{i: old_twins[e.entry_id] for i, e in enumerate(old) if e.entry_id in old_twins},
+                  **{len(old) + j: -1 - (len(old) + int(r)) for j, r in enumerate(group)}}   # (gate_margin's labels)
 
     def old_kv(j: int):
         got = bank.read_payload(old[j].slot, old[j].entry_id)
@@ -197,8 +203,8 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         calib = calibrate(bank, cands, snap.keys, old_kv, scorer, rng, progress, key_scale)
         inject = fit_injection(bank, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress=progress,
                                key_scale=key_scale)
-        gate = (fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale)
-                if gated else GateFit(None, {"reason": "gate off"}))
+        gate = (fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
+                         twins=pool_twins) if gated else GateFit(None, {"reason": "gate off"}))
     timings["calibrate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -241,6 +247,8 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     p = Plan(task=task, keep_old=[old[i].slot for i in range(n_old) if i in chosen], evict=evict, add=add,
              candidates=cands, anchors=[cands[i].example() for i in picks],
              gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib, injection=inject,
+             twins={str(e): t for e, t in old_twins.items() if str(e) not in evicted_ids},
+             twin_group=[int(r) for r in group] if valued else None,
              gate=gate,
              template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
              bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings,

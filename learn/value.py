@@ -18,12 +18,17 @@ the queries it serves, a facility location::
 
 so a duplicate adds nothing once its twin is kept, an example the model already answers
 adds ~0 (its gains are ~0), and a shorter entry that serves as well costs fewer bytes.
+Twins that are both kept form a *twin group* (``twin_groups``; stored in the catalog):
+the relevance gate measures how far a top entry stands out from the best entry that is
+not its twin, so two statements of one fact do not close it (``runtime.memory.gate_margin``).
 (The weights estimate how many statements a fact has from the NEIGHBOURS nearest only:
 a fact stated 5 times counts ~5/3, not 5.)
 """
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from inducekv.learn.calibrate import cosine
 from inducekv.learn.candidates import Candidate, Scorer, unpack
@@ -66,3 +71,20 @@ def served(cands: list[Candidate], offset: int = 0) -> tuple[np.ndarray, np.ndar
         for i, x in [(j, c.gain), *zip(near, gains)]:
             q.append(offset + j), s.append(offset + i), g.append(x), w.append(wj)
     return (np.array(q, np.int64), np.array(s, np.int64), np.array(g, np.float64), np.array(w, np.float64))
+
+
+def twin_groups(cands: list[Candidate]) -> np.ndarray:
+    """(N,) each candidate's twin group: the lowest index among the candidates linked to it
+    by twin pairs (j, i): G[j, i] >= TWIN * G[j, j] > 0, either way round."""
+    n = len(cands)
+    pairs = [(j, i) for j, c in enumerate(cands) if c.gain > 0
+             for i, x in zip(getattr(c, "neighbours", ()) or (), getattr(c, "neighbour_gains", ()) or ())
+             if x >= TWIN * c.gain]
+    if not pairs:
+        return np.arange(n)
+    rows, cols = np.array(pairs).T
+    _, label = connected_components(coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(n, n)), directed=False)
+    first = {}
+    for i, g in enumerate(label):
+        first.setdefault(int(g), i)
+    return np.array([first[int(g)] for g in label])

@@ -41,7 +41,7 @@ def _compact_line(rec, scheme: str) -> str:
 def info(bank, as_json):
     """Cap, bytes used/free, entries per task, bytes per entry, quantization."""
     from inducekv.memory.bank import Bank
-    from inducekv.memory.format import PENDING_KEY, RELEVANCE_KEY
+    from inducekv.memory.format import PENDING_KEY, RELEVANCE_KEY, TWINS_KEY
 
     with fail_on_bad_input(), Bank.open(bank) as b:
         g, u = b.geo, b.usage()
@@ -54,6 +54,7 @@ def info(bank, as_json):
                "compact": b.catalog.get("extra", {}).get("compact"),
                "learn_pending": b.catalog.get("extra", {}).get(PENDING_KEY),
                "relevance": b.catalog.get("extra", {}).get(RELEVANCE_KEY) or {},
+               "twins": b.catalog.get("extra", {}).get(TWINS_KEY) or {},
                **u, "tasks": b.tasks(), "entry_bytes_at_tokens": per_entry,
                "mean_entry_bytes": (u["bytes_used"] // u["entries"]) if u["entries"] else None}
         lines = [f"{b.path}: inducekv bank, generation {b.gen}",
@@ -66,8 +67,11 @@ def info(bank, as_json):
                                     if obj["weighting"] and obj["weighting"].get("tau") else "none (entries unweighted)"),
                  "  compact    " + _compact_line(obj["compact"], g.scheme),
                  "  gate       " + (", ".join(f"{t} >= {m:g}" for t, m in obj["relevance"].items())
-                                    + " (top-1 minus top-2 retrieval score a query needs for memory)"
+                                    + " (how far the top-1 retrieval score must stand out from the best"
+                                    " entry that is not its twin)"
                                     if obj["relevance"] else "none (every query gets its entries)"),
+                 "  twins      " + (f"{len(obj['twins'])} entries in {len(set(obj['twins'].values()))} groups "
+                                    "(statements that answer each other's questions)" if obj["twins"] else "none"),
                  f"  cap        {_mib(g.cap)} ({g.cap} B); file {g.file_bytes} B; format overhead {_mib(u['overhead_bytes'])}",
                  f"  used       {_mib(u['bytes_used'])} of {_mib(g.pages * g.page_bytes)} payload space; "
                  f"free {_mib(u['bytes_free'])}",

@@ -34,6 +34,8 @@ MAX_HEADER_BYTES = 1 << 20  # a real header is < 2 KB; refuse anything larger
 KEY_SPACES = ("cosine", "ip", "l2")
 PENDING_KEY = "learn_pending"  # catalog extra: a learn committed its evictions, not yet its entries (learn/commit.py)
 RELEVANCE_KEY = "relevance"    # catalog extra: task -> the retrieval margin its entries need (learn/gate.py)
+TWINS_KEY = "twins"            # catalog extra: entry id -> its twin group, entries that answer each other's
+                               # questions (learn/value.py); the relevance margin skips a top entry's twins
 SECTIONS = ("superblock", "calibration", "scales", "catalog", "records", "pages")
 
 # Limits that bound every allocation a hostile header could ask for.

@@ -36,6 +36,7 @@ from inducekv.kernels import kvquant
 from inducekv.kernels.positions import layer_thetas, rerotate_
 from inducekv.memory.bank import Bank
 from inducekv.memory.format import RELEVANCE_KEY   # catalog extra: task -> the retrieval margin its entries need
+from inducekv.memory.format import TWINS_KEY       # catalog extra: entry id -> twin group
 from inducekv.memory.index import open_index
 from inducekv.core.errors import InduceKVError
 from inducekv.runtime.session import KVCache, KeyEncoder, require_memory_support
@@ -89,6 +90,30 @@ def relevance_from(catalog: dict) -> dict[str, float]:
                                             for v in raw.values()):
         raise InduceKVError("the bank's relevance gate is malformed; relearn a task to refit it")
     return {str(k): float(v) for k, v in raw.items()}
+
+
+def twins_from(catalog: dict) -> dict[int, int]:
+    """Entry id -> twin group (entries a learn found to answer each other's questions:
+    duplicates of one fact); an entry not listed is a group of its own."""
+    raw = (catalog.get("extra") or {}).get(TWINS_KEY) or {}
+    try:
+        out = {int(k): int(v) for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise InduceKVError("the bank's twin groups are malformed; relearn a task to refit them") from None
+    return out
+
+
+TWIN_LOOK = 8   # entries past the top-1 searched for the first one that is not its twin (the gate's margin)
+
+
+def gate_margin(ids, scores, twins: dict[int, int]) -> float:
+    """How far the top-1 entry stands out: its score minus that of the best entry that is
+    not its twin (no such entry among those searched: minus the last one's)."""
+    group = lambda e: twins.get(int(e), -1 - int(e))
+    for e, s in zip(ids[1:], scores[1:]):
+        if group(e) != group(ids[0]):
+            return float(scores[0] - s)
+    return float(scores[0] - scores[-1])
 
 
 @dataclass(frozen=True)
@@ -350,14 +375,16 @@ class Memory:
 
     def _search(self, q: np.ndarray, k: int, margin: float | None) -> tuple[list[tuple[dict, bytes]], int]:
         """Search with the calibrated query key and read the payloads, unless the relevance gate
-        closes (the top-1 entry does not stand out enough from the top-2: then nothing); returns
+        closes (the top-1 entry does not stand out enough from the best entry that is not its
+        twin, ``gate_margin``: then nothing); returns
         the entries and how many the gate left out (the caller holds the lock)."""
-        ids, scores = self.index.search(q, max(k, 2))
         floor = relevance_from(self.bank.catalog)
+        twins = twins_from(self.bank.catalog) if floor else {}
+        ids, scores = self.index.search(q, max(k, 2) + (TWIN_LOOK if twins else 0))
         slot_of = self.bank.slot_of()
         if floor and len(ids) >= 2 and ids[0] in slot_of:
             need = floor.get(self.bank.entry(slot_of[int(ids[0])]).task, 0.0)
-            if scores[0] - scores[1] < need:
+            if gate_margin(ids, scores, twins) < need:
                 return [], min(k, len(ids))
         ids, scores = ids[:k], scores[:k]
         if margin is not None and len(scores):

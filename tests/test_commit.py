@@ -20,7 +20,7 @@ CAP = 80_000     # 62 pages of 576 B: two groups of 5-page entries, not three
 
 class _Cand:
     def __init__(self, seed: int):
-        self.seed, self.tokens, self.gain = seed, TOKENS, 0.5
+        self.seed, self.tokens, self.gain, self.value = seed, TOKENS, 0.5, None
 
     def entry(self, task: str):
         return entry(self.seed, self.tokens, task)
@@ -35,7 +35,7 @@ def _plan(bank: Bank, g: int):
     old = [e for e in bank.entries() if seed_of(e.example_hash) // 1000 == g - 2]
     return SimpleNamespace(
         task=f"t{g}", bank_gen=bank.gen, candidates=[_Cand(s) for s in _group(g)], add=list(range(N)),
-        evict=[e.slot for e in old], gains={}, template=None, key_scales=None, store_compaction=False,
+        evict=[e.slot for e in old], gains={}, twins={}, twin_group=None, template=None, key_scales=None, store_compaction=False,
         anchors=[{"prompt": f"q{g}", "answer": f"a{g}"}], timings={}, commits=0,
         calibration=SimpleNamespace(accepted=False), injection=SimpleNamespace(accepted=False),
         gate=SimpleNamespace(margin=None))

@@ -88,3 +88,22 @@ def test_learn_fits_the_gate_from_harmful_leave_one_out_queries(rt, tmp_path):
         fits = [fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, scorer,
                          np.random.default_rng(3), lambda x: x) for _ in range(2)]
         assert fits[0].as_dict() == fits[1].as_dict()
+
+
+def test_the_margin_skips_the_top_entrys_twins(rt, bank_path):
+    from inducekv.runtime.memory import TWINS_KEY, gate_margin
+    assert gate_margin(np.array([5, 6, 7]), np.array([0.9, 0.89, 0.5]), {}) == pytest.approx(0.01)
+    assert gate_margin(np.array([5, 6, 7]), np.array([0.9, 0.89, 0.5]), {5: 5, 6: 5}) == pytest.approx(0.4)
+    assert gate_margin(np.array([5, 6]), np.array([0.9, 0.8]), {5: 1, 6: 1}) == pytest.approx(0.1)  # all twins
+    with rt.open_memory(bank_path) as mem:
+        look = [(info["id"], info["score"]) for info, _ in mem.lookup(QUERY, 3).found]
+    (top, s0), (second, s1), (_, s2) = look
+    _set_gate(bank_path, {"facts": (s0 - s1) + (s1 - s2) / 2})  # closed by the top-2 margin alone ...
+    assert rt.open_memory(bank_path).lookup(QUERY, 2).found == []
+    with Bank.open(bank_path, writable=True) as b, b.transaction() as tx:
+        tx.set_extra(TWINS_KEY, {str(top): top, str(second): top})
+    assert len(rt.open_memory(bank_path).lookup(QUERY, 2).found) == 2   # ... open once the second is its twin
+    with Bank.open(bank_path, writable=True) as b, b.transaction() as tx:
+        tx.set_extra(TWINS_KEY, {"x": "y"})
+    with pytest.raises(InduceKVError, match="twin groups are malformed"):
+        rt.open_memory(bank_path).lookup(QUERY, 2)

@@ -64,3 +64,32 @@ def test_old_entries_keep_their_stored_value_beside_the_facility_location():
                     served=served(cands, offset=1))
     kept = sel.select(pool, 3000, 3000, "likelihood").tolist()
     assert 0 in kept and len(kept) == 3
+
+
+def test_twin_groups_link_statements_that_answer_each_other():
+    from inducekv.learn.value import twin_groups
+    assert twin_groups(_facts()).tolist() == [0, 0, 0, 3, 4]
+    one_way = [_cand(2.0, (1,), (1.5,)), _cand(2.0, (0,), (0.1,)), _cand(-1.0, (1,), (5.0,))]
+    assert twin_groups(one_way).tolist() == [0, 0, 2]     # one direction is enough; no gain, no twin
+
+
+def test_a_learn_stores_twin_groups_of_the_entries_it_keeps(tmp_path, tiny_bundles):
+    from inducekv.learn import absorb
+    from inducekv.memory.bank import Bank
+    from inducekv.runtime.api import Runtime
+    from inducekv.runtime.memory import twins_from
+    rt = Runtime.open(tiny_bundles["fp32"])
+    rows = [{"prompt": f"Fact {i} about the vexator?", "answer": f"Zorb{i % 3}"} for i in range(6)]
+    with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=64) as b:
+        p = absorb(rt, b, rows, "vex", n_anchors=2)
+        twins, ids = twins_from(b.catalog), [e.entry_id for e in b.entries()]
+        group = p.twin_group
+        assert group is not None and len(group) == 6 and all(c.neighbours for c in p.candidates)
+        # every stored pair is a pair of kept entries the learn put in one group, labelled by its lowest id
+        assert twins, "the tiny model's six near-identical facts answer each other: some twins"
+        for e, gid in twins.items():
+            assert e in ids and gid in ids and gid <= e
+        by_cand = dict(zip([ci for ci in p.add], sorted(ids)))
+        for ci, e in by_cand.items():
+            mates = [by_cand[cj] for cj in by_cand if group[cj] == group[ci]]
+            assert (e in twins) == (len(mates) > 1) and (len(mates) < 2 or twins[e] == min(mates))
