@@ -86,7 +86,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                + ", ".join(f"{k}={v}" for k, v in (res.tasks_after or res.tasks_before).items()))
     gate = res.gate.get("margin")
     click.echo("relevance gate: " + (f"entries of {res.task} are injected when their retrieval margin (top-1 minus "
-                                     f"top-2 score) is >= {gate:g}" if gate is not None
+                                     f"the best non-twin score) is >= {gate:g}" if gate is not None
                                      else f"none ({res.gate.get('reason', 'not fitted')})"))
     click.echo("time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in out["timings_s"].items()) + f"; total {out['total_s']:.1f}s")
 

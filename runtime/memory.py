@@ -82,7 +82,8 @@ MIN_WEIGHT = 1e-3             # weighted entries below this share of attention a
 
 
 def relevance_from(catalog: dict) -> dict[str, float]:
-    """The bank's relevance gate: per task, the least margin (top-1 minus top-2 retrieval score)
+    """The bank's relevance gate: per task, the least margin (``gate_margin``: the top-1 retrieval
+    score minus that of the best entry that is not its twin)
     a query needs for that task's top-1 entry to be injected; below it the query is answered
     without memory (fitted by ``ikv-learn``, ``learn/gate.py``; a task without one is never gated)."""
     raw = (catalog.get("extra") or {}).get(RELEVANCE_KEY) or {}
