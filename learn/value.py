@@ -58,6 +58,14 @@ def neighbour_gains(geo, cands: list[Candidate], scorer: Scorer, key_scale=None,
         c.neighbours, c.neighbour_gains = tuple(near), tuple(float(g) for g in gains)
 
 
+def _twins(c: Candidate) -> list[int]:
+    """The neighbours that answer c's question at least TWIN as well as its own entry does."""
+    if c.gain <= 0:
+        return []
+    near = getattr(c, "neighbours", ()) or ()
+    return [i for i, x in zip(near, getattr(c, "neighbour_gains", ()) or ()) if x >= TWIN * c.gain]
+
+
 def served(cands: list[Candidate], offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The facility-location terms of a task's candidates, as parallel arrays
     (query, server, gain, weight), indices shifted by ``offset`` (the candidates' place in
@@ -66,7 +74,7 @@ def served(cands: list[Candidate], offset: int = 0) -> tuple[np.ndarray, np.ndar
     for j, c in enumerate(cands):
         near = getattr(c, "neighbours", ()) or ()
         gains = getattr(c, "neighbour_gains", ()) or ()
-        twins = sum(1 for x in gains if c.gain > 0 and x >= TWIN * c.gain)
+        twins = len(_twins(c))
         wj = 1.0 / (1 + twins)
         for i, x in [(j, c.gain), *zip(near, gains)]:
             q.append(offset + j), s.append(offset + i), g.append(x), w.append(wj)
@@ -77,9 +85,7 @@ def twin_groups(cands: list[Candidate]) -> np.ndarray:
     """(N,) each candidate's twin group: the lowest index among the candidates linked to it
     by twin pairs (j, i): G[j, i] >= TWIN * G[j, j] > 0, either way round."""
     n = len(cands)
-    pairs = [(j, i) for j, c in enumerate(cands) if c.gain > 0
-             for i, x in zip(getattr(c, "neighbours", ()) or (), getattr(c, "neighbour_gains", ()) or ())
-             if x >= TWIN * c.gain]
+    pairs = [(j, i) for j, c in enumerate(cands) for i in _twins(c)]
     if not pairs:
         return np.arange(n)
     rows, cols = np.array(pairs).T
