@@ -9,8 +9,10 @@ For every question family in ``inducekv.export.imagedata.QUESTIONS`` it writes
   Their test files measure what the default VLM sees (held-out images; digits from the
   held-out part of scikit-learn's set).
 - continual families (never trained): ``parity`` (is the digit even or odd: a new answer
-  vocabulary over a seen attribute), ``vexcolour`` / ``vexshape`` (made-up names for the
-  colours / shapes) and ``side`` (left or right: an attribute no question asked about).
+  vocabulary over a seen attribute), ``vexcolour`` / ``vexshape`` / ``vexcount`` (made-up
+  names for the colours / shapes / counts) and ``side`` (left or right: an attribute no
+  question asked about). No answer of these is ever a training answer of the default VLM
+  (``imagedata.EVAL_WORDS``; its in-context episodes use fresh made-up words).
 - ``--domains`` adds domain-shifted test/train files (``<family>@inverted``, ``@noisy``).
 
 Train and test images come from different random streams, and digit images from disjoint

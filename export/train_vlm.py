@@ -13,6 +13,12 @@ connector and the rows of the added special tokens train. Recipe:
    answer tokens (+ ``<|im_end|>``), gradients flow through the frozen LM into the
    connector and the tower. The system turn is computed once and reused as past KV; half
    the batches use the memory template's system text so answers also work with ``ikv-learn``.
+   A share ``--episodes`` of the steps are **in-context episodes** instead
+   (``export/episodes.py``): 1-4 image entries laid out as the runtime injects them, a
+   query image, and a made-up answer word that only the matching entry gives.
+
+Half the images of both stages are ``varied`` renderings (``imagedata``: backgrounds,
+outlines, sizes, resolutions, anti-aliasing), so seeing holds on images drawn by other code.
 
 Pixels are made by the runtime's own preprocessing (``runtime/images.py``), so training
 and inference see the same numbers. Everything is seeded; the data is
@@ -31,12 +37,14 @@ from inducekv.export import default_vlm as dv
 from inducekv.export import imagedata as data
 
 
-def _pixels(samples, settings):
+def _pixels(pictures, settings):
+    """Images (arrays or ``Sample``s) -> pixel values (N, 3, H, W) by the runtime's preprocessing."""
     import torch
 
     from inducekv.runtime import images
 
-    return torch.from_numpy(np.concatenate([images.preprocess(s.image, settings)[0] for s in samples]))
+    return torch.from_numpy(np.concatenate([images.preprocess(getattr(p, "image", p), settings)[0]
+                                            for p in pictures]))
 
 
 class Tower:
@@ -86,8 +94,9 @@ def stage1(tower, settings, steps: int, batch: int, rng, log):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
     t0 = time.time()
     for step in range(steps):
-        shp = [data.shapes(rng, count=1 if rng.random() < 0.5 else None) for _ in range(batch // 2)]
-        dig = [data.digit(rng, "train") for _ in range(batch - batch // 2)]
+        shp = [data.shapes(rng, count=1 if rng.random() < 0.5 else None, varied=rng.random() < 0.5)
+               for _ in range(batch // 2)]
+        dig = [data.digit(rng, "train", varied=rng.random() < 0.5) for _ in range(batch - batch // 2)]
         pooled = tower.hidden(_pixels(shp + dig, settings)).mean(1)                         # (B, C)
         loss = 0.0
         for name in ("colour", "shape", "count"):
@@ -129,55 +138,105 @@ class Renderer:
         return q + a, len(q)
 
 
-def stage2(tower, lm, tok, settings, steps: int, batch: int, rng, log, image_token_id: int, new_ids: list[int]):
+def _embed(tower, emb, ids, feats, image_token_id: int, new_ids_t):
+    """Input embeddings: frozen rows, trained rows for the added tokens, image features in place."""
     import torch
+
+    with torch.no_grad():
+        x = emb(ids.clamp(max=emb.num_embeddings - 1))
+    x = x.clone()
+    is_new = torch.isin(ids, new_ids_t)
+    if is_new.any():
+        rows = (ids[is_new][:, None] == new_ids_t[None]).float().argmax(1)
+        x[is_new] = tower.added[rows]
+    x[ids == image_token_id] = feats.reshape(-1, feats.shape[-1])
+    return x
+
+
+def _prefix_cache(lm, ids: list[int]):
+    import torch
+
+    with torch.no_grad():
+        out = lm.model(input_ids=torch.tensor([ids]), use_cache=True)
+    kv = out.past_key_values
+    return kv.to_legacy_cache() if hasattr(kv, "to_legacy_cache") else kv
+
+
+def _expand(legacy, batch: int):
     from transformers import DynamicCache
 
+    return DynamicCache.from_legacy_cache(tuple((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                                for k, v in legacy))
+
+
+def _direct_batch(render, which: int, batch: int, rng, pad_id: int):
+    """Direct questions: (ids (B, S), attention mask (B, P + S), target (B, S), images)."""
+    import torch
+
+    fams = rng.choice(data.TRAINED, size=batch)
+    items = [data.sample(str(f), rng) if rng.random() < 0.5 else _varied(str(f), rng) for f in fams]
+    seqs = [render.ids(which, q, a) for _, q, a in items]
+    S = max(len(s) for s, _ in seqs)
+    P = len(render.prefixes[which])
+    ids = torch.full((batch, S), pad_id, dtype=torch.long)
+    mask = torch.zeros(batch, P + S, dtype=torch.long)
+    mask[:, :P] = 1
+    target = torch.full((batch, S), -100, dtype=torch.long)
+    for i, (s, a0) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, P: P + len(s)] = 1
+        target[i, a0 - 1: len(s) - 1] = torch.tensor(s[a0:])      # logits at t predict token t+1
+    return ids, mask, target, [s for s, _, _ in items]
+
+
+def _varied(family: str, rng):
+    """A direct question on a ``varied`` rendering: (sample, prompt, answer)."""
+    kind, prompt, fact = data.QUESTIONS[family]
+    s = (data.digit(rng, "train", varied=True) if kind == "digit"
+         else data.shapes(rng, count=None if family == "count" else 1, varied=True))
+    return s, prompt, s.facts[fact]
+
+
+def stage2(tower, lm, tok, settings, steps: int, batch: int, rng, log, image_token_id: int, new_ids: list[int],
+           episodes_share: float = 0.0, episode_batch: int = 8):
+    import torch
+
+    from inducekv.export import episodes
     from inducekv.runtime.memory import TEMPLATES
     from inducekv.runtime import images
 
     image_text = images.preprocess(np.zeros((8, 8, 3), np.uint8), settings)[2]
-    render = Renderer(tok, image_text, [None, TEMPLATES["facts"].system])
+    facts = TEMPLATES["facts"]
+    render = Renderer(tok, image_text, [None, facts.system])
+    layout = episodes.Layout(tok, image_text, facts.system, facts.entry)
     emb = lm.model.embed_tokens
-    prefix_kv = []
-    with torch.no_grad():
-        for p in render.prefixes:
-            out = lm.model(input_ids=torch.tensor([p]), use_cache=True)
-            prefix_kv.append(out.past_key_values.to_legacy_cache() if hasattr(out.past_key_values, "to_legacy_cache")
-                             else out.past_key_values)
+    prefix_kv = [_prefix_cache(lm, p) for p in render.prefixes]
+    episode_kv = _prefix_cache(lm, layout.prefix_ids)
+    P0 = len(layout.prefix_ids)
+    pad_id = tok.pad_token_id or 0
     new_ids_t = torch.tensor(new_ids)
     groups = [{"params": list(tower.vision.parameters()), "lr": 3e-4},
               {"params": list(tower.connector.parameters()) + [tower.added], "lr": 1e-3}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[3e-4, 1e-3], total_steps=steps, pct_start=0.05)
-    t0, run_loss, run_acc = time.time(), None, None
+    t0 = time.time()
+    run = {"direct": [None, None], "episode": [None, None]}    # running loss, token accuracy
     for step in range(steps):
-        which = int(rng.random() < 0.5)
-        fams = rng.choice(data.TRAINED, size=batch)
-        items = [data.sample(str(f), rng) for f in fams]
-        seqs = [render.ids(which, q, a) for _, q, a in items]
-        S = max(len(s) for s, _ in seqs)
-        P = len(render.prefixes[which])
-        ids = torch.full((batch, S), tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros(batch, P + S, dtype=torch.long)
-        mask[:, :P] = 1
-        target = torch.full((batch, S), -100, dtype=torch.long)
-        for i, (s, a0) in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, P: P + len(s)] = 1
-            target[i, a0 - 1: len(s) - 1] = torch.tensor(s[a0:])      # logits at t predict token t+1
-        feats = tower.features(_pixels([s for s, _, _ in items], settings))              # (B, n, hidden)
-        with torch.no_grad():
-            x = emb(ids.clamp(max=emb.num_embeddings - 1))
-        x = x.clone()
-        is_new = torch.isin(ids, new_ids_t)
-        if is_new.any():
-            rows = (ids[is_new][:, None] == new_ids_t[None]).float().argmax(1)
-            x[is_new] = tower.added[rows]
-        x[ids == image_token_id] = feats.reshape(-1, feats.shape[-1])
-        cache = DynamicCache.from_legacy_cache(tuple((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                                                     for k, v in prefix_kv[which]))
-        h = lm.model(inputs_embeds=x, attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state
+        if rng.random() < episodes_share:
+            kind = "episode"
+            eps = [episodes.episode(rng) for _ in range(episode_batch)]
+            ids, mask, target, pics = episodes.batch(layout, eps, pad_id)
+            B, S = ids.shape
+            cache = _expand(episode_kv, B)
+            pos = torch.arange(P0, P0 + S)[None].expand(B, -1)
+        else:
+            kind = "direct"
+            which = int(rng.random() < 0.5)
+            ids, mask, target, pics = _direct_batch(render, which, batch, rng, pad_id)
+            cache, pos = _expand(prefix_kv[which], ids.shape[0]), None
+        x = _embed(tower, emb, ids, tower.features(_pixels(pics, settings)), image_token_id, new_ids_t)
+        h = lm.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                     use_cache=True).last_hidden_state
         sel = target != -100
         logits = lm.lm_head(h[sel])                                                      # (n_answer_tokens, V)
         loss = torch.nn.functional.cross_entropy(logits, target[sel])
@@ -186,10 +245,12 @@ def stage2(tower, lm, tok, settings, steps: int, batch: int, rng, log, image_tok
         opt.step()
         sched.step()
         acc = float((logits.argmax(-1) == target[sel]).float().mean())
-        run_loss = float(loss) if run_loss is None else 0.95 * run_loss + 0.05 * float(loss)
-        run_acc = acc if run_acc is None else 0.95 * run_acc + 0.05 * acc
+        r = run[kind]
+        r[0] = float(loss) if r[0] is None else 0.95 * r[0] + 0.05 * float(loss)
+        r[1] = acc if r[1] is None else 0.95 * r[1] + 0.05 * acc
         if step % 25 == 0 or step == steps - 1:
-            log(f"stage2 step {step} loss {run_loss:.3f} token-acc {run_acc:.3f} ({time.time() - t0:.0f} s)")
+            parts = [f"{k} loss {v[0]:.3f} token-acc {v[1]:.3f}" for k, v in run.items() if v[0] is not None]
+            log(f"stage2 step {step} " + "; ".join(parts) + f" ({time.time() - t0:.0f} s)")
 
 
 def main(argv=None):
@@ -202,6 +263,8 @@ def main(argv=None):
     ap.add_argument("--batch1", type=int, default=64)
     ap.add_argument("--steps2", type=int, default=700, help="alignment steps through the frozen LM")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--episodes", type=float, default=0.5, help="share of stage-2 steps that are in-context episodes")
+    ap.add_argument("--episode-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -228,7 +291,8 @@ def main(argv=None):
     log(f"loaded backbone in {time.time() - t0:.0f} s; tower {sum(p.numel() for p in tower.parameters()):,} params")
     stage1(tower, settings, args.steps1, args.batch1, rng, log)
     t1 = time.time()
-    stage2(tower, lm, tok, settings, args.steps2, args.batch, rng, log, image_id, new_ids)
+    stage2(tower, lm, tok, settings, args.steps2, args.batch, rng, log, image_id, new_ids,
+           episodes_share=args.episodes, episode_batch=args.episode_batch)
     total = time.time() - t0
     log(f"trained in {total / 60:.1f} min (stage 2 {(time.time() - t1) / 60:.1f} min)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
