@@ -283,6 +283,9 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
             vlm.export_vision(hf_model, stage / contract.VISION_FILE, vlm.tile_shape(image))
             vlm.write_embeddings(state, stage / contract.EMBED_FILE, weights)
             files += [contract.VISION_FILE, contract.EMBED_FILE]
+            if "image_newline" in image:
+                vlm.write_newline(hf_model, stage / contract.NEWLINE_FILE)
+                files.append(contract.NEWLINE_FILE)
         bar.update()
 
         step("tokenizer")
