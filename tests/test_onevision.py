@@ -83,6 +83,19 @@ def test_tiles_and_token_count_match_hf_processor(ov, hw):
     assert ids == batch["input_ids"][0].tolist()
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_grayscale_alpha_and_palette_images_match_hf(ov, mode):
+    """Non-RGB PIL images: converted to RGB first (alpha dropped), as HF's convert_to_rgb does."""
+    _, bundle, _, _, proc = ov
+    s = Runtime.open(bundle).manifest.image
+    rgba = np.random.default_rng(5).integers(0, 256, (50, 70, 4), dtype=np.uint8)
+    im = Image.fromarray(rgba).convert(mode)
+    batch = proc(text=[PROMPT], images=[im], return_tensors="pt")
+    prep = anyres.prepare(im, s)
+    np.testing.assert_array_equal(prep.pixel_values, batch["pixel_values"][0].numpy())
+    assert prep.text.count("<image>") == int((batch["input_ids"] == proc.image_token_id).sum())
+
+
 def test_sizes_cover_pooled_and_unpooled_layouts(ov):
     s = Runtime.open(ov[1]).manifest.image
     pooled = {hw: anyres.layout(*hw, s).pooled for hw in SIZES}
