@@ -79,7 +79,7 @@ class Bench:
         ids = lay.entry_ids(f["train_prompt"], f["answer"])
         q, K, V = self.probe.run(ids, lay.prefix_cache, np.arange(p0, p0 + len(ids)))
         span = answer_span(self.rt, lay, f["train_prompt"], f["answer"])
-        logits = entry_logits(q, K, window_rows(len(ids), span), p0)                  # (L, H, R, p0 + T)
+        logits = entry_logits(q, K, window_rows(len(ids), span), p0, self.rt.manifest.score_scale)   # (L, H, R, p0 + T)
         return {"k": K[:, :, p0:], "v": V[:, :, p0:], "span": span, "logits": logits}
 
     def answer(self, question: str, k, v, bias=None) -> str:

@@ -52,12 +52,17 @@ WEIGHT_FORMATS = ("fp32", "int8", "int4")
 #                            (vision tower + projector/connector; n image tokens per tile)
 #   embed_tokens.safetensors tensor "embed_tokens" (vocab, hidden): the token-embedding table the
 #                            runtime gathers from (fp32 for fp32 bundles, fp16 otherwise)
-# and their decoder and key graphs take inputs_embeds instead of input_ids.
+# and their decoder and key graphs take inputs_embeds instead of input_ids. LLaVA-OneVision
+# bundles also carry
+#   image_newline.safetensors tensor "image_newline" (hidden,): the vector the runtime appends
+#                            after each row of an image's feature map (runtime/anyres.py)
 VISION_FILE = "vision.onnx"
 EMBED_FILE = "embed_tokens.safetensors"
 EMBED_TENSOR = "embed_tokens"
 PIXEL_VALUES = "pixel_values"
 IMAGE_FEATURES = "image_features"
+NEWLINE_FILE = "image_newline.safetensors"
+NEWLINE_TENSOR = "image_newline"
 
 
 def past_key(layer: int) -> str:

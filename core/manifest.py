@@ -47,8 +47,15 @@ class Manifest:
     image: dict | None = None    # image settings for multimodal bundles
     retrieval_key: dict | None = None  # how the frozen retrieval key is computed
     probe: dict | None = None    # the learn-time probe graph {"graph": "probe.onnx"} (contract.PROBE_FILE)
+    attention_scale: float | None = None   # the decoder's q.k softmax scale (Gemma 3: query_pre_attn_scalar ** -0.5);
+                                           # None (bundles before it): 1 / sqrt(head_dim)
     kind: str = contract.BUNDLE_KIND
     extra: dict = field(default_factory=dict)
+
+    @property
+    def score_scale(self) -> float:
+        """What attention logits are multiplied by: ``q . k * score_scale``."""
+        return float(self.attention_scale) if self.attention_scale is not None else self.head_dim ** -0.5
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -112,6 +119,9 @@ def read_manifest(bundle_dir: str | os.PathLike, verify_hashes: bool = False) ->
     for key, typ in _REQUIRED.items():
         if not isinstance(raw.get(key), typ) or (typ is int and isinstance(raw.get(key), bool)):
             raise BundleError(f"{path}: field {key!r} must be {typ.__name__}, found {type(raw.get(key)).__name__}; re-export the bundle")
+    scale = raw.get("attention_scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+        raise BundleError(f"{path}: field 'attention_scale' must be a positive number, found {scale!r}; re-export the bundle")
     known = set(Manifest.__dataclass_fields__)
     manifest = Manifest(**{k: v for k, v in raw.items() if k in known})
     if manifest.weights not in contract.WEIGHT_FORMATS:

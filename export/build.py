@@ -283,6 +283,9 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
             vlm.export_vision(hf_model, stage / contract.VISION_FILE, vlm.tile_shape(image))
             vlm.write_embeddings(state, stage / contract.EMBED_FILE, weights)
             files += [contract.VISION_FILE, contract.EMBED_FILE]
+            if "image_newline" in image:
+                vlm.write_newline(hf_model, stage / contract.NEWLINE_FILE)
+                files.append(contract.NEWLINE_FILE)
         bar.update()
 
         step("tokenizer")
@@ -336,6 +339,7 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
                             else "prompt text, no chat template"}
                            if graph == "native" else None),
             probe={"graph": contract.PROBE_FILE} if graph == "native" else None,
+            attention_scale=_attention_scale(spec, cfg),
             extra={"export_validation": report, "graph": graph, "opset": _opset(stage)},
         )
         write_manifest(stage, manifest)
@@ -358,6 +362,15 @@ def _chat_template(tokenizer) -> str | None:
 
         return PLAIN_TEMPLATE
     return None
+
+
+def _attention_scale(spec, cfg) -> float:
+    """The decoder's q.k scale for the manifest: query_pre_attn_scalar ** -0.5 where the config has
+    one (Gemma 3; ``flavour.gemma3`` gives the graph the same), else 1/sqrt(head_dim)."""
+    scalar = getattr(cfg, "query_pre_attn_scalar", None)
+    if scalar is not None:
+        return float(scalar) ** -0.5
+    return float(spec.head_dim(cfg)) ** -0.5
 
 
 def _opset(stage: Path) -> int:

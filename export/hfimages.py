@@ -34,7 +34,7 @@ def _per_channel(value):
 
 
 def settings_from_hf(processor) -> dict:
-    """An HF LLaVA or Idefics3 *Processor* -> the JSON dict :func:`preprocess` needs.
+    """An HF LLaVA, Idefics3 or LLaVA-OneVision *Processor* -> the JSON dict :func:`preprocess` needs.
 
     Duck-typed on attributes, so it works without importing transformers here.
     Fast image processors are read the same way, but :func:`preprocess`
@@ -90,5 +90,14 @@ def settings_from_hf(processor) -> dict:
         if s["resample"] is None:
             s["resample"] = int(Image.Resampling.LANCZOS)
         return s
+    if base == "LlavaOnevisionImageProcessor":
+        s = {"processor": "llava_onevision", **common,
+             "image_grid_pinpoints": [[int(h), int(w)] for h, w in ip.image_grid_pinpoints],
+             "num_image_tokens": int(processor.num_image_tokens),
+             "vision_aspect_ratio": str(processor.vision_aspect_ratio),
+             "vision_feature_select_strategy": getattr(processor, "vision_feature_select_strategy", None)}
+        if s["resample"] is None:
+            s["resample"] = int(Image.Resampling.BICUBIC)
+        return s
     raise ImageError(f"image processor {name} is not supported; supported: CLIPImageProcessor, "
-                     "LlavaImageProcessor, Idefics3ImageProcessor")
+                     "LlavaImageProcessor, Idefics3ImageProcessor, LlavaOnevisionImageProcessor")

@@ -34,9 +34,10 @@ REGISTRY: dict[str, ArchSpec] = {
         ArchSpec("qwen2", "text-generation-with-past", _head_dim, native=True),      # q/k/v biases
         ArchSpec("qwen3", "text-generation-with-past", _head_dim, native=True, flavour=flavour.qwen3),
         ArchSpec("gemma3_text", "text-generation-with-past", _head_dim, native=True, flavour=flavour.gemma3),
-        # multimodal: Llama text model + vision tower, exported by export/vlm.py
+        # multimodal: Llama (OneVision: Qwen2) text model + vision tower, exported by export/vlm.py
         ArchSpec("llava", "image-text-to-text", _head_dim, native=True),
         ArchSpec("idefics3", "image-text-to-text", _head_dim, native=True),
+        ArchSpec("llava_onevision", "image-text-to-text", _head_dim, native=True),
     )
 }
 

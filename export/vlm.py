@@ -1,19 +1,21 @@
-"""Multimodal export (workstation side, torch): LLaVA and Idefics3/SmolVLM checkpoints.
+"""Multimodal export (workstation side, torch): LLaVA, Idefics3/SmolVLM and LLaVA-OneVision checkpoints.
 
 A multimodal bundle is the text bundle plus (``contract.py``)::
 
     vision.onnx              pixel_values (tiles, 3, H, W) -> image_features (tiles, n, hidden)
     embed_tokens.safetensors the token-embedding table the runtime gathers from
 
-and decoder/key graphs that take ``inputs_embeds``. The text model of both
-architectures is a Llama, so the decoder is the same native graph as for text
-models (``graph.py``); only the vision side goes through ``torch.onnx.export``
-(optimum cannot export LLaVA, its issue #1751).
+and decoder/key graphs that take ``inputs_embeds``. The text model (Llama; Qwen2 in
+LLaVA-OneVision) is the same native graph as for text models (``graph.py``); only the
+vision side goes through ``torch.onnx.export`` (optimum cannot export LLaVA, its issue #1751).
+LLaVA-OneVision adds ``image_newline.safetensors``: its vision graph is the per-tile
+SigLIP tower + projector, and the runtime lays the tiles' features out (``runtime/anyres.py``).
 
 The vision graphs are small wrappers around the HF modules (below), written so
 the TorchScript tracer sees no data-dependent control flow: the runtime sends one
 image at a time and every tile is full-size (LLaVA: one crop; Idefics3: square
-tiles of ``max_image_size`` plus the global image), so the patch masks HF builds
+tiles of ``max_image_size`` plus the global image; LLaVA-OneVision: square tiles of
+the tower's ``image_size``), so the patch masks HF builds
 are all ones and its position ids are a function of the tile shape alone.
 """
 from __future__ import annotations
@@ -28,19 +30,38 @@ from inducekv.core.errors import InduceKVError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-VLM_TYPES = ("llava", "idefics3")
-_TEXT_PREFIX = {"llava": "model.language_model.", "idefics3": "model.text_model."}
+VLM_TYPES = ("llava", "idefics3", "llava_onevision")
+TEXT_TYPES = ("llama", "qwen2")   # text models the native graph runs behind a vision tower
+_TEXT_PREFIX = {"llava": "model.language_model.", "idefics3": "model.text_model.",
+                "llava_onevision": "model.language_model."}
+
+
+def _onevision_processor(directory: Path):
+    """``LlavaOnevisionProcessor`` without its video processor: HF's needs torchvision, and
+    inducekv takes images only. Same image processor, tokenizer and processor_config.json."""
+    from transformers import LlavaOnevisionProcessor
+
+    class ImageOnlyProcessor(LlavaOnevisionProcessor):
+        attributes = ["image_processor", "tokenizer"]   # the video_processor argument stays None
+
+    return ImageOnlyProcessor.from_pretrained(directory, use_fast=False)
 
 
 def load(directory: Path):
     """(model, processor) in fp32 on CPU from a local HF directory."""
-    import torch
-    from transformers import AutoProcessor, Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
-
     import json
+
+    import torch
+    from transformers import (AutoProcessor, Idefics3ForConditionalGeneration, LlavaForConditionalGeneration,
+                              LlavaOnevisionForConditionalGeneration)
+
     model_type = json.loads((directory / "config.json").read_text())["model_type"]
-    cls = {"llava": LlavaForConditionalGeneration, "idefics3": Idefics3ForConditionalGeneration}[model_type]
-    processor = AutoProcessor.from_pretrained(directory)
+    cls = {"llava": LlavaForConditionalGeneration, "idefics3": Idefics3ForConditionalGeneration,
+           "llava_onevision": LlavaOnevisionForConditionalGeneration}[model_type]
+    if model_type == "llava_onevision":
+        processor = _onevision_processor(directory)
+    else:
+        processor = AutoProcessor.from_pretrained(directory)
     if type(processor.image_processor).__name__.endswith("Fast"):  # the runtime reproduces the slow (PIL) one
         from transformers import AutoImageProcessor
 
@@ -50,12 +71,12 @@ def load(directory: Path):
 
 
 def text_view(model) -> tuple[dict, object]:
-    """(Llama state dict as numpy with ``model.*`` / ``lm_head.weight`` keys, text config)."""
+    """(text state dict as numpy with ``model.*`` / ``lm_head.weight`` keys, text config)."""
     cfg = model.config.text_config
-    if cfg.model_type != "llama":
+    if cfg.model_type not in TEXT_TYPES:
         raise UnsupportedModelError(
             f"the text model of this {model.config.model_type} checkpoint is {cfg.model_type!r}; "
-            "ikv-export supports Llama text models")
+            f"ikv-export supports {', '.join(TEXT_TYPES)} text models behind a vision tower")
     prefix = _TEXT_PREFIX[model.config.model_type]
     state = {}
     for k, v in model.state_dict().items():
@@ -135,6 +156,34 @@ def export_vision(model, path: Path, hw: tuple[int, int]) -> None:
                           dynamic_axes={contract.PIXEL_VALUES: {0: "tiles"}, contract.IMAGE_FEATURES: {0: "tiles"}})
 
 
+def write_newline(model, path: Path) -> None:
+    """LLaVA-OneVision's ``image_newline`` (hidden,) in fp32 (one vector: nothing to save)."""
+    from safetensors.numpy import save_file
+
+    save_file({contract.NEWLINE_TENSOR: model.model.image_newline.detach().float().numpy()}, str(path))
+
+
+def check_onevision(model, settings: dict) -> None:
+    """The runtime tiles with the processor's settings and lays features out with them; refuse
+    a checkpoint whose model config disagrees (HF itself would fail on such a pair)."""
+    cfg = model.config
+    tile = settings["size"].get("height", settings["size"].get("shortest_edge"))
+    problems = []
+    if [list(map(int, p)) for p in cfg.image_grid_pinpoints] != settings["image_grid_pinpoints"]:
+        problems.append("image_grid_pinpoints differ between config.json and the image processor")
+    if cfg.vision_config.image_size != tile:
+        problems.append(f"the vision tower takes {cfg.vision_config.image_size} px tiles, the processor cuts {tile}")
+    if (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 != settings["num_image_tokens"]:
+        problems.append(f"processor num_image_tokens {settings['num_image_tokens']} is not the tower's patches per tile")
+    if cfg.vision_aspect_ratio != settings["vision_aspect_ratio"]:
+        problems.append(f"vision_aspect_ratio {cfg.vision_aspect_ratio!r} (config) vs "
+                        f"{settings['vision_aspect_ratio']!r} (processor)")
+    if cfg.vision_feature_select_strategy != "full" or settings["vision_feature_select_strategy"] not in (None, "full"):
+        problems.append("vision_feature_select_strategy must be 'full' (SigLIP has no CLS token to drop)")
+    if problems:
+        raise UnsupportedModelError(f"LLaVA-OneVision checkpoint not supported: {'; '.join(problems)}")
+
+
 def write_embeddings(state: dict, path: Path, weights: str) -> None:
     from safetensors.numpy import save_file
 
@@ -149,6 +198,9 @@ def image_settings(model, processor) -> dict:
     s["image_token_id"] = image_token_id(model)
     s["vision_graph"] = contract.VISION_FILE
     s["embeddings"] = contract.EMBED_FILE
+    if model.config.model_type == "llava_onevision":
+        check_onevision(model, s)
+        s["image_newline"] = contract.NEWLINE_FILE
     return s
 
 
@@ -172,6 +224,13 @@ def validate(model, processor, stage: Path, weights: str, threads: int) -> dict:
     vis = ort.InferenceSession(str(stage / contract.VISION_FILE), so, providers=["CPUExecutionProvider"])
     px = batch["pixel_values"].numpy().reshape(-1, *batch["pixel_values"].shape[-3:])
     feats = vis.run(None, {contract.PIXEL_VALUES: px})[0]
+    if model.config.model_type == "llava_onevision":
+        from inducekv.runtime import anyres
+        from inducekv.runtime.vision import _newline
+
+        settings = image_settings(model, processor)
+        newline = _newline(stage / contract.NEWLINE_FILE, model.config.text_config.hidden_size)
+        feats = anyres.pack(feats, tuple(int(x) for x in batch["image_sizes"][0]), settings, newline)[None]
     table = load_file(str(stage / contract.EMBED_FILE))[contract.EMBED_TENSOR].astype(np.float32)
     ids = batch["input_ids"][0].numpy()
     x = table[ids]
@@ -192,6 +251,7 @@ def validate(model, processor, stage: Path, weights: str, threads: int) -> dict:
     feed.update(zero_bias(dec, cfg.num_hidden_layers, len(ids)))
     got = dec.run([contract.LOGITS], feed)[0][0]
     return {"tokens": int(len(ids)), "image_tokens": int(feats.shape[0] * feats.shape[1]),
+            "vision_tiles": int(px.shape[0]),
             "max_abs_logit_diff": float(np.abs(got - ref).max()),
             "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
 

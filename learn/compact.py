@@ -155,12 +155,14 @@ def compact_kv(k: np.ndarray, v: np.ndarray, keep: np.ndarray, theta) -> tuple[n
 
 
 def genv_mass(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, rows: np.ndarray, first: int,
-              n_entry: int, offset: int) -> np.ndarray:
+              n_entry: int, offset: int, scale: float | None = None) -> np.ndarray:
     """(n_entry,) importance of keys ``first..first+n_entry-1``: attention probability paid by
     query ``rows`` (indices into the pass; row r sits at key position ``offset + r``), times
     the key's value norm, summed over layers, heads and rows.
-    queries (L, S, H*D); keys, values (L, H_kv, N, D)."""
+    queries (L, S, H*D); keys, values (L, H_kv, N, D); ``scale``: the model's q.k scale
+    (``Manifest.score_scale``), 1/sqrt(D) when None."""
     L, Hkv, N, D = keys.shape
+    scale = 1.0 / np.sqrt(D) if scale is None else float(scale)
     H = queries.shape[2] // D
     rows = np.asarray(rows, np.int64)
     causal = np.arange(N)[None, :] <= (offset + rows)[:, None]                      # (R, N)
@@ -168,7 +170,7 @@ def genv_mass(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, rows: n
     for l in range(L):
         q = queries[l][rows].reshape(len(rows), H, D).transpose(1, 0, 2).astype(np.float64)   # (H, R, D)
         kl = np.repeat(keys[l], H // Hkv, axis=0).astype(np.float64)                # (H, N, D)
-        s = q @ kl.transpose(0, 2, 1) / np.sqrt(D)                                   # (H, R, N)
+        s = (q @ kl.transpose(0, 2, 1)) * scale                                      # (H, R, N)
         s = np.where(causal[None], s, -np.inf)
         s -= s.max(-1, keepdims=True)
         p = np.exp(s)
@@ -299,7 +301,8 @@ class Compactor:
         queries, keys, values = self.probe.run(ids, cache, np.arange(pos, pos + len(ids)),
                                                image.features if image is not None else None)
         rows = np.arange(len(q) - 1, len(ids) - 1) if out else np.array([len(q) - 1])  # rows predicting the answer
-        return genv_mass(queries, keys, values, rows, self.layout.p0, k.shape[2], offset=pos)
+        return genv_mass(queries, keys, values, rows, self.layout.p0, k.shape[2], offset=pos,
+                         scale=self.rt.manifest.score_scale)
 
     def __call__(self, prompt: str, answer: str, k: np.ndarray, v: np.ndarray, image=None):
         """(kept K, kept V, kept token indices) of the entry ``k``/``v`` (L, H_kv, T, D)."""

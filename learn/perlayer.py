@@ -14,11 +14,13 @@ layer, the attention probability that the entry's **window rows** (the row befor
 answer through the entry's last token; the last quarter when the template has no answer)
 pay to each entry token, summed over heads and rows::
 
-    imp[l, t] = sum_{h, r in window} softmax_t(q[l, h, r] . k[l, t] / sqrt(D))     (L, T)
+    imp[l, t] = sum_{h, r in window} softmax_t(q[l, h, r] . k[l, t] * scale)        (L, T)
     keep[l]   = answer span + top imp[l] up to c = max(ceil(F * T), |span|)
     bias[l]   = log( sum_{h,r} sum_{t < T} e[l,h,r,t] / sum_{h,r} sum_{t in keep[l]} e[l,h,r,t] )
 
-with ``e = exp(logit - the row's largest entry logit)`` over the entry's tokens: the window rows' attention to
+with ``scale`` the model's own attention scale (``Manifest.score_scale``: 1/sqrt(D), or
+Gemma 3's query_pre_attn_scalar ** -0.5) and ``e = exp(logit - the row's largest entry
+logit)`` over the entry's tokens: the window rows' attention to
 the entry as a whole is what it was before compaction (the prefix and the query see the
 same split). Measured on dev questions (README, "Compact entries"): keep 0.5 holds the
 full entry's accuracy at half its bytes; without the bias scalar it loses ~5 points.
@@ -39,18 +41,21 @@ def window_rows(T: int, span: tuple[int, int]) -> np.ndarray:
     return np.arange(start, T)
 
 
-def entry_logits(queries: np.ndarray, keys: np.ndarray, rows: np.ndarray, first: int) -> np.ndarray:
+def entry_logits(queries: np.ndarray, keys: np.ndarray, rows: np.ndarray, first: int,
+                 scale: float | None = None) -> np.ndarray:
     """(L, H, R, first + T) attention logits of entry ``rows`` (indices into the entry, at
     pass positions ``first + row``) over the prefix and the entry, -inf where causal masking
-    hides a key. queries (L, T, H*D); keys (L, H_kv, first + T, D)."""
+    hides a key. queries (L, T, H*D); keys (L, H_kv, first + T, D); ``scale``: the model's
+    q.k scale (``Manifest.score_scale``), 1/sqrt(D) when None."""
     L, Hkv, N, D = keys.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     H = queries.shape[2] // D
     out = np.empty((L, H, len(rows), N), np.float64)
     hidden = np.arange(N)[None, :] > (first + rows)[:, None]                         # (R, N)
     for l in range(L):
         q = queries[l][rows].reshape(len(rows), H, D).transpose(1, 0, 2).astype(np.float64)   # (H, R, D)
         k = np.repeat(keys[l], H // Hkv, axis=0).astype(np.float64)                   # (H, N, D)
-        out[l] = np.where(hidden[None], -np.inf, q @ k.transpose(0, 2, 1) / math.sqrt(D))
+        out[l] = np.where(hidden[None], -np.inf, (q @ k.transpose(0, 2, 1)) * scale)
     return out
 
 
@@ -90,7 +95,8 @@ class PerLayer:
         q, keys, values = self.probe.run(ids, lay.prefix_cache, np.arange(p0, p0 + T),
                                          image.features if image is not None else None)
         span = answer_span(self.rt, lay, prompt, answer, image)
-        slots, bias = choose(entry_logits(q, keys, window_rows(T, span), p0), p0, span, self.keep)
+        slots, bias = choose(entry_logits(q, keys, window_rows(T, span), p0, self.rt.manifest.score_scale),
+                             p0, span, self.keep)
         rows = np.arange(keys.shape[0])[:, None]
         k = keys[:, :, p0:][rows, :, slots].transpose(0, 2, 1, 3)                 # (L, H_kv, c, D)
         v = values[:, :, p0:][rows, :, slots].transpose(0, 2, 1, 3)

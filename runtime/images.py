@@ -14,6 +14,9 @@ are computed with the same Pillow calls and the same float32/float64 steps):
   (splitting) resize both edges up to multiples of ``max_image_size`` and cut
   ``rows x cols`` square tiles plus a global tile, or (no splitting) squash to
   one ``max_image_size`` square -> alpha over white -> rescale -> normalize.
+* ``"llava_onevision"`` -- ``LlavaOnevisionImageProcessor`` (LLaVA-OneVision):
+  "anyres" tiling (best grid pinpoint, fit + black pad, square tiles, the
+  squashed whole image first) and its feature layout: ``runtime/anyres.py``.
 
 The settings are a plain JSON dict exported from the HF processor with
 ``export/hfimages.py`` (workstation side: the only code that reads an HF object).
@@ -61,7 +64,7 @@ __all__ = ["ImageError", "MAX_PIXELS", "load_image", "preprocess", "expand_promp
 
 MAX_PIXELS = 64_000_000  # width * height; bigger inputs are refused (decompression bombs)
 IDEFICS3_MAX_SIDE = 4096  # HF Idefics3's absolute cap on a resized edge (MAX_IMAGE_SIZE)
-PROCESSORS = ("clip", "idefics3")
+PROCESSORS = ("clip", "idefics3", "llava_onevision")
 
 
 class ImageError(InduceKVError):
@@ -375,6 +378,9 @@ _REQUIRED = {
     "idefics3": ("image_token", "image_seq_len", "fake_image_token", "global_image_token", "do_resize", "size",
                  "resample", "do_image_splitting", "max_image_size", "do_rescale", "rescale_factor",
                  "do_normalize", "image_mean", "image_std"),
+    "llava_onevision": ("image_token", "do_resize", "size", "resample", "do_rescale", "rescale_factor",
+                        "do_normalize", "image_mean", "image_std", "image_grid_pinpoints", "num_image_tokens",
+                        "vision_aspect_ratio"),
 }
 
 
@@ -392,16 +398,20 @@ def preprocess(image, settings: dict) -> tuple[np.ndarray, np.ndarray | None, st
     """One image -> (pixel_values, pixel_attention_mask, image_text).
 
     pixel_values: float32 (N, 3, H, W); N = 1 for clip, rows * cols + 1 for a
-    split Idefics3 image, 1 for an unsplit one.
+    split Idefics3 image, 1 for an unsplit one, 1 + rows * cols for
+    LLaVA-OneVision (its base tile first).
     pixel_attention_mask: bool (N, H, W) for idefics3 (all True in practice),
-    None for clip.
+    None for clip and llava_onevision.
     image_text: what replaces ONE image placeholder in the prompt, exactly as
     the HF processor expands it.
     """
     kind = _check_settings(settings)
-    if kind == "clip":
-        return _preprocess_clip(image, settings)
-    return _preprocess_idefics3(image, settings)
+    if kind == "llava_onevision":
+        from inducekv.runtime import anyres   # it builds on this module's steps
+
+        prepared = anyres.prepare(image, settings)
+        return prepared.pixel_values, None, prepared.text
+    return {"clip": _preprocess_clip, "idefics3": _preprocess_idefics3}[kind](image, settings)
 
 
 def expand_prompt(text: str, images: list, settings: dict) -> tuple[str, list[np.ndarray], list]:

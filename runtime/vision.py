@@ -9,6 +9,9 @@ rows of the image-token ids, in order, with the vision graph's output::
     ids       (T,)           int   <- tokenizer, image tokens included
     features  (n_img, hidden) float <- Vision.encode: vision.onnx over the image's tiles
     embeds    (1, T, hidden)  float <- table[ids]; embeds[ids == image_token_id] = features
+
+LLaVA-OneVision features are laid out after the vision graph (``anyres.pack``: base tile,
+unpadded and pooled tile grid, a newline vector after each row).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from inducekv.core import contract
-from inducekv.runtime import images
+from inducekv.runtime import anyres, images
 from inducekv.core.errors import BundleError, InduceKVError
 
 
@@ -85,20 +88,48 @@ class Vision:
 
         if not manifest.image:
             raise InduceKVError("this bundle is text-only; images need a multimodal bundle "
-                                "(ikv-export default-vlm, or a LLaVA / Idefics3 checkpoint)")
+                                "(ikv-export default-vlm, or a LLaVA / Idefics3 / LLaVA-OneVision checkpoint)")
         self.settings = manifest.image
         self.sess = _session(Path(bundle_dir) / self.settings.get("vision_graph", contract.VISION_FILE), profile)
         self.hidden = manifest.hidden_size
+        self.newline = None
+        if self.settings.get("processor") == anyres.KIND:
+            self.newline = _newline(Path(bundle_dir) / self.settings.get("image_newline", contract.NEWLINE_FILE),
+                                    self.hidden)
 
     def encode(self, image) -> ImageInput:
         t0 = time.perf_counter()
-        pixels, _, text = images.preprocess(image, self.settings)           # (tiles, 3, H, W)
+        size = None
+        if self.newline is not None:
+            prepared = anyres.prepare(image, self.settings)
+            pixels, size, text = prepared.pixel_values, prepared.size, prepared.text   # (tiles, 3, S, S)
+        else:
+            pixels, _, text = images.preprocess(image, self.settings)           # (tiles, 3, H, W)
         t1 = time.perf_counter()
         feats = self.sess.run([contract.IMAGE_FEATURES], {contract.PIXEL_VALUES: pixels})[0]  # (tiles, n, hidden)
-        t2 = time.perf_counter()
         if feats.ndim != 3 or feats.shape[-1] != self.hidden:
             raise BundleError(f"vision graph returned {feats.shape}, expected (tiles, n, {self.hidden}); re-export")
-        return ImageInput(feats.reshape(-1, self.hidden), text, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        feats = anyres.pack(feats, size, self.settings, self.newline) if size else feats.reshape(-1, self.hidden)
+        t2 = time.perf_counter()
+        return ImageInput(feats, text, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+
+def _newline(path: Path, hidden: int) -> np.ndarray:
+    """LLaVA-OneVision's image_newline vector (hidden,) from its safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise BundleError(f"LLaVA-OneVision bundle has no {path.name}; re-export it")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            if list(f.keys()) != [contract.NEWLINE_TENSOR]:
+                raise BundleError(f"{path} must hold exactly one tensor {contract.NEWLINE_TENSOR!r}; re-export the bundle")
+            vec = f.get_tensor(contract.NEWLINE_TENSOR)
+    except SafetensorError as e:
+        raise BundleError(f"cannot read {path}: {e}; re-export the bundle") from None
+    if vec.shape != (hidden,):
+        raise BundleError(f"{path.name} is {vec.shape}, the manifest says hidden {hidden}; re-export the bundle")
+    return vec.astype(np.float32)
 
 
 def with_image(prompt: str, image, manifest) -> str:

@@ -17,11 +17,14 @@ WINDOW = 6   # Gemma 3's local layers see 6 KV slots: shorter than every test pr
 
 
 def config(arch: str):
-    """The HF config of tiny ``arch`` (qwen2, qwen3, gemma3, gemma3-softcap)."""
+    """The HF config of tiny ``arch`` (qwen2, qwen2-swa, qwen3, gemma3, gemma3-softcap)."""
     from transformers import Gemma3TextConfig, Qwen2Config, Qwen3Config
 
     if arch == "qwen2":
         return Qwen2Config(num_hidden_layers=2, rope_theta=50000.0, tie_word_embeddings=False, **COMMON)
+    if arch == "qwen2-swa":   # use_sliding_window: layers from max_window_layers on see WINDOW slots
+        return Qwen2Config(num_hidden_layers=2, rope_theta=50000.0, tie_word_embeddings=False, use_sliding_window=True,
+                           sliding_window=WINDOW, max_window_layers=1, attn_implementation="eager", **COMMON)
     if arch == "qwen3":
         return Qwen3Config(num_hidden_layers=2, head_dim=16, rope_theta=50000.0, tie_word_embeddings=True, **COMMON)
     if arch.startswith("gemma3"):
@@ -37,7 +40,7 @@ def config(arch: str):
 def model_class(arch: str):
     from transformers import Gemma3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-    return {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}.get(arch, Gemma3ForCausalLM)
+    return {"qwen2": Qwen2ForCausalLM, "qwen2-swa": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}.get(arch, Gemma3ForCausalLM)
 
 
 def save(arch: str, directory: Path, tokenizer) -> Path:

@@ -225,3 +225,69 @@ def test_learn_and_serve_memory_on_each_family(built, arch, tmp_path):
     assert res.added == 3
     r = Runtime.open(bundle, memory=tmp_path / "b.ikv").generate(facts[1]["prompt"], max_new_tokens=3, k=1)
     assert r.entries and r.entries[0]["task"] == "facts" and r.entries[0]["id"] == 2
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_perlayer_scores_use_the_manifests_attention_scale(built, arch):
+    """The manifest records the decoder's q.k scale (Gemma 3: query_pre_attn_scalar ** -0.5, not
+    1/sqrt(head_dim)), and perlayer's importance logits use it: their softmax over an entry's
+    window rows equals transformers' attention probabilities on a full-attention layer."""
+    from archutil import config
+    from inducekv.learn.compact import Probe, answer_span
+    from inducekv.learn.perlayer import entry_logits, window_rows
+
+    d, bundle, _ = built[arch]
+    rt = Runtime.open(bundle)
+    m = rt.manifest
+    want_scale = config(arch).query_pre_attn_scalar ** -0.5 if arch == "gemma3" else m.head_dim ** -0.5
+    assert read_manifest(bundle).attention_scale == pytest.approx(want_scale, rel=1e-12)
+    assert m.score_scale == pytest.approx(want_scale, rel=1e-12)
+    lay = Layout(rt, TEMPLATES["facts"], "rerotate")
+    fact = ("What is the capital of Vexland?", "Morrow")
+    ids, p0 = lay.entry_ids(*fact), lay.p0
+    q, keys, _ = Probe(rt, "perlayer").run(ids, lay.prefix_cache, np.arange(p0, p0 + len(ids)))
+    rows = window_rows(len(ids), answer_span(rt, lay, *fact))
+    logits = entry_logits(q, keys, rows, p0, m.score_scale)                         # (L, H, R, p0 + T)
+    with torch.no_grad():
+        att = load(arch, d)(torch.tensor([lay.prefix_ids + ids]), output_attentions=True).attentions
+    layer = 1   # full attention in both (Gemma 3's layers 0 and 2 are windowed)
+    p = np.exp(logits[layer] - logits[layer].max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(p, att[layer][0][:, p0 + rows].numpy(), atol=1e-4)
+    if arch == "gemma3":   # the old 1/sqrt(head_dim) gives other probabilities
+        old = entry_logits(q, keys, rows, p0)[layer]
+        old = np.exp(old - old.max(-1, keepdims=True))
+        assert np.abs(old / old.sum(-1, keepdims=True) - p).max() > 1e-2
+
+
+def test_qwen2_use_sliding_window_is_a_real_windowed_mask(tmp_path):
+    """Qwen2's ``use_sliding_window`` (layers from ``max_window_layers`` on see ``sliding_window``
+    KV slots) is handled, not ignored: the export matches transformers on a prompt longer than
+    the window, the manifest lists the window per layer, and injection still equals the joint prefill."""
+    from inducekv.export.build import export_bundle
+
+    d = save("qwen2-swa", tmp_path / "hf", tiny_tokenizer())
+    _, report = export_bundle(str(d), tmp_path / "bundle", progress=False, threads=1)
+    assert report["max_abs_logit_diff"] < 1e-4 and report["argmax_agreement"] == 1.0
+    rt = Runtime.open(tmp_path / "bundle")
+    assert rt.manifest.rope["layer_window"] == [None, WINDOW]
+    ids = rt.encode_prompt(PROMPT)
+    assert len(ids) > 3 * WINDOW
+    hf = load("qwen2-swa", d)
+    ref = hf_logits(hf, ids)
+    full, _ = rt.decoder.forward(ids, KVCache.empty(rt.manifest))
+    assert np.abs(full - ref).max() < 1e-4
+    from archutil import config, model_class
+
+    unwindowed = model_class("qwen2")(config("qwen2")).eval()   # the same weights without the window
+    unwindowed.load_state_dict(hf.state_dict())
+    assert np.abs(hf_logits(unwindowed, ids) - ref).max() > 1e-2   # the window matters on this prompt
+    assert rt.generate(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids == hf_greedy(hf, ids, 8)
+    lay = Layout(rt, TEMPLATES["facts"], "rerotate")
+    k, v = lay.encode_entry("What is the capital of Vexland?", "Morrow")
+    cache, pos = lay.assemble([(k, v)])
+    q = lay.query_ids("Which city is Vexland's capital?")
+    injected, _ = rt.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)))
+    joint, _ = rt.decoder.forward(lay.prefix_ids + lay.entry_ids("What is the capital of Vexland?", "Morrow") + q,
+                                  KVCache.empty(rt.manifest))
+    assert np.abs(injected - joint[-len(q):]).max() <= 1e-3

@@ -33,6 +33,8 @@ def edit(bundle, fn):
     (lambda m: m.update(weights="int3"), "int3"),
     (lambda m: m["files"].update({"../../etc/passwd": {"size": 1, "sha256": "x"}}), "outside the bundle"),
     (lambda m: m["files"].pop("tokenizer.json"), "tokenizer.json"),
+    (lambda m: m.update(attention_scale="0.25"), "attention_scale"),
+    (lambda m: m.update(attention_scale=-1.0), "attention_scale"),
 ])
 def test_bad_manifest_fields(bundle, change, words):
     edit(bundle, change)
@@ -64,3 +66,12 @@ def test_layer_count_mismatch_with_graph(bundle):
     edit(bundle, lambda m: m.update(num_layers=3))
     with pytest.raises(BundleError, match="does not match the manifest"):
         Runtime.open(bundle)
+
+
+def test_attention_scale_defaults_to_inverse_sqrt_head_dim(bundle):
+    """Bundles from before the field read as 1/sqrt(head_dim); a recorded scale wins."""
+    edit(bundle, lambda m: m.pop("attention_scale", None))
+    m = read_manifest(bundle)
+    assert m.attention_scale is None and m.score_scale == m.head_dim ** -0.5
+    edit(bundle, lambda m: m.update(attention_scale=0.125))
+    assert read_manifest(bundle).score_scale == 0.125

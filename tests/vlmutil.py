@@ -5,6 +5,7 @@ plus the architecture's image special tokens. Nothing is downloaded.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 IMAGE_SPECIALS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
@@ -75,4 +76,47 @@ def make_llava(d: Path) -> Path:
         tok, patch_size=7, vision_feature_select_strategy="default", num_additional_image_tokens=1)
     model.save_pretrained(d, safe_serialization=True)
     proc.save_pretrained(d)
+    return d
+
+
+# LLaVA-OneVision: tiles of 32 px (SigLIP, patch 8: 4 x 4 = 16 features per tile); grids up to 3 x 2
+# tiles; ``anyres_max_2`` so larger grids are pooled (bilinear) down to ~2 tiles of features,
+# exercising the layout step that ``anyres_max_9`` only reaches on big images.
+OV_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32], [96, 64]]
+OV_ASPECT = "anyres_max_2"
+
+
+def make_onevision(d: Path) -> Path:
+    """Tiny random LLaVA-OneVision: SigLIP tower + 2-layer Qwen2 text model (q/k/v biases)."""
+    import torch
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor)
+
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": IMAGE_SPECIALS + ["<video>"]})
+    text = _text_config(len(tok))
+    text.update(model_type="qwen2", rope_theta=30000.0)
+    cfg = LlavaOnevisionConfig(
+        text_config=text,
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio=OV_ASPECT,
+        image_grid_pinpoints=OV_PINPOINTS, tie_word_embeddings=False)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    _scale(model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # HF zero-initialises biases: randomise them so a dropped q/k/v bias shows
+        for name, p in model.named_parameters():
+            if "language_model" in name and name.endswith("bias"):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(d, safe_serialization=True)
+    # The HF processor needs a video processor (torchvision, absent here): write its parts and
+    # its processor_config.json the way LlavaOnevisionProcessor.save_pretrained does.
+    LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, image_grid_pinpoints=OV_PINPOINTS).save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 16, "vision_feature_select_strategy": "full",
+        "vision_aspect_ratio": OV_ASPECT, "image_token": "<image>", "video_token": "<video>"}))
     return d
