@@ -26,7 +26,7 @@ from pathlib import Path
 from inducekv.learn import learn_task
 from inducekv.memory.bank import Bank, example_hash
 from inducekv.runtime import Runtime
-from inducekv.runtime.memory import Memory
+from inducekv.runtime.memory import Memory, image_of
 from inducekv.runtime.scoring import score
 from inducekv.runtime.tasks import load_task
 
@@ -59,7 +59,7 @@ def run_family(bundle: Path, tasks: Path, family: str, ks: list[int], budget: in
         hits = {k: [] for k in [0, *ks]}
         top_right, gated, ttft = [], [], {k: [] for k in ks}
         for ex in test:
-            q = bank.calibrate(mem.query_key(ex.prompt, ex.image))
+            q = bank.calibrate(mem.query_key(ex.prompt, image_of(rt, ex)))
             ids, _ = mem.index.search(q, 1)
             top_right.append(entry_answer.get(int(ids[0])) in ex.answers)
             for k in [0, *ks]:

@@ -37,6 +37,11 @@ from inducekv.export import default_vlm as dv
 from inducekv.export import imagedata as data
 
 
+def _coin(rng, p: float) -> bool:
+    """True with probability p; draws nothing when p is 0 (so a recipe without it keeps its stream)."""
+    return bool(p) and bool(rng.random() < p)
+
+
 def _pixels(pictures, settings):
     """Images (arrays or ``Sample``s) -> pixel values (N, 3, H, W) by the runtime's preprocessing."""
     import torch
@@ -73,6 +78,20 @@ class Tower:
     def features(self, px):
         return self.connector(self.hidden(px))                                                # (B, n, hidden)
 
+    def load(self, path: Path) -> dict:
+        """Weights from a file this script wrote; returns its metadata (recipe, minutes)."""
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        pre_v, pre_c = "model.vision_model.", "model.connector."
+        self.vision.load_state_dict({k[len(pre_v):]: v for k, v in state.items() if k.startswith(pre_v)})
+        self.connector.load_state_dict({k[len(pre_c):]: v for k, v in state.items() if k.startswith(pre_c)})
+        with torch.no_grad():
+            self.added.copy_(state[dv.ADDED_KEY])
+        return meta
+
     def state_dict(self) -> dict:
         out = {"model.vision_model." + k: v for k, v in self.vision.state_dict().items()}
         out.update({"model.connector." + k: v for k, v in self.connector.state_dict().items()})
@@ -80,7 +99,7 @@ class Tower:
         return {k: v.detach().contiguous().float() for k, v in out.items()}
 
 
-def stage1(tower, settings, steps: int, batch: int, rng, log):
+def stage1(tower, settings, steps: int, batch: int, rng, log, varied: float = 0.0):
     """Tower pre-training with attribute heads."""
     import torch
 
@@ -94,9 +113,9 @@ def stage1(tower, settings, steps: int, batch: int, rng, log):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
     t0 = time.time()
     for step in range(steps):
-        shp = [data.shapes(rng, count=1 if rng.random() < 0.5 else None, varied=rng.random() < 0.5)
+        shp = [data.shapes(rng, count=1 if rng.random() < 0.5 else None, varied=_coin(rng, varied))
                for _ in range(batch // 2)]
-        dig = [data.digit(rng, "train", varied=rng.random() < 0.5) for _ in range(batch - batch // 2)]
+        dig = [data.digit(rng, "train", varied=_coin(rng, varied)) for _ in range(batch - batch // 2)]
         pooled = tower.hidden(_pixels(shp + dig, settings)).mean(1)                         # (B, C)
         loss = 0.0
         for name in ("colour", "shape", "count"):
@@ -169,12 +188,12 @@ def _expand(legacy, batch: int):
                                                 for k, v in legacy))
 
 
-def _direct_batch(render, which: int, batch: int, rng, pad_id: int):
+def _direct_batch(render, which: int, batch: int, rng, pad_id: int, varied: float):
     """Direct questions: (ids (B, S), attention mask (B, P + S), target (B, S), images)."""
     import torch
 
     fams = rng.choice(data.TRAINED, size=batch)
-    items = [data.sample(str(f), rng) if rng.random() < 0.5 else _varied(str(f), rng) for f in fams]
+    items = [_varied(str(f), rng) if _coin(rng, varied) else data.sample(str(f), rng) for f in fams]
     seqs = [render.ids(which, q, a) for _, q, a in items]
     S = max(len(s) for s, _ in seqs)
     P = len(render.prefixes[which])
@@ -198,7 +217,7 @@ def _varied(family: str, rng):
 
 
 def stage2(tower, lm, tok, settings, steps: int, batch: int, rng, log, image_token_id: int, new_ids: list[int],
-           episodes_share: float = 0.0, episode_batch: int = 8):
+           episodes_share: float = 0.0, episode_batch: int = 8, varied: float = 0.0, lr: float = 1.0):
     import torch
 
     from inducekv.export import episodes
@@ -215,14 +234,14 @@ def stage2(tower, lm, tok, settings, steps: int, batch: int, rng, log, image_tok
     P0 = len(layout.prefix_ids)
     pad_id = tok.pad_token_id or 0
     new_ids_t = torch.tensor(new_ids)
-    groups = [{"params": list(tower.vision.parameters()), "lr": 3e-4},
-              {"params": list(tower.connector.parameters()) + [tower.added], "lr": 1e-3}]
+    groups = [{"params": list(tower.vision.parameters()), "lr": 3e-4 * lr},
+              {"params": list(tower.connector.parameters()) + [tower.added], "lr": 1e-3 * lr}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[3e-4, 1e-3], total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[3e-4 * lr, 1e-3 * lr], total_steps=steps, pct_start=0.05)
     t0 = time.time()
     run = {"direct": [None, None], "episode": [None, None]}    # running loss, token accuracy
     for step in range(steps):
-        if rng.random() < episodes_share:
+        if _coin(rng, episodes_share):
             kind = "episode"
             eps = [episodes.episode(rng) for _ in range(episode_batch)]
             ids, mask, target, pics = episodes.batch(layout, eps, pad_id)
@@ -232,7 +251,7 @@ def stage2(tower, lm, tok, settings, steps: int, batch: int, rng, log, image_tok
         else:
             kind = "direct"
             which = int(rng.random() < 0.5)
-            ids, mask, target, pics = _direct_batch(render, which, batch, rng, pad_id)
+            ids, mask, target, pics = _direct_batch(render, which, batch, rng, pad_id, varied)
             cache, pos = _expand(prefix_kv[which], ids.shape[0]), None
         x = _embed(tower, emb, ids, tower.features(_pixels(pics, settings)), image_token_id, new_ids_t)
         h = lm.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -259,11 +278,15 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=dv.WEIGHTS)
-    ap.add_argument("--steps1", type=int, default=600, help="tower pre-training steps (batch --batch1)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from these weights (a file this script wrote) instead of a fresh tower")
+    ap.add_argument("--steps1", type=int, default=800, help="tower pre-training steps (batch --batch1)")
     ap.add_argument("--batch1", type=int, default=64)
-    ap.add_argument("--steps2", type=int, default=700, help="alignment steps through the frozen LM")
+    ap.add_argument("--steps2", type=int, default=900, help="alignment steps through the frozen LM")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--episodes", type=float, default=0.5, help="share of stage-2 steps that are in-context episodes")
+    ap.add_argument("--episodes", type=float, default=0.0, help="share of stage-2 steps that are in-context episodes")
+    ap.add_argument("--varied", type=float, default=0.0, help="share of images drawn as varied renderings")
+    ap.add_argument("--lr", type=float, default=1.0, help="stage-2 learning rates, as a factor of 3e-4 / 1e-3")
     ap.add_argument("--episode-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -288,18 +311,30 @@ def main(argv=None):
 
     settings = hfimages.settings_from_hf(dv.processor(tok))
     tower = Tower(cfg, lm.config.hidden_size, lm.model.embed_tokens.weight.detach().mean(0, keepdim=True))
+    before, earlier = 0.0, {}
+    if args.init:
+        earlier = tower.load(args.init)
+        before = float(earlier.get("train_minutes", 0.0))
+        log(f"started from {args.init} ({before:.1f} min of training, recipe {earlier.get('recipe')})")
     log(f"loaded backbone in {time.time() - t0:.0f} s; tower {sum(p.numel() for p in tower.parameters()):,} params")
-    stage1(tower, settings, args.steps1, args.batch1, rng, log)
+    if args.steps1:
+        stage1(tower, settings, args.steps1, args.batch1, rng, log, varied=args.varied)
     t1 = time.time()
     stage2(tower, lm, tok, settings, args.steps2, args.batch, rng, log, image_id, new_ids,
-           episodes_share=args.episodes, episode_batch=args.episode_batch)
+           episodes_share=args.episodes, episode_batch=args.episode_batch, varied=args.varied, lr=args.lr)
     total = time.time() - t0
-    log(f"trained in {total / 60:.1f} min (stage 2 {(time.time() - t1) / 60:.1f} min)")
+    log(f"trained in {total / 60:.1f} min (stage 2 {(time.time() - t1) / 60:.1f} min)"
+        + (f"; {before + total / 60:.1f} min with the run it started from" if args.init else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"recipe": json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}),
-            "vision": json.dumps(dv.VISION), "train_minutes": f"{total / 60:.1f}"}
+    recipe = json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+    meta = {"recipe": recipe, "vision": json.dumps(dv.VISION), "train_minutes": f"{before + total / 60:.1f}"}
+    if args.init:
+        meta["recipe"] = json.dumps([json.loads(earlier["recipe"]), json.loads(recipe)]
+                                    if not earlier.get("recipe", "").startswith("[")
+                                    else json.loads(earlier["recipe"]) + [json.loads(recipe)])
+    earlier_log = args.init.with_suffix(".log").read_text() if args.init and args.init.with_suffix(".log").is_file() else ""
     save_file(tower.state_dict(), str(args.out), metadata=meta)
-    (args.out.with_suffix(".log")).write_text("\n".join(log_lines) + "\n")
+    (args.out.with_suffix(".log")).write_text(earlier_log + "\n".join(log_lines) + "\n")
     log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
 
 
