@@ -12,7 +12,6 @@ from inducekv.core import contract
 from inducekv.core.errors import UnsupportedModelError
 from inducekv.runtime import anyres
 from inducekv.runtime.api import Runtime
-from inducekv.runtime.memory import TEMPLATES, Layout
 from inducekv.runtime.session import KVCache
 from inducekv.runtime.vision import with_image
 
@@ -152,19 +151,11 @@ def test_runtime_image_path_matches_hf(ov, hw):
 def test_image_entry_injected_equals_joint_prefill(ov):
     """An image-bearing entry (its tiles' features in the payload) injected where it was
     computed reproduces a joint prefill of prefix + entry + image query."""
-    rt = Runtime.open(ov[1])
-    lay = Layout(rt, TEMPLATES["facts"], "rerotate")
-    a, b = rt.encode_image(_image(1, 45, 60)), rt.encode_image(_image(2, 90, 31))
-    k, v = lay.encode_entry("What colour is the shape?", "teal", a)
-    assert k.shape[2] == len(lay.entry_ids("What colour is the shape?", "teal", a)) > a.features.shape[0]
-    cache, pos = lay.assemble([(k, v)])
-    q = lay.query_ids("What colour is the shape?", b)
-    injected, _ = rt.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)), features=b.features)
-    joint_ids = lay.prefix_ids + lay.entry_ids("What colour is the shape?", "teal", a) + q
-    joint, _ = rt.decoder.forward(joint_ids, KVCache.empty(rt.manifest),
-                                  features=np.concatenate([a.features, b.features]))
-    assert np.abs(injected - joint[-len(q):]).max() <= 1e-3
-    assert (injected.argmax(-1) == joint[-len(q):].argmax(-1)).all()
+    from vlmutil import injected_vs_joint
+
+    injected, joint = injected_vs_joint(ov[1], _image(1, 45, 60), _image(2, 90, 31))
+    assert np.abs(injected - joint).max() <= 1e-3
+    assert (injected.argmax(-1) == joint.argmax(-1)).all()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -12,7 +12,6 @@ from inducekv.core import contract
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
 from inducekv.core.errors import InduceKVError
-from inducekv.runtime.memory import TEMPLATES, Layout
 from learnutil import add_all
 from inducekv.runtime.session import KVCache, KeyEncoder
 from inducekv.runtime.vision import with_image
@@ -87,18 +86,10 @@ def test_runtime_image_path_matches_hf(arch, vlm_dirs, vlm_bundles):
 def test_image_entry_injected_equals_joint_prefill(vlm_bundles):
     """An image-bearing entry (its image tokens' K/V in the payload) injected where it was
     computed reproduces a joint prefill of prefix + entry + image query."""
-    rt = Runtime.open(vlm_bundles["idefics3"])
-    lay = Layout(rt, TEMPLATES["facts"], "rerotate")
-    a, b = rt.encode_image(_image(1)), rt.encode_image(_image(2))
-    k, v = lay.encode_entry("What colour is the shape?", "teal", a)
-    assert k.shape[2] == len(lay.entry_ids("What colour is the shape?", "teal", a)) > a.features.shape[0]
-    cache, pos = lay.assemble([(k, v)])
-    q = lay.query_ids("What colour is the shape?", b)
-    injected, _ = rt.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)), features=b.features)
-    joint_ids = lay.prefix_ids + lay.entry_ids("What colour is the shape?", "teal", a) + q
-    joint, _ = rt.decoder.forward(joint_ids, KVCache.empty(rt.manifest),
-                                  features=np.concatenate([a.features, b.features]))
-    assert np.abs(injected - joint[-len(q):]).max() <= 1e-3
+    from vlmutil import injected_vs_joint
+
+    injected, joint = injected_vs_joint(vlm_bundles["idefics3"], _image(1), _image(2))
+    assert np.abs(injected - joint).max() <= 1e-3
 
 
 def test_key_sees_the_image(vlm_bundles):

@@ -120,3 +120,26 @@ def make_onevision(d: Path) -> Path:
         "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 16, "vision_feature_select_strategy": "full",
         "vision_aspect_ratio": OV_ASPECT, "image_token": "<image>", "video_token": "<video>"}))
     return d
+
+
+def injected_vs_joint(bundle, a_image, b_image) -> tuple:
+    """Logits of an image query after one injected image-bearing entry, and of the joint prefill
+    of prefix + entry + query (the runtime's layout, ``facts`` template, rerotate)."""
+    import numpy as np
+
+    from inducekv.runtime import Runtime
+    from inducekv.runtime.memory import TEMPLATES, Layout
+    from inducekv.runtime.session import KVCache
+
+    rt = Runtime.open(bundle)
+    lay = Layout(rt, TEMPLATES["facts"], "rerotate")
+    a, b = rt.encode_image(a_image), rt.encode_image(b_image)
+    k, v = lay.encode_entry("What colour is the shape?", "teal", a)
+    assert k.shape[2] == len(lay.entry_ids("What colour is the shape?", "teal", a)) > a.features.shape[0]
+    cache, pos = lay.assemble([(k, v)])
+    q = lay.query_ids("What colour is the shape?", b)
+    injected, _ = rt.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)), features=b.features)
+    joint_ids = lay.prefix_ids + lay.entry_ids("What colour is the shape?", "teal", a) + q
+    joint, _ = rt.decoder.forward(joint_ids, KVCache.empty(rt.manifest),
+                                  features=np.concatenate([a.features, b.features]))
+    return injected, joint[-len(q):]
