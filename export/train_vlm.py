@@ -328,10 +328,9 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     recipe = json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
     meta = {"recipe": recipe, "vision": json.dumps(dv.VISION), "train_minutes": f"{before + total / 60:.1f}"}
-    if args.init:
-        meta["recipe"] = json.dumps([json.loads(earlier["recipe"]), json.loads(recipe)]
-                                    if not earlier.get("recipe", "").startswith("[")
-                                    else json.loads(earlier["recipe"]) + [json.loads(recipe)])
+    if args.init:   # the recipe becomes the list of runs, earliest first
+        runs = json.loads(earlier.get("recipe") or "[]")
+        meta["recipe"] = json.dumps((runs if isinstance(runs, list) else [runs]) + [json.loads(recipe)])
     earlier_log = args.init.with_suffix(".log").read_text() if args.init and args.init.with_suffix(".log").is_file() else ""
     save_file(tower.state_dict(), str(args.out), metadata=meta)
     (args.out.with_suffix(".log")).write_text(earlier_log + "\n".join(log_lines) + "\n")
