@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from inducekv.learn.progress import steps
 
-from inducekv.learn.candidates import Candidate, Scorer, unpack
+from inducekv.learn.candidates import Ask, Candidate, Scorer, unpack
 
 QUERIES = 16          # held-out candidate prompts used as queries (half fit, half validate)
 NEIGHBOURS = 3        # entries scored per query besides its own
@@ -79,22 +79,29 @@ def calibrate(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer
     if len(cands) < 4 or len(pool_keys) < 3:
         return Calibration(False, {"reason": "too few examples"})
     idx = rng.permutation(len(cands))[:QUERIES]
-    qs, targets = [], []
-    for i in steps(idx, "calibrate", "query", progress):
-        c = cands[i]
-        near = list(np.argsort(-cosine(apply(c.key), pool_keys))[:NEIGHBOURS])
+    nears = []
+    for i in idx:
+        near = list(np.argsort(-cosine(apply(cands[i].key), pool_keys))[:NEIGHBOURS])
         own = len(old_keys) + int(i)
-        if own not in near:
-            near.append(own)
+        nears.append(near if own in near else near + [own])
+
+    def kv_of(j: int):
+        if j >= len(old_keys):
+            cj = cands[j - len(old_keys)]
+            return unpack(bank.geo, cj.payload, cj.tokens, key_scale)
+        return old_kv(j)
+
+    def asks_of(n: int) -> list[Ask]:
+        c = cands[idx[n]]
         image = scorer.rt.encode_image(c.image) if c.image else None
-        gains = []
-        for j in near:
-            if j >= len(old_keys):
-                cj = cands[j - len(old_keys)]
-                kv = unpack(bank.geo, cj.payload, cj.tokens, key_scale)
-            else:
-                kv = old_kv(j)
-            gains.append(scorer.logp(c.prompt, c.answer, [kv], image) - c.base)
+        return [Ask(c.prompt, c.answer, lambda j=j: [kv_of(j)], image) for j in nears[n]]
+
+    scores = iter(list(scorer.logp_many(a for n in steps(range(len(idx)), "calibrate", "query", progress)
+                                        for a in asks_of(n))))
+    qs, targets = [], []
+    for n, i in enumerate(idx):
+        c, near = cands[i], nears[n]
+        gains = [next(scores) - c.base for _ in near]
         w = np.zeros(len(pool_keys))
         e = np.exp((np.array(gains) - max(gains)) / GAIN_TEMP)
         w[near] = e / e.sum()
@@ -147,21 +154,30 @@ def fit_injection(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, sc
         return InjectionFit(False, None, {"reason": "too few entries"})
     taus = (None,) + TAUS
     logps = {t: [] for t in taus}
-    for i in steps(rng.permutation(len(cands))[:n_queries], "weighting", "query", progress):
-        c = cands[int(i)]
-        sims = cosine(query_map(c.key), pool_keys)                  # the index's scores
-        top = np.argsort(-sims)[:k]
-        kvs = []
-        for j in top:
-            j = int(j)
-            kvs.append(unpack(bank.geo, cands[j - len(old_keys)].payload, cands[j - len(old_keys)].tokens, key_scale)
-                       if j >= len(old_keys) else old_kv(j))
+    queries = rng.permutation(len(cands))[:n_queries]
+    tops = []                                                       # the index's scores and top k per query
+    for i in queries:
+        sims = cosine(query_map(cands[int(i)].key), pool_keys)
+        tops.append((sims, np.argsort(-sims)[:k]))
+
+    def asks_of(n: int) -> list[Ask]:
+        c, (sims, top) = cands[int(queries[n])], tops[n]
+        kvs = [unpack(bank.geo, cands[j - len(old_keys)].payload, cands[j - len(old_keys)].tokens, key_scale)
+               if j >= len(old_keys) else old_kv(j) for j in map(int, top)]
         if any(kv is None for kv in kvs):
-            continue
+            return []
         image = scorer.rt.encode_image(c.image) if c.image else None
+        out = []
         for t in taus:
             order, w = Injection(t).plan(sims[top])     # what the runtime injects, in its order
-            logps[t].append(scorer.logp(c.prompt, c.answer, [kvs[i] for i in order], image, weights=w))
+            out.append(Ask(c.prompt, c.answer, [kvs[i] for i in order], image, weights=w))
+        return out
+
+    scores = list(scorer.logp_many(a for n in steps(range(len(queries)), "weighting", "query", progress)
+                                   for a in asks_of(n)))
+    for n in range(0, len(scores), len(taus)):
+        for t, x in zip(taus, scores[n:n + len(taus)]):
+            logps[t].append(x)
     if not logps[None]:
         return InjectionFit(False, None, {"reason": "no query could be scored"})
     loss = {t: -float(np.mean(v)) for t, v in logps.items()}

@@ -15,18 +15,22 @@ write), so a learn's RAM does not grow with its payloads (keys and scores stay i
 """
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
+from inducekv.learn.defaults import SCORE_BATCH
 from inducekv.learn.progress import steps
 
 from inducekv.core.errors import InduceKVError
 from inducekv.kernels import kvquant
 from inducekv.memory.bank import NewEntry, example_hash
 from inducekv.runtime.memory import Layout, entry_bias, image_of, key_of
+from inducekv.runtime.vision import with_image
 from inducekv.runtime.session import KeyEncoder
 from inducekv.runtime.tasks import Example
 
@@ -119,31 +123,72 @@ def as_example(ex, n: int = 0) -> Example:
     return Example(prompt, tuple(answers), Path(image) if image is not None else None, n)
 
 
-class Scorer:
-    """Mean log-probability of an answer's tokens after a prompt, with entries in memory."""
+@dataclass
+class Ask:
+    """One scoring request: mean log p(answer | prompt) with ``entries`` in memory (a list as
+    ``Scorer.logp`` takes, or a callable that makes it when its batch is built, so only one
+    batch of entries is in RAM at a time)."""
+    prompt: str
+    answer: str
+    entries: object = ()
+    image: object = None
+    weights: np.ndarray | None = None
+    gates: object = None
 
-    def __init__(self, rt, layout: Layout):
-        self.rt, self.layout = rt, layout
+
+class Scorer:
+    """Mean log-probability of an answer's tokens after a prompt, with entries in memory,
+    scored ``batch`` requests per decoder pass (padded; each row attends to what it would
+    alone: ``runtime.session.batch_feed``)."""
+
+    def __init__(self, rt, layout: Layout, batch: int = SCORE_BATCH):
+        self.rt, self.layout, self.batch = rt, layout, max(1, int(batch))
 
     def logp(self, prompt: str, answer: str, entries: list[tuple[np.ndarray, np.ndarray]], image=None,
              weights: np.ndarray | None = None, gates=None) -> float:
         """``entries``: float K/V (L, H_kv, T, D) each, with a third item (L, T) for a
         sparse entry's mask (``unpack``); ``image``: the query's ``vision.ImageInput``;
         ``weights``/``gates``: the injection weighting (``runtime.memory.Injection``)."""
-        cache, pos = self.layout.assemble(entries, gates)
-        q = self.layout.query_ids(prompt, image)
-        a = self.rt.tokenizer.encode(answer, bos=False)
-        ids = q + a
-        masks = [e[2] if len(e) > 2 else None for e in entries]                    # sparse entries' (L, T)
-        bias = entry_bias(self.layout.p0, [e[0].shape[2] for e in entries], weights, masks)
-        if bias is not None:                                                       # (past + len(ids),) or (L, ...)
-            bias = np.concatenate([bias, np.zeros(bias.shape[:-1] + (len(ids),), np.float32)], axis=-1)
-        logits, _ = self.rt.decoder.forward(ids, cache, positions=np.arange(pos, pos + len(ids)),
-                                            features=image.features if image is not None else None, bias=bias)
-        rows = logits[len(q) - 1: len(ids) - 1].astype(np.float64)               # (len(a), V)
-        rows -= rows.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(rows).sum(axis=1))
-        return float(np.mean(rows[np.arange(len(a)), a] - lse))
+        return self._batch([Ask(prompt, answer, entries, image, weights, gates)])[0]
+
+    def logp_many(self, asks: Iterable[Ask]) -> Iterator[float]:
+        """``logp`` of each request, in order, ``batch`` at a time (a lazy iterable is consumed
+        one batch ahead)."""
+        it = iter(asks)
+        while chunk := list(itertools.islice(it, self.batch)):
+            yield from self._batch(chunk)
+
+    def _batch(self, asks: list[Ask]) -> list[float]:
+        lay, tok, m = self.layout, self.rt.tokenizer, self.rt.manifest
+        entries = [a.entries() if callable(a.entries) else list(a.entries) for a in asks]
+        qs = [lay.query_ids(a.prompt, a.image) for a in asks]
+        ans = [tok.encode(a.answer, bos=False) for a in asks]
+        ids = [q + x for q, x in zip(qs, ans)]
+        past = [lay.p0 + sum(e[0].shape[2] for e in es) for es in entries]           # each row's past slots
+        B, P, S, L = len(asks), max(past), max(len(x) for x in ids), m.num_layers
+        past_k = [np.zeros((B, m.num_kv_heads, P, m.head_dim), np.float32) for _ in range(L)]
+        past_v = [np.zeros_like(x) for x in past_k]
+        bias = np.zeros((B, L, P + S), np.float32)
+        positions = []
+        for r, (a, es) in enumerate(zip(asks, entries)):
+            cache, pos = lay.assemble(es, a.gates)       # the layout's buffers: copied out before the next row
+            for i in range(L):
+                past_k[i][r, :, :past[r]] = cache.keys[i][0]
+                past_v[i][r, :, :past[r]] = cache.values[i][0]
+            b = entry_bias(lay.p0, [e[0].shape[2] for e in es], a.weights, [e[2] if len(e) > 2 else None for e in es])
+            if b is not None:                                                          # (past,) or (L, past)
+                bias[r, :, :past[r]] = b
+            positions.append(np.arange(pos, pos + len(ids[r])))
+        logits, _ = self.rt.decoder.forward_batch(ids, past_k, past_v, past, positions,
+                                                  [a.image.features if a.image is not None else None for a in asks],
+                                                  bias if bias.any() else None)         # (B, S, V)
+        out = []
+        for r, (q, x) in enumerate(zip(qs, ans)):
+            rows = logits[r, len(q) - 1: len(q) + len(x) - 1].astype(np.float64)     # (len(answer), V)
+            rows -= rows.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(rows).sum(axis=1))
+            out.append(float(np.mean(rows[np.arange(len(x)), x] - lse)))
+        return out
 
 
 def unpack(geo, payload: bytes, tokens: int, key_scale: np.ndarray | None = None) -> tuple:
@@ -181,28 +226,36 @@ def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progr
     ``learn.compact.Compactor`` that keeps some of each entry's tokens, None keeps all;
     ``spool``: keep the payloads there, not in RAM)."""
     scorer, out = Scorer(rt, layout), []
-    for n, ex in enumerate(steps(examples, "encode", "ex", progress), start=1):
-        ex = as_example(ex, n)
-        prompt, answer = ex.prompt, ex.answers[0]
-        image = image_of(rt, ex)
-        extra = {}
-        if getattr(compactor, "encodes", False):                    # perlayer: one probe pass, slot map
-            k, v, extra = compactor.encode(prompt, answer, image)
+    made = Candidate if spool is None else (lambda *a, **kw: SpooledCandidate(spool, *a, **kw))
+    it = iter(steps([as_example(ex, n) for n, ex in enumerate(examples, start=1)], "encode", "ex", progress))
+    while chunk := list(itertools.islice(it, scorer.batch)):
+        items = [(ex.prompt, ex.answers[0], image_of(rt, ex)) for ex in chunk]
+        if getattr(compactor, "encodes", False):                    # perlayer: one probe pass, slot maps
+            kvs = compactor.encode_many(items)
         else:
-            k, v = layout.encode_entry(prompt, answer, image)
-            if compactor is not None:
-                k, v, _ = compactor(prompt, answer, k, v, image)
-        if extra.get("span", k.shape[2]) > geo.max_tokens:
-            raise InduceKVError(f"example {prompt[:40]!r} renders to {extra.get('span', k.shape[2])} tokens; this bank holds "
-                                f"entries of at most {geo.max_tokens}")
-        try:
-            payload = kvquant.pack(k, v, geo.scheme, key_scale, **extra)
-        except ValueError as e:  # e.g. values outside the scheme's range
-            raise InduceKVError(f"example {prompt[:40]!r} cannot be stored as {geo.scheme}: {e}") from None
-        made = Candidate if spool is None else (lambda *a, **kw: SpooledCandidate(spool, *a, **kw))
-        c = made(prompt, answer, payload, k.shape[2], key_of(rt, keys, prompt, image),
-                 image=str(Path(ex.image).resolve()) if ex.image is not None else None)
-        c.base = scorer.logp(prompt, answer, [], image)
-        c.gain = scorer.logp(prompt, answer, [unpack(geo, payload, c.tokens, key_scale)], image) - c.base
-        out.append(c)
+            kvs = []
+            for (prompt, answer, image), (k, v) in zip(items, layout.encode_entries(items)):
+                if compactor is not None:
+                    k, v, _ = compactor(prompt, answer, k, v, image)
+                kvs.append((k, v, {}))
+        keyv = keys.batch([rt.tokenizer.encode(with_image(p, im, rt.manifest)) for p, _, im in items],
+                          [im.features if im is not None else None for _, _, im in items])       # (B, K)
+        fresh = []
+        for ex, (prompt, answer, image), (k, v, extra), key in zip(chunk, items, kvs, keyv):
+            if extra.get("span", k.shape[2]) > geo.max_tokens:
+                raise InduceKVError(f"example {prompt[:40]!r} renders to {extra.get('span', k.shape[2])} tokens; "
+                                    f"this bank holds entries of at most {geo.max_tokens}")
+            try:
+                payload = kvquant.pack(k, v, geo.scheme, key_scale, **extra)
+            except ValueError as e:  # e.g. values outside the scheme's range
+                raise InduceKVError(f"example {prompt[:40]!r} cannot be stored as {geo.scheme}: {e}") from None
+            fresh.append(made(prompt, answer, payload, k.shape[2], key,
+                              image=str(Path(ex.image).resolve()) if ex.image is not None else None))
+        asks = [Ask(c.prompt, c.answer, [], im) for c, (_, _, im) in zip(fresh, items)]
+        asks += [Ask(c.prompt, c.answer, [unpack(geo, c.payload, c.tokens, key_scale)], im)
+                 for c, (_, _, im) in zip(fresh, items)]
+        scores = list(scorer.logp_many(asks))
+        for c, base, with_entry in zip(fresh, scores[:len(fresh)], scores[len(fresh):]):
+            c.base, c.gain = base, with_entry - base
+        out.extend(fresh)
     return out

@@ -69,7 +69,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         from inducekv.runtime.api import Runtime
 
         t0 = time.perf_counter()
-        rt = Runtime.open(bundle, device=load_profile(device))
+        rt = Runtime.open(bundle, device=load_profile(device), learn=True)
         res = learn_task(rt, memory, task_path, name=name, budget=budget, scheme=scheme, strategy=strategy, seed=seed,
                          n_anchors=n_anchors, reserve=reserve, compact=compact, slots=slots, keep=keep, dry_run=dry_run,
                          gated=gate, progress=progress_enabled(quiet))

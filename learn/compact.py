@@ -39,7 +39,7 @@ from inducekv.kernels.positions import layer_thetas, rerotate_tokens
 from inducekv.kernels import kvquant
 from inducekv.learn.defaults import COMPACT_KEEP as DEFAULT_KEEP, COMPACT_METHODS as METHODS, COMPACT_SLOTS as DEFAULT_SLOTS
 from inducekv.runtime.memory import Layout
-from inducekv.runtime.session import KVCache, _first_input, _session
+from inducekv.runtime.session import KVCache, _first_input, _session, batch_feed, shared_past
 
 COMPACT_KEY = "compact"   # catalog extra: {"method": str, "slots": int | None}
 MAX_NEW = 12              # greedy answer tokens whose attention scores the entry
@@ -237,7 +237,9 @@ class Probe:
     def __init__(self, rt, method: str = "genv"):
         m = rt.manifest
         name = require_probe(rt, method)
-        self.rt, self.sess = rt, _session(rt.bundle_dir / name, rt.profile)
+        # a runtime opened with learn=True already serves from the probe graph: one session, one copy
+        self.rt = rt
+        self.sess = rt.decoder.sess if getattr(rt.decoder, "probe", False) else _session(rt.bundle_dir / name, rt.profile)
         L = m.num_layers
         ins = [i.name for i in self.sess.get_inputs()]
         outs = [o.name for o in self.sess.get_outputs()]
@@ -262,6 +264,18 @@ class Probe:
         values = np.stack([x[0] for x in out[1:2 * L:2]])
         queries = np.stack([x[0] for x in out[2 * L:]])
         return queries, keys, values
+
+    def run_batch(self, ids: list[list[int]], cache: KVCache, positions: list, features: list | None = None):
+        """``run`` for B entries after the same ``cache``, in one padded pass: a list of
+        (queries (L, S_r, H*D), keys, values (L, H_kv, past+S_r, D)) per row."""
+        m, P, B = self.rt.manifest, cache.length, len(ids)
+        L = m.num_layers
+        past_k, past_v = shared_past(cache, B)
+        feed = batch_feed(m, self.rt.decoder.embed, ids, past_k, past_v, [P] * B, positions, features)
+        out = self.sess.run(self.names, feed)
+        keys, values, queries = np.stack(out[0:2 * L:2]), np.stack(out[1:2 * L:2]), np.stack(out[2 * L:])
+        return [(queries[:, r, :len(x)], keys[:, r, :, :P + len(x)], values[:, r, :, :P + len(x)])
+                for r, x in enumerate(ids)]                   # (L, B, S, H*D), (L, B, H_kv, P+S, D) sliced
 
 
 class Compactor:

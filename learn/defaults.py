@@ -10,3 +10,5 @@ COMPACT_KEEP = 0.5       # --keep of a new perlayer bank: share of an entry's to
                          # (chosen on dev questions of the train files, README "Compact entries")
 COMPACT_SLOTS = 10       # --slots of a new genv bank (spike: 0.617 vs 0.650 full on train-template paraphrases;
                          # on the test files far lower, README "Compact entries")
+SCORE_BATCH = 8          # examples per decoder pass when a learn encodes and scores (learn/candidates.py;
+                         # padded batches: README "Learn speed")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inducekv.learn.calibrate import cosine
-from inducekv.learn.candidates import Candidate, Scorer, unpack
+from inducekv.learn.candidates import Ask, Candidate, Scorer, unpack
 from inducekv.learn.progress import steps
 from inducekv.runtime.memory import TWIN_LOOK, gate_margin
 
@@ -57,19 +57,24 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
     if len(pool) < 3:
         return GateFit(None, {"reason": "too few entries"})
     n_old = len(old_keys)
-    margins, gains = [], []
-    for i in steps(rng.permutation(len(cands))[:n_queries], "gate", "query", progress):
+    margins, asks, bases = [], [], []
+    for i in rng.permutation(len(cands))[:n_queries]:
         c = cands[int(i)]
         s = cosine(query_map(c.key), pool)                   # the index's scores
         s[n_old + int(i)] = -np.inf                          # its own entry left out
         order = np.argsort(-s)[:len(s) - 1]                  # (its own entry is last)
         j = int(order[0])
-        kv = unpack(geo, cands[j - n_old].payload, cands[j - n_old].tokens, key_scale) if j >= n_old else old_kv(j)
+        kv = (lambda j=j: [unpack(geo, cands[j - n_old].payload, cands[j - n_old].tokens, key_scale)]) \
+            if j >= n_old else old_kv(j)
         if kv is None:
             continue
-        image = scorer.rt.encode_image(c.image) if c.image else None
+        if not callable(kv):
+            kv = [kv]
         margins.append(gate_margin(order[:2 + TWIN_LOOK], s[order[:2 + TWIN_LOOK]], twins or {}))
-        gains.append(scorer.logp(c.prompt, c.answer, [kv], image) - c.base)
+        asks.append((c, kv))
+    scored = list(scorer.logp_many(Ask(c.prompt, c.answer, kv, scorer.rt.encode_image(c.image) if c.image else None)
+                                   for c, kv in steps(asks, "gate", "query", progress)))
+    gains = [x - c.base for (c, _), x in zip(asks, scored)]
     margins, gains = np.array(margins), np.array(gains)
     harmful = margins[gains < 0]
     report = {"queries": len(margins), "harmful": int(len(harmful)),

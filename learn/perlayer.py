@@ -89,11 +89,19 @@ class PerLayer:
 
     def encode(self, prompt: str, answer: str, image=None) -> tuple[np.ndarray, np.ndarray, dict]:
         """The entry's kept K, V (L, H_kv, c, D) and its slot map (``kvquant.pack`` extras)."""
+        return self.encode_many([(prompt, answer, image)])[0]
+
+    def encode_many(self, items: list[tuple]) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+        """``encode`` for several (prompt, answer, image) in one probe pass."""
         lay = self.layout
-        ids = lay.entry_ids(prompt, answer, image)
-        p0, T = lay.p0, len(ids)
-        q, keys, values = self.probe.run(ids, lay.prefix_cache, np.arange(p0, p0 + T),
-                                         image.features if image is not None else None)
+        ids = [lay.entry_ids(p, a, im) for p, a, im in items]
+        runs = self.probe.run_batch(ids, lay.prefix_cache, [np.arange(lay.p0, lay.p0 + len(x)) for x in ids],
+                                    [im.features if im is not None else None for _, _, im in items])
+        return [self._keep(p, a, im, *run) for (p, a, im), run in zip(items, runs)]
+
+    def _keep(self, prompt: str, answer: str, image, q, keys, values) -> tuple[np.ndarray, np.ndarray, dict]:
+        lay = self.layout
+        p0, T = lay.p0, q.shape[1]
         span = answer_span(self.rt, lay, prompt, answer, image)
         slots, bias = choose(entry_logits(q, keys, window_rows(T, span), p0, self.rt.manifest.score_scale),
                              p0, span, self.keep)

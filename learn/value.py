@@ -31,7 +31,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from inducekv.learn.calibrate import cosine
-from inducekv.learn.candidates import Candidate, Scorer, unpack
+from inducekv.learn.candidates import Ask, Candidate, Scorer, unpack
 from inducekv.learn.progress import steps
 
 NEIGHBOURS = 2    # held-out neighbours each example is asked with
@@ -47,15 +47,23 @@ def neighbour_gains(geo, cands: list[Candidate], scorer: Scorer, key_scale=None,
             c.neighbours, c.neighbour_gains = (), ()
         return
     keys = np.stack([c.key for c in cands])                                   # (N, K)
-    for j in steps(range(len(cands)), "value", "ex", progress):
-        c = cands[j]
+    near = []
+    for j, c in enumerate(cands):
         s = cosine(c.key, keys)
         s[j] = -np.inf                                                        # its own entry left out
-        near = [int(i) for i in np.argsort(-s)[:min(n, len(cands) - 1)]]
+        near.append([int(i) for i in np.argsort(-s)[:min(n, len(cands) - 1)]])
+
+    def asks_of(j: int) -> list[Ask]:                                         # entries made when batched
+        c = cands[j]
         image = scorer.rt.encode_image(c.image) if c.image else None
-        gains = [scorer.logp(c.prompt, c.answer, [unpack(geo, cands[i].payload, cands[i].tokens, key_scale)], image)
-                 - c.base for i in near]
-        c.neighbours, c.neighbour_gains = tuple(near), tuple(float(g) for g in gains)
+        return [Ask(c.prompt, c.answer, lambda i=i: [unpack(geo, cands[i].payload, cands[i].tokens, key_scale)],
+                    image) for i in near[j]]
+
+    asks = (a for j in steps(range(len(cands)), "value", "ex", progress) for a in asks_of(j))
+    scores = iter(list(scorer.logp_many(asks)))   # run to the end: the last progress report
+    for j, c in enumerate(cands):
+        c.neighbours = tuple(near[j])
+        c.neighbour_gains = tuple(float(next(scores) - c.base) for _ in near[j])
 
 
 def _twins(c: Candidate) -> list[int]:

@@ -85,14 +85,14 @@ class Result:
 class Runtime:
     """A frozen decoder from a bundle, ready to generate (torch-free)."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, profile: DeviceProfile):
+    def __init__(self, bundle_dir: Path, manifest: Manifest, profile: DeviceProfile, learn: bool = False):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.profile = profile
         st = manifest.special_tokens
         self.tokenizer = ChatTokenizer(bundle_dir / contract.TOKENIZER_FILE, manifest.chat_template,
                                        st.get("bos_token_id"), manifest.add_bos_token)
-        self.decoder = Decoder(bundle_dir, manifest, profile)
+        self.decoder = Decoder(bundle_dir, manifest, profile, probe=learn)
         self.eos_ids = set(int(i) for i in st.get("eos_token_ids", []))
         self.memory = None  # runtime.memory.Memory when opened with a bank
         self._warned_bias = False
@@ -124,12 +124,14 @@ class Runtime:
 
     @classmethod
     def open(cls, bundle: str | Path, memory: str | Path | None = None, device: str | DeviceProfile = "cpu",
-             verify: bool = False) -> "Runtime":
+             verify: bool = False, learn: bool = False) -> "Runtime":
         """Open a bundle, and a memory bank (.ikv) to retrieve from; ``verify`` re-hashes
-        every bundle file against the manifest."""
+        every bundle file against the manifest. ``learn``: this runtime will also learn
+        (``inducekv.learn``): its decoder is the bundle's probe graph, so learning needs no
+        second copy of the weights (about half the RAM of a learn; decode ~2% slower)."""
         profile = device if isinstance(device, DeviceProfile) else load_profile(device)
         bundle_dir = Path(bundle)
-        rt = cls(bundle_dir, read_manifest(bundle_dir, verify_hashes=verify), profile)
+        rt = cls(bundle_dir, read_manifest(bundle_dir, verify_hashes=verify), profile, learn=learn)
         if memory is not None:
             rt.memory = rt.open_memory(memory)
         return rt

@@ -39,7 +39,7 @@ from inducekv.memory.format import RELEVANCE_KEY   # catalog extra: task -> the 
 from inducekv.memory.format import TWINS_KEY       # catalog extra: entry id -> twin group
 from inducekv.memory.index import open_index
 from inducekv.core.errors import InduceKVError
-from inducekv.runtime.session import KVCache, KeyEncoder, require_memory_support
+from inducekv.runtime.session import shared_past, KVCache, KeyEncoder, require_memory_support
 from inducekv.runtime.vision import with_image
 
 POLICIES = ("rerotate", "parallel")
@@ -236,6 +236,17 @@ class Layout:
         k = np.stack([x[0, :, P0:] for x in cache.keys])                     # (L, H_kv, T, D)
         v = np.stack([x[0, :, P0:] for x in cache.values])
         return k, v
+
+    def encode_entries(self, items: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``encode_entry`` for several (prompt, answer, image) in one padded decoder pass."""
+        ids = [self.entry_ids(p, a, im) for p, a, im in items]
+        B, P0 = len(ids), self.p0
+        past_k, past_v = shared_past(self.prefix_cache, B)
+        _, cache = self.rt.decoder.forward_batch(ids, past_k, past_v, [P0] * B,
+                                                 [np.arange(P0, P0 + len(x)) for x in ids],
+                                                 [_features(im) for _, _, im in items], logits=False)
+        return [(np.stack([x[r, :, P0:P0 + len(t)] for x in cache.keys]),       # (L, H_kv, T_r, D)
+                 np.stack([x[r, :, P0:P0 + len(t)] for x in cache.values])) for r, t in enumerate(ids)]
 
     def assemble(self, entries: list[tuple], gates=None) -> tuple[KVCache, int]:
         """Past KV = prefix + float entries (L, H_kv, T, D) by the policy; returns it and the

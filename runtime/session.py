@@ -3,6 +3,13 @@
 Past KV layout per layer (the bundle contract, ``core/contract.py``)::
 
     key, value: (1, H_kv, T, D) float32
+
+Batches (``batch_feed``; the learn job scores and encodes several examples per pass):
+row r's past fills the first ``past_lens[r]`` of ``P`` past slots, its ``S_r`` new tokens
+the first ``S_r`` of ``S`` new slots; the attention mask hides the padding, so each row
+attends to exactly what it would alone (positions are explicit)::
+
+    past key, value: (B, H_kv, P, D)      mask: (B, P + S)      ids: (B, S) or embeds (B, S, hidden)
 """
 from __future__ import annotations
 
@@ -73,6 +80,57 @@ def _first_input(embed, ids, features) -> dict:
     return {contract.INPUTS_EMBEDS: embed(ids, features)}                   # (1, T, hidden)
 
 
+def batch_first(embed, ids: list, features: list | None = None) -> dict:
+    """The first input of a right-padded batch: ids (B, S), or embeds (B, S, hidden) for a
+    multimodal bundle (``features``: B arrays or None, each row's image tokens' rows)."""
+    B, S = len(ids), max(len(x) for x in ids)
+    feats = features or [None] * B
+    if embed is None:
+        if any(f is not None for f in feats):
+            raise BundleError("image features given to a text-only bundle")
+        first = np.zeros((B, S), np.int64)
+        for r, x in enumerate(ids):
+            first[r, :len(x)] = x
+        return {contract.INPUT_IDS: first}                                      # (B, S)
+    x0 = np.zeros((B, S, embed.table.shape[1]), np.float32)
+    for r, (x, f) in enumerate(zip(ids, feats)):
+        x0[r, :len(x)] = embed(x, f)[0]
+    return {contract.INPUTS_EMBEDS: x0}                                         # (B, S, hidden)
+
+
+def batch_feed(m: Manifest, embed, ids: list, past_k: list, past_v: list, past_lens: list[int],
+               positions: list, features: list | None = None, bias: np.ndarray | None = None,
+               with_bias: bool = True) -> dict:
+    """The feed of a padded batch (module docstring): ``ids`` B token lists, ``past_k``/``past_v``
+    per layer (B, H_kv, P, D), ``positions`` B arrays (S_r,), ``features`` B arrays or None
+    (image rows), ``bias`` (B, L, P + S) or None (zeros)."""
+    B, S, P = len(ids), max(len(x) for x in ids), past_k[0].shape[2]
+    mask = np.zeros((B, P + S), np.int64)
+    pos = np.zeros((B, S), np.int64)
+    for r, x in enumerate(ids):
+        mask[r, :past_lens[r]] = 1
+        mask[r, P:P + len(x)] = 1
+        p = np.asarray(positions[r], np.int64)
+        pos[r, :len(x)] = p
+        pos[r, len(x):] = (p[-1] if len(p) else 0) + 1 + np.arange(S - len(x))   # padding: any position
+    feed = {**batch_first(embed, ids, features), contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos}
+    for i in range(m.num_layers):
+        feed[contract.past_key(i)] = past_k[i]
+        feed[contract.past_value(i)] = past_v[i]
+    if with_bias:
+        feed[contract.ATTENTION_BIAS] = (np.zeros((B, m.num_layers, P + S), np.float32) if bias is None
+                                         else np.ascontiguousarray(bias, np.float32))
+    elif bias is not None and np.any(bias):
+        raise BundleError("this bundle's decoder takes no attention bias (weighted memory injection); "
+                          "re-export it with this inducekv version")
+    return feed
+
+
+def shared_past(cache: "KVCache", B: int) -> tuple[list, list]:
+    """One cache (1, H_kv, P, D) per layer as the past of all B rows of a batch."""
+    return ([np.repeat(k, B, axis=0) for k in cache.keys], [np.repeat(v, B, axis=0) for v in cache.values])
+
+
 def require_memory_support(manifest: Manifest) -> None:
     """Memory (learning into a bank, serving from one) needs the native graph's retrieval-key graph;
     an ``--graph optimum`` bundle (or one exported before key graphs) is refused in one line."""
@@ -107,13 +165,31 @@ class KeyEncoder:
         }
         return self.sess.run([contract.KEY_OUTPUT], feed)[0][0]                   # (dim,)
 
+    def batch(self, ids: list[list[int]], features: list | None = None) -> np.ndarray:
+        """Keys (B, dim) of B token sequences in one pass (right-padded; the key graph's masked
+        mean and causal attention leave each row's key as it would be alone)."""
+        B, S = len(ids), max(len(x) for x in ids)
+        mask = np.zeros((B, S), np.int64)
+        for r, x in enumerate(ids):
+            mask[r, :len(x)] = 1
+        feed = {**batch_first(self.embed, ids, features), contract.ATTENTION_MASK: mask,
+                contract.POSITION_IDS: np.tile(np.arange(S, dtype=np.int64), (B, 1))}
+        return self.sess.run([contract.KEY_OUTPUT], feed)[0]                      # (B, dim)
+
 
 class Decoder:
-    """The decoder graph: prefill and decode steps over a ``KVCache``."""
+    """The decoder graph: prefill and decode steps over a ``KVCache``.
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, profile: DeviceProfile):
+    ``probe``: load the bundle's probe graph instead (the decoder plus every layer's queries,
+    ``contract.probe_outputs``): the same steps, and the learn job's probe passes run on this
+    same session (``learn.compact.Probe``), so serving and learning share one copy of the
+    weights in RAM instead of two (measured: decode ~2% slower, README "Learn speed")."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, profile: DeviceProfile, probe: bool = False):
         self.m = manifest
-        self.sess = _session(bundle_dir / contract.DECODER_FILE, profile)
+        graph = (manifest.probe or {}).get("graph") if probe else None
+        self.probe = bool(graph) and (bundle_dir / graph).is_file()    # a bundle without one: the decoder
+        self.sess = _session(bundle_dir / (graph if self.probe else contract.DECODER_FILE), profile)
         self.embed = _embedder(bundle_dir, manifest)
         self._check_io()
         L = manifest.num_layers
@@ -136,8 +212,8 @@ class Decoder:
         ins = [i.name for i in self.sess.get_inputs()]
         outs = [o.name for o in self.sess.get_outputs()]
         self.has_bias = ins == contract.decoder_inputs(L, self.embed is not None, bias=True)
-        if not (self.has_bias or ins == contract.decoder_inputs(L, self.embed is not None)) \
-                or outs != contract.decoder_outputs(L):
+        want = contract.probe_outputs(L) if self.probe else contract.decoder_outputs(L)
+        if not (self.has_bias or ins == contract.decoder_inputs(L, self.embed is not None)) or outs != want:
             raise BundleError(
                 f"decoder graph I/O does not match the manifest ({len(ins)} inputs for {L} layers); "
                 "the bundle is mismatched, re-export it")
@@ -179,3 +255,15 @@ class Decoder:
         out = self.sess.run(self.out_names, feed)
         logits = out[0][0]                                                    # (T, V)
         return logits, KVCache(out[1::2], out[2::2])
+
+    def forward_batch(self, ids: list, past_k: list, past_v: list, past_lens: list[int], positions: list,
+                      features: list | None = None, bias: np.ndarray | None = None,
+                      logits: bool = True) -> tuple[np.ndarray | None, KVCache | None]:
+        """B rows in one pass, padded (``batch_feed``). Returns logits (B, S, V) when ``logits``,
+        else the grown past (B, H_kv, P + S, D) per layer (row r's new tokens at P..P+S_r)."""
+        feed = batch_feed(self.m, self.embed, ids, past_k, past_v, past_lens, positions, features, bias,
+                          with_bias=self.has_bias)
+        if logits:
+            return self.sess.run([contract.LOGITS], feed)[0], None
+        out = self.sess.run(self.out_names[1:], feed)
+        return None, KVCache(out[0::2], out[1::2])

@@ -209,14 +209,14 @@ def test_profile_carries_the_compaction_defaults(device_bundle, tmp_path):
 
 
 def test_unstorable_perlayer_entry_is_one_line(rt, tmp_path, monkeypatch):
-    real = PerLayer.encode
+    real = PerLayer.encode_many
 
-    def broken(self, prompt, answer, image=None):
-        k, v, extra = real(self, prompt, answer, image)
-        k[0, 0, 0, 0] = np.nan
-        return k, v, extra
+    def broken(self, items):
+        out = real(self, items)
+        out[0][0][0, 0, 0, 0] = np.nan
+        return out
 
-    monkeypatch.setattr(PerLayer, "encode", broken)
+    monkeypatch.setattr(PerLayer, "encode_many", broken)
     with pytest.raises(InduceKVError, match="cannot be stored as k4v4s.*NaN"):
         learn_task(rt, tmp_path / "b.ikv", FACTS, name="facts", budget=600_000, n_anchors=1)
     assert not (tmp_path / "b.ikv").exists() or Bank.open(tmp_path / "b.ikv").usage()["entries"] == 0
