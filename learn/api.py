@@ -24,7 +24,7 @@ from inducekv.core.errors import InduceKVError
 from inducekv.kernels.kvquant import SPARSE, scheme_for_bits
 from inducekv.learn.candidates import as_example
 from inducekv.learn.compact import check_request, new_bank_scheme
-from inducekv.learn.defaults import N_ANCHORS, RESERVE
+from inducekv.learn.defaults import N_ANCHORS, RESERVE, SCORE_BATCH
 from inducekv.learn.plan import open_or_create, plan, read_examples, task_name, write
 from inducekv.learn.progress import Progress, report
 from inducekv.memory.bank import Bank
@@ -66,7 +66,7 @@ class LearnResult:
 def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None = None, scheme: str | None = None,
                strategy: str = "full", seed: int = 0, n_anchors: int = N_ANCHORS, reserve: float = RESERVE,
                compact: str | None = None, slots: int | None = None, keep: float | None = None, dry_run: bool = False,
-               gated: bool = True, progress: Progress = None) -> LearnResult:
+               gated: bool = True, progress: Progress = None, batch: int = SCORE_BATCH) -> LearnResult:
     """Learn ``task`` (a task file path, or a list of examples) into the bank ``memory`` (a path,
     or a ``Bank`` opened writable, which stays open) with the runtime ``rt``.
 
@@ -74,6 +74,7 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
     quantization of a new bank (default: the profile's kv_bits); ``strategy``, ``seed``,
     ``n_anchors``, ``reserve``, ``compact``, ``slots``, ``keep``: as ``ikv-learn``'s options;
     ``dry_run``: plan only, write nothing; ``gated``: fit the task's relevance gate (False: never gated);
+    ``batch``: examples per decoder pass while encoding and scoring (1 uses the least RAM);
     ``progress``: ``callback(stage, done, total)`` or
     True for progress bars (``learn.progress``)."""
     t0 = time.perf_counter()
@@ -82,7 +83,7 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
         if not memory.writable:
             raise InduceKVError(f"{memory.path} is open read-only; open it with writable=True to learn into it")
         return _learn(rt, memory, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep,
-                      dry_run, progress, gated)
+                      dry_run, progress, gated, batch)
     path = Path(memory)
     check_request(rt, compact, slots, path.exists(), keep)  # before a bank is created
     if not path.exists():   # a new bank: the profile's scheme and compaction unless asked otherwise
@@ -98,7 +99,7 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
         with open_or_create(path, rt, budget if budget is not None else rt.profile.default_budget_bytes,
                             scheme or scheme_for_bits(rt.profile.kv_bits)) as bank:
             return _learn(rt, bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep,
-                          dry_run, progress, gated)
+                          dry_run, progress, gated, batch)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -120,11 +121,11 @@ def _examples(task, name: str | None) -> tuple[list, str]:
 
 
 def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep, dry_run,
-           progress, gated=True) -> LearnResult:
+           progress, gated=True, batch=SCORE_BATCH) -> LearnResult:
     bank.refresh()
     before = bank.tasks()
     p = plan(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
-             k=rt.profile.k or 1, progress=progress, gated=gated, compact=compact, slots=slots, keep=keep)
+             k=rt.profile.k or 1, progress=progress, gated=gated, compact=compact, slots=slots, keep=keep, batch=batch)
     ids: list[int] = []
     if not dry_run:
         report(progress, "write", 0, 1)

@@ -219,13 +219,13 @@ def fit_key_scales(rt, layout: Layout, examples, scheme: str, any_position: bool
 
 
 def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progress=False,
-                      key_scale: np.ndarray | None = None, compactor=None, spool: Spool | None = None
-                      ) -> list[Candidate]:
+                      key_scale: np.ndarray | None = None, compactor=None, spool: Spool | None = None,
+                      batch: int = SCORE_BATCH) -> list[Candidate]:
     """One candidate per example (``Example`` or dict), packed for a bank of geometry ``geo``
     (``key_scale``: its shared key scales, for the schemes that have them; ``compactor``: a
     ``learn.compact.Compactor`` that keeps some of each entry's tokens, None keeps all;
-    ``spool``: keep the payloads there, not in RAM)."""
-    scorer, out = Scorer(rt, layout), []
+    ``spool``: keep the payloads there, not in RAM; ``batch``: examples per pass)."""
+    scorer, out = Scorer(rt, layout, batch), []
     made = Candidate if spool is None else (lambda *a, **kw: SpooledCandidate(spool, *a, **kw))
     it = iter(steps([as_example(ex, n) for n, ex in enumerate(examples, start=1)], "encode", "ex", progress))
     while chunk := list(itertools.islice(it, scorer.batch)):

@@ -13,7 +13,7 @@ import click
 from inducekv.core.cli import ByteSize, fail_on_bad_input, progress_enabled
 from inducekv.kernels.kvquant import DENSE
 from inducekv.learn.defaults import (COMPACT_KEEP as DEFAULT_KEEP, COMPACT_METHODS as METHODS,
-                                     COMPACT_SLOTS as DEFAULT_SLOTS, N_ANCHORS, RESERVE)
+                                     COMPACT_SLOTS as DEFAULT_SLOTS, N_ANCHORS, RESERVE, SCORE_BATCH)
 from inducekv.learn.select import STRATEGIES
 
 
@@ -49,11 +49,13 @@ from inducekv.learn.select import STRATEGIES
 @click.option("--gate/--no-gate", default=True, show_default=True,
               help="Fit this task's relevance gate: a query whose top-1 entry of this task does not stand out "
                    "from the top-2 (retrieval margin below the fitted one) is answered without memory.")
+@click.option("--batch", type=click.IntRange(1, 64), default=SCORE_BATCH, show_default=True,
+              help="Examples per decoder pass while encoding and scoring: larger is faster, 1 uses the least RAM.")
 @click.option("--dry-run", is_flag=True, help="Print the budget plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, keep, gate,
-        slots, dry_run, quiet, as_json):
+        slots, batch, dry_run, quiet, as_json):
     """Learn the examples of --task into the bank --memory without changing the model.
 
     \b
@@ -72,7 +74,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         rt = Runtime.open(bundle, device=load_profile(device), learn=True)
         res = learn_task(rt, memory, task_path, name=name, budget=budget, scheme=scheme, strategy=strategy, seed=seed,
                          n_anchors=n_anchors, reserve=reserve, compact=compact, slots=slots, keep=keep, dry_run=dry_run,
-                         gated=gate, progress=progress_enabled(quiet))
+                         gated=gate, progress=progress_enabled(quiet), batch=batch)
     out = {**res.as_dict(), "total_s": round(time.perf_counter() - t0, 2)}  # with the bundle's load
     if as_json:
         click.echo(json.dumps(out))

@@ -31,7 +31,7 @@ from inducekv.learn.calibrate import Calibration, InjectionFit, calibrate, fit_i
 from inducekv.learn.commit import write
 from inducekv.learn.gate import GateFit, fit_gate
 from inducekv.learn.compact import COMPACT_KEY, Compaction, compactor_for, resolve as resolve_compaction
-from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE
+from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE, SCORE_BATCH
 from inducekv.kernels import kvquant
 from inducekv.learn.candidates import Candidate, Scorer, Spool, encode_candidates, fit_key_scales, unpack
 from inducekv.learn.progress import report
@@ -147,10 +147,12 @@ def layout_spec(bank: Bank, template: str | None = None, policy: str | None = No
 def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights: sel.Weights = sel.Weights(),
          seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress=False,
          candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None,
-         compact: str | None = None, slots: int | None = None, keep: float | None = None, gated: bool = True) -> Plan:
+         compact: str | None = None, slots: int | None = None, keep: float | None = None, gated: bool = True,
+         batch: int = SCORE_BATCH) -> Plan:
     """Phases 1-4 on an open bank: what to keep, evict and add. ``candidates`` skips phase 1
     (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries;
-    ``gated``: fit the task's relevance gate (``gate.py``); ``compact``/``slots``/``keep``: entry
+    ``gated``: fit the task's relevance gate (``gate.py``); ``batch``: examples per decoder
+    pass when encoding and scoring (``candidates.Scorer``); ``compact``/``slots``/``keep``: entry
     compaction (``learn.compact``; None: the bank's: perlayer
     for a bank created with a sparse scheme, else none); ``progress``: True for tqdm bars, or a
     ``callback(stage, done, total)`` (``learn.progress``)."""
@@ -164,7 +166,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     layout = Layout(rt, *template_from(spec))
     compactor = compactor_for(rt, layout, compaction) if candidates is None else None
     keys = rt.key_encoder()
-    scorer = Scorer(rt, layout)
+    scorer = Scorer(rt, layout, batch)
     g = bank.geo
     snap = bank.snapshot()
 
@@ -175,7 +177,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
             raise InduceKVError(f"this {g.scheme} bank has no key scales yet; let the learn encode the examples")
         key_scale = new_scales = fit_key_scales(rt, layout, examples, g.scheme, any_position=compaction.method == "genv")
     cands = candidates if candidates is not None else encode_candidates(rt, g, layout, keys, examples, progress,
-                                                                        key_scale, compactor, spool_for(bank))
+                                                                        key_scale, compactor, spool_for(bank), batch)
     timings["encode_s"] = time.perf_counter() - t
     t = time.perf_counter()
     valued = strategy not in ("random", "fifo", "all") and sel.weights_for(strategy, weights).lik > 0

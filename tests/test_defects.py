@@ -85,13 +85,12 @@ def test_unstorable_entry_is_one_line(device_bundle, tmp_path, monkeypatch):
     from inducekv.learn.cli import cli
     from inducekv.runtime.memory import Layout
 
-    real = Layout.encode_entry
+    real = Layout.encode_entries
 
     def broken(self, *a, **kw):
-        k, v = real(self, *a, **kw)
-        return k, np.full_like(v, np.inf)
+        return [(k, np.full_like(v, np.inf)) for k, v in real(self, *a, **kw)]
 
-    monkeypatch.setattr(Layout, "encode_entry", broken)   # the dense path (perlayer encodes through its probe)
+    monkeypatch.setattr(Layout, "encode_entries", broken)   # the dense path (perlayer encodes through its probe)
     out = CliRunner().invoke(cli, ["--bundle", str(device_bundle), "--memory", str(tmp_path / "b.ikv"),
                                    "--task", str(_task(tmp_path / "t.jsonl")), "--budget", "1MiB", "--quiet",
                                    "--compact", "none"])
