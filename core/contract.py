@@ -44,6 +44,10 @@ ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 ATTENTION_BIAS = "attention_bias"  # weighted memory injection (README, "Memory"); bundles before it lack it
 LOGITS = "logits"
+# Optional decoder/probe input (a graph input with a default initializer, [0]; bundles before it
+# lack it): int64 (1,) ``from``; ``logits`` then holds only rows from..S-1: (batch, S - from, vocab).
+# onnxruntime lists it among a session's overridable initializers, not its inputs.
+LOGITS_FROM = "logits_from"
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 
@@ -81,11 +85,13 @@ def present_value(layer: int) -> str:
     return f"present.{layer}.value"
 
 
-def decoder_inputs(num_layers: int, embeds: bool = False, bias: bool = False) -> list[str]:
+def decoder_inputs(num_layers: int, embeds: bool = False, bias: bool = False, rows: bool = False) -> list[str]:
+    """The decoder's graph inputs in order (``rows``: with the optional ``LOGITS_FROM`` last,
+    as the ONNX file lists it; onnxruntime sessions do not list it)."""
     names = [INPUTS_EMBEDS if embeds else INPUT_IDS, ATTENTION_MASK, POSITION_IDS]
     for i in range(num_layers):
         names += [past_key(i), past_value(i)]
-    return names + ([ATTENTION_BIAS] if bias else [])
+    return names + ([ATTENTION_BIAS] if bias else []) + ([LOGITS_FROM] if rows else [])
 
 
 def decoder_outputs(num_layers: int) -> list[str]:

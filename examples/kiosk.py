@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         budget = parse_bytes(args.budget)
-        rt = Runtime.open(args.bundle, device=args.device)
+        rt = Runtime.open(args.bundle, device=args.device, learn=True)   # serves and learns: one weight copy
         open_or_create(args.memory, rt, budget, "int8").close()   # an empty bank to serve from, if none
         rt.memory = rt.open_memory(args.memory)
         lines = open(args.script, encoding="utf-8") if args.script else sys.stdin

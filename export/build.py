@@ -76,6 +76,7 @@ def _validate(model, tokenizer_json: str, decoder: Path, weights: str, threads: 
         ref = model(torch.tensor([ids])).logits[0].float().numpy()
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    so.log_severity_level = 3   # errors only: the optional logits_from input is an initializer by design
     sess = ort.InferenceSession(str(decoder), so, providers=["CPUExecutionProvider"])
     cfg = model.config
     kvh = cfg.num_key_value_heads
@@ -261,7 +262,9 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
         names_in = [i.name for i in onnx_model.graph.input]
         names_out = [o.name for o in onnx_model.graph.output]
         L = cfg.num_hidden_layers
-        if names_in != contract.decoder_inputs(L, multimodal, bias=graph == "native") or names_out != contract.decoder_outputs(L):
+        native = graph == "native"
+        if names_in != contract.decoder_inputs(L, multimodal, bias=native, rows=native) \
+                or names_out != contract.decoder_outputs(L):
             raise InduceKVError(f"the {graph} export produced a graph with inputs {names_in[:4]}... that do not "
                                 "match the bundle contract; this architecture cannot be exported yet")
         bar.update()

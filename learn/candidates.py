@@ -179,12 +179,13 @@ class Scorer:
             if b is not None:                                                          # (past,) or (L, past)
                 bias[r, :, :past[r]] = b
             positions.append(np.arange(pos, pos + len(ids[r])))
+        first = min(len(q) for q in qs) - 1             # logits only from the first answer-predicting row
         logits, _ = self.rt.decoder.forward_batch(ids, past_k, past_v, past, positions,
                                                   [a.image.features if a.image is not None else None for a in asks],
-                                                  bias if bias.any() else None)         # (B, S, V)
+                                                  bias if bias.any() else None, logits_from=first)  # (B, S - first, V)
         out = []
         for r, (q, x) in enumerate(zip(qs, ans)):
-            rows = logits[r, len(q) - 1: len(q) + len(x) - 1].astype(np.float64)     # (len(answer), V)
+            rows = logits[r, len(q) - 1 - first: len(q) + len(x) - 1 - first].astype(np.float64)  # (len(answer), V)
             rows -= rows.max(axis=1, keepdims=True)
             lse = np.log(np.exp(rows).sum(axis=1))
             out.append(float(np.mean(rows[np.arange(len(x)), x] - lse)))

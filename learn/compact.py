@@ -39,7 +39,7 @@ from inducekv.kernels.positions import layer_thetas, rerotate_tokens
 from inducekv.kernels import kvquant
 from inducekv.learn.defaults import COMPACT_KEEP as DEFAULT_KEEP, COMPACT_METHODS as METHODS, COMPACT_SLOTS as DEFAULT_SLOTS
 from inducekv.runtime.memory import Layout
-from inducekv.runtime.session import KVCache, _first_input, _session, batch_feed, shared_past
+from inducekv.runtime.session import KVCache, _first_input, _session, batch_feed, has_logits_from, shared_past
 
 COMPACT_KEY = "compact"   # catalog extra: {"method": str, "slots": int | None}
 MAX_NEW = 12              # greedy answer tokens whose attention scores the entry
@@ -247,6 +247,7 @@ class Probe:
                 or outs != contract.probe_outputs(L):
             raise InduceKVError(f"{name} does not match the bundle contract; re-export the bundle")
         self.names = outs[1:]
+        self.rows_input = has_logits_from(self.sess)   # no logits are read: the LM head runs on one row
 
     def run(self, ids: list[int], cache: KVCache, positions, features=None):
         """Queries (L, S, H*D) and the grown keys, values (L, H_kv, past+S, D)."""
@@ -255,7 +256,8 @@ class Probe:
         feed = {**_first_input(self.rt.decoder.embed, ids, features),
                 contract.ATTENTION_MASK: np.ones((1, P + S), np.int64),
                 contract.POSITION_IDS: np.asarray(positions, np.int64)[None],
-                contract.ATTENTION_BIAS: np.zeros((1, L, P + S), np.float32)}
+                contract.ATTENTION_BIAS: np.zeros((1, L, P + S), np.float32),
+                **({contract.LOGITS_FROM: np.array([S - 1], np.int64)} if self.rows_input and S > 1 else {})}
         for i in range(L):
             feed[contract.past_key(i)] = cache.keys[i]
             feed[contract.past_value(i)] = cache.values[i]
@@ -272,6 +274,9 @@ class Probe:
         L = m.num_layers
         past_k, past_v = shared_past(cache, B)
         feed = batch_feed(m, self.rt.decoder.embed, ids, past_k, past_v, [P] * B, positions, features)
+        S = max(len(x) for x in ids)
+        if self.rows_input and S > 1:
+            feed[contract.LOGITS_FROM] = np.array([S - 1], np.int64)
         out = self.sess.run(self.names, feed)
         keys, values, queries = np.stack(out[0:2 * L:2]), np.stack(out[1:2 * L:2]), np.stack(out[2 * L:])
         return [(queries[:, r, :len(x)], keys[:, r, :, :P + len(x)], values[:, r, :, :P + len(x)])
@@ -293,7 +298,8 @@ class Compactor:
         rt, feats = self.rt, (image.features if image is not None else None)
         cache, pos = self.layout.assemble([(k, v)])
         q = self.layout.query_ids(prompt, image)
-        logits, cache = rt.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)), features=feats)
+        logits, cache = rt.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)), features=feats,
+                                           logits_from=len(q) - 1)
         out: list[int] = []
         for _ in range(MAX_NEW):
             nxt = int(np.argmax(logits[-1]))

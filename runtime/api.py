@@ -240,7 +240,8 @@ class Runtime:
         t1 = time.perf_counter()
         logits, cache = self.decoder.forward(ids, prep.cache, positions=np.arange(pos, pos + len(ids)),
                                              features=prep.features,
-                                             bias=bias[..., :past + len(ids)] if bias is not None else None)
+                                             bias=bias[..., :past + len(ids)] if bias is not None else None,
+                                             logits_from=len(ids) - 1)                # the last row's only
         past += len(ids)
         pos += len(ids)
         tm.prefill_ms = (time.perf_counter() - t1) * 1e3

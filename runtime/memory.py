@@ -200,7 +200,8 @@ class Layout:
         self._mid, self._tail = rest.split(_USER)
         self.prefix_ids = rt.tokenizer.encode(prefix)
         self._local = threading.local()   # .store: this thread's past-KV buffers (see _buffers)
-        _, self.prefix_cache = rt.decoder.forward(self.prefix_ids, KVCache.empty(rt.manifest))
+        _, self.prefix_cache = rt.decoder.forward(self.prefix_ids, KVCache.empty(rt.manifest),
+                                                  logits_from=len(self.prefix_ids) - 1)
 
     def _buffers(self, total: int) -> tuple[np.ndarray, np.ndarray]:
         """Past-KV buffers (L, 1, H_kv, total, D), reused across the queries of one thread: fresh
@@ -231,7 +232,7 @@ class Layout:
         """K/V (L, H_kv, T, D) of one rendered entry, computed after the shared prefix; an
         image-bearing entry's payload holds its image tokens' K/V too."""
         ids = self.entry_ids(prompt, answer, image)
-        _, cache = self.rt.decoder.forward(ids, self.prefix_cache, features=_features(image))
+        _, cache = self.rt.decoder.forward(ids, self.prefix_cache, features=_features(image), logits_from=len(ids) - 1)
         P0 = self.p0
         k = np.stack([x[0, :, P0:] for x in cache.keys])                     # (L, H_kv, T, D)
         v = np.stack([x[0, :, P0:] for x in cache.values])

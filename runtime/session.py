@@ -126,6 +126,11 @@ def batch_feed(m: Manifest, embed, ids: list, past_k: list, past_v: list, past_l
     return feed
 
 
+def has_logits_from(sess: ort.InferenceSession) -> bool:
+    """Whether a decoder or probe session takes ``contract.LOGITS_FROM`` (an input with a default)."""
+    return any(i.name == contract.LOGITS_FROM for i in sess.get_overridable_initializers())
+
+
 def shared_past(cache: "KVCache", B: int) -> tuple[list, list]:
     """One cache (1, H_kv, P, D) per layer as the past of all B rows of a batch."""
     return ([np.repeat(k, B, axis=0) for k in cache.keys], [np.repeat(v, B, axis=0) for v in cache.values])
@@ -193,6 +198,7 @@ class Decoder:
         self.embed = _embedder(bundle_dir, manifest)
         self._check_io()
         L = manifest.num_layers
+        self.rows_input = has_logits_from(self.sess)
         self.key_names = [contract.present_key(i) for i in range(L)]
         self.value_names = [contract.present_value(i) for i in range(L)]
         self.out_names = [contract.LOGITS] + [n for i in range(L) for n in (self.key_names[i], self.value_names[i])]
@@ -225,8 +231,11 @@ class Decoder:
 
     def forward(self, ids: list[int], cache: KVCache, positions: np.ndarray | None = None,
                 mask: np.ndarray | None = None, features: np.ndarray | None = None,
-                bias: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
-        """Run ``ids`` after ``cache``; return (logits (T, V), the grown cache).
+                bias: np.ndarray | None = None, logits_from: int = 0) -> tuple[np.ndarray, KVCache]:
+        """Run ``ids`` after ``cache``; return (logits (T - logits_from, V), the grown cache).
+
+        ``logits_from``: the first row whose logits are wanted (``len(ids) - 1``: the last
+        only, which skips the LM head of the others on bundles whose graph takes it).
 
         ``positions`` (T,) defaults to cache.length + arange(T); ``mask`` (past+T,)
         defaults to all ones; ``features`` (n, hidden) replace the image tokens in ``ids``
@@ -252,18 +261,29 @@ class Decoder:
         elif bias is not None and np.any(bias):
             raise BundleError("this bundle's decoder takes no attention bias (weighted memory injection); "
                               "re-export it with this inducekv version")
+        self._rows(feed, logits_from, T)
         out = self.sess.run(self.out_names, feed)
-        logits = out[0][0]                                                    # (T, V)
+        logits = out[0][0] if self.rows_input else out[0][0][logits_from:]   # (T - logits_from, V)
         return logits, KVCache(out[1::2], out[2::2])
+
+    def _rows(self, feed: dict, logits_from: int, S: int) -> None:
+        if not 0 <= logits_from < max(S, 1):
+            raise ValueError(f"logits_from {logits_from} is outside the {S} new rows")
+        if self.rows_input and logits_from:
+            feed[contract.LOGITS_FROM] = np.array([logits_from], np.int64)
 
     def forward_batch(self, ids: list, past_k: list, past_v: list, past_lens: list[int], positions: list,
                       features: list | None = None, bias: np.ndarray | None = None,
-                      logits: bool = True) -> tuple[np.ndarray | None, KVCache | None]:
-        """B rows in one pass, padded (``batch_feed``). Returns logits (B, S, V) when ``logits``,
-        else the grown past (B, H_kv, P + S, D) per layer (row r's new tokens at P..P+S_r)."""
+                      logits: bool = True, logits_from: int = 0) -> tuple[np.ndarray | None, KVCache | None]:
+        """B rows in one pass, padded (``batch_feed``). Returns logits (B, S - logits_from, V)
+        when ``logits``, else the grown past (B, H_kv, P + S, D) per layer (row r's new tokens
+        at P..P+S_r; the LM head then runs on the last padded row only)."""
         feed = batch_feed(self.m, self.embed, ids, past_k, past_v, past_lens, positions, features, bias,
                           with_bias=self.has_bias)
+        S = max(len(x) for x in ids)
+        self._rows(feed, logits_from if logits else S - 1, S)
         if logits:
-            return self.sess.run([contract.LOGITS], feed)[0], None
+            out = self.sess.run([contract.LOGITS], feed)[0]
+            return (out if self.rows_input else out[:, logits_from:]), None
         out = self.sess.run(self.out_names[1:], feed)
         return None, KVCache(out[0::2], out[1::2])

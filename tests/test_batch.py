@@ -111,3 +111,24 @@ def test_learn_runtime_serves_and_probes_from_one_session(device_bundle, rt, tmp
         pa = [a.read_payload(e.slot, e.entry_id)[0] for e in a.snapshot().entries]
         pb = [b.read_payload(e.slot, e.entry_id)[0] for e in b.snapshot().entries]
     assert len(pa) == len(FACTS) and pa == pb
+
+
+def test_logits_from_skips_rows_and_matches_the_full_pass(rt, layout):
+    """The graph's logits_from input: the same rows as the full logits, fewer of them; a
+    bundle without the input (rows sliced after the pass) gives the same."""
+    from inducekv.runtime.session import KVCache
+
+    assert rt.decoder.rows_input
+    ids = rt.tokenizer.encode("Capital of Vexland? Morrow, by the river.")
+    full, _ = rt.decoder.forward(ids, KVCache.empty(rt.manifest))
+    part, cache = rt.decoder.forward(ids, KVCache.empty(rt.manifest), logits_from=len(ids) - 3)
+    assert full.shape[0] == len(ids) and part.shape[0] == 3
+    np.testing.assert_allclose(part, full[-3:], atol=1e-5)
+    rt.decoder.rows_input = False
+    try:
+        old, _ = rt.decoder.forward(ids, KVCache.empty(rt.manifest), logits_from=len(ids) - 3)
+    finally:
+        rt.decoder.rows_input = True
+    np.testing.assert_allclose(old, part, atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        rt.decoder.forward(ids, KVCache.empty(rt.manifest), logits_from=len(ids))
