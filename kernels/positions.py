@@ -12,6 +12,8 @@ re-rotation helpers take either one base or one per layer (axis 0 of ``keys``).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -54,16 +56,25 @@ def rerotate(keys: np.ndarray, delta: int, theta) -> np.ndarray:
     return np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _inv_freqs(thetas: tuple, head_dim: int) -> np.ndarray:
+    """(len(thetas), D/2) float64 rotary frequencies, one row per base."""
+    return np.stack([inv_freq(t, head_dim) for t in thetas])
+
+
 def rerotate_(keys: np.ndarray, delta: int, theta) -> None:
-    """In-place ``rerotate`` of a float32 view (..., T, D) (``theta``: one base or one per layer)."""
+    """In-place ``rerotate`` of a float32 view (..., T, D) (``theta``: one base or one per layer;
+    all layers are turned at once: one angle per layer and channel pair)."""
     if delta == 0:
         return
-    if (layers := _per_layer(keys, theta)) is not None:
-        for k, t in layers:
-            rerotate_(k, delta, t)
-        return
     D = keys.shape[-1]
-    ang = delta * inv_freq(theta, D)                                   # (D/2,)
+    if np.ndim(theta) == 0:
+        ang = delta * _inv_freqs((float(theta),), D)[0]                             # (D/2,)
+    else:
+        if len(theta) != keys.shape[0]:
+            raise ValueError(f"{len(theta)} RoPE bases for {keys.shape[0]} layers")
+        ang = (delta * _inv_freqs(tuple(float(t) for t in theta), D)).reshape(
+            (len(theta),) + (1,) * (keys.ndim - 2) + (D // 2,))                        # (L, 1.., D/2)
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     k1, k2 = keys[..., : D // 2], keys[..., D // 2:]                   # views (..., T, D/2)
     k1_old = k1 * sin

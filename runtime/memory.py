@@ -273,25 +273,37 @@ class Layout:
     def assemble_masked(self, payloads: list[tuple[bytes, int]], scheme: str, gates=None,
                         key_scale: np.ndarray | None = None) -> tuple[KVCache, int, list | None]:
         """``assemble_payloads`` for any scheme: also returns, for a sparse scheme, each entry's
-        (L, span) mask for ``entry_bias`` (None for dense schemes)."""
+        (L, T) bias for ``entry_bias`` (None for dense schemes).
+
+        A sparse entry is not expanded: each layer's past holds only the T slots it kept, in
+        the same T past positions for every layer (the layers kept different tokens, but
+        attention does not care where a key sits in the past: its RoPE rotation carries its
+        position). Positions still advance by the entry's span, so the query sits where it
+        would after the full entry; the entry's bias is ``slot_bias[l]`` on its T slots. The
+        same attention as the expanded entry with its dropped tokens masked (tested), with
+        half the past and no zero-filling."""
         m = self.rt.manifest
         if scheme not in kvquant.SPARSE:
             def fill(j, out_k, out_v):
                 kvquant.unpack_into(payloads[j][0], scheme, out_k, out_v, key_scale)
 
             return (*self._assemble([t for _, t in payloads], fill, gates), None)
-        masks: list[np.ndarray] = []
+        L, H, D = m.num_layers, m.num_kv_heads, m.head_dim
+        maps = [kvquant.slot_map(buf, scheme, L, H, t, D) for buf, t in payloads]       # (slots, slot_bias, span)
 
         def fill_sparse(j, out_k, out_v):
-            masks.append(kvquant.expand_into(payloads[j][0], scheme, out_k, out_v, payloads[j][1], key_scale))
+            kvquant.unpack_into(payloads[j][0], scheme, out_k, out_v, key_scale)
 
-        spans = [kvquant.span_of(buf, scheme, m.num_layers, m.num_kv_heads, t, m.head_dim) for buf, t in payloads]
-        cache, pos = self._assemble(spans, fill_sparse, gates)
+        cache, pos = self._assemble([t for _, t in payloads], fill_sparse, gates, spans=[s for _, _, s in maps])
+        masks = [np.repeat(b[:, None], t, axis=1) for (_, b, _), (_, t) in zip(maps, payloads)]   # (L, T) each
         return cache, pos, masks
 
-    def _assemble(self, lengths: list[int], fill, gates=None) -> tuple[KVCache, int]:
+    def _assemble(self, lengths: list[int], fill, gates=None, spans: list[int] | None = None) -> tuple[KVCache, int]:
+        """Past = prefix + entries of ``lengths`` past slots; ``spans``: the positions each
+        entry takes (default: its length; a sparse entry's span, ``assemble_masked``)."""
         if not lengths:
             return self.prefix_cache, self.p0
+        spans = lengths if spans is None else spans
         m = self.rt.manifest
         P0, theta = self.p0, layer_thetas(m.rope, m.num_layers)
         total = P0 + sum(lengths)
@@ -299,16 +311,17 @@ class Layout:
         for i in range(m.num_layers):
             ks[i, :, :, :P0] = self.prefix_cache.keys[i]
             vs[i, :, :, :P0] = self.prefix_cache.values[i]
-        at = P0
+        at, shift = P0, 0
         for j, T in enumerate(lengths):
             out_k, out_v = ks[:, 0, :, at:at + T], vs[:, 0, :, at:at + T]                 # (L, H_kv, T, D) views
             fill(j, out_k, out_v)
             if self.policy == "rerotate":
-                rerotate_(out_k, at - P0, theta)
+                rerotate_(out_k, shift, theta)
             at += T
+            shift += spans[j]
         if gates is not None:
             vs[:, 0, :, P0:at] *= np.asarray(gates, np.float32)[:, None, None, None]   # (L, 1, 1, 1)
-        nxt = P0 + (sum(lengths) if self.policy == "rerotate" else max(lengths))
+        nxt = P0 + (sum(spans) if self.policy == "rerotate" else max(spans))
         return KVCache(list(ks), list(vs)), nxt
 
 

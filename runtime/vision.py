@@ -90,7 +90,8 @@ class Vision:
             raise InduceKVError("this bundle is text-only; images need a multimodal bundle "
                                 "(ikv-export default-vlm, or a LLaVA / Idefics3 / LLaVA-OneVision checkpoint)")
         self.settings = manifest.image
-        self.sess = _session(Path(bundle_dir) / self.settings.get("vision_graph", contract.VISION_FILE), profile)
+        self.sess = _session(Path(bundle_dir) / self.settings.get("vision_graph", contract.VISION_FILE), profile,
+                             spinning=False)
         self.hidden = manifest.hidden_size
         self.newline = None
         if self.settings.get("processor") == anyres.KIND:

@@ -220,3 +220,35 @@ def test_unstorable_perlayer_entry_is_one_line(rt, tmp_path, monkeypatch):
     with pytest.raises(InduceKVError, match="cannot be stored as k4v4s.*NaN"):
         learn_task(rt, tmp_path / "b.ikv", FACTS, name="facts", budget=600_000, n_anchors=1)
     assert not (tmp_path / "b.ikv").exists() or Bank.open(tmp_path / "b.ikv").usage()["entries"] == 0
+
+
+@pytest.mark.parametrize("policy", ["rerotate", "parallel"])
+def test_sparse_entries_served_unexpanded_equal_expanded(rt, policy):
+    """The runtime places a sparse entry's kept slots only (``assemble_masked``): the query's
+    logits are those of the entries expanded to their spans with the dropped tokens masked,
+    with weights and gates, two entries of different spans (the second's position depends
+    on the first's span)."""
+    lay = Layout(rt, TEMPLATES["facts"], policy)
+    ks = fit_key_scales(rt, lay, FACTS, "k8v8")
+    pl = PerLayer(rt, lay, 0.4)
+    bufs = []
+    for f in FACTS[1:]:
+        kc, vc, extra = pl.encode(f["prompt"], f["answer"])
+        bufs.append((kvquant.pack(kc, vc, "k8v8s", ks, **extra), kc.shape[2]))
+    L = rt.manifest.num_layers
+    gates, w = np.linspace(0.8, 1.3, L), np.array([0.3, 0.7])
+    q = lay.query_ids(FACTS[0]["prompt"])
+
+    def logits(cache, pos, lengths, masks):
+        bias = entry_bias(lay.p0, lengths, w, masks)
+        bias = np.concatenate([bias, np.zeros((L, len(q)), np.float32)], axis=1)
+        return rt.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)), bias=bias)[0]
+
+    cache, pos, masks = lay.assemble_masked(bufs, "k8v8s", gates=gates, key_scale=ks)
+    assert cache.length == lay.p0 + sum(t for _, t in bufs)        # slots only, not spans
+    got = logits(cache, pos, [m.shape[1] for m in masks], masks)
+    full = [kvquant.expand(b, "k8v8s", L, rt.manifest.num_kv_heads, t, rt.manifest.head_dim, ks) for b, t in bufs]
+    cache2, pos2 = lay.assemble([(k, v) for k, v, _ in full], gates)
+    assert pos2 == pos and cache2.length > cache.length
+    want = logits(cache2, pos2, [k.shape[2] for k, _, _ in full], [m for _, _, m in full])
+    np.testing.assert_allclose(got, want, atol=2e-4)
