@@ -201,13 +201,18 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         calib = Calibration(False, {"reason": "strategy all"})
         inject = InjectionFit(False, None, {"reason": "strategy all"})
         gate = GateFit(None, {"reason": "strategy all"})
+        timings.update(calibrate_s=0.0, weighting_s=0.0, gate_s=0.0)
     else:
         calib = calibrate(bank, cands, snap.keys, old_kv, scorer, rng, progress, key_scale)
+        timings["calibrate_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         inject = fit_injection(bank, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress=progress,
                                key_scale=key_scale)
+        timings["weighting_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         gate = (fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
                          twins=pool_twins) if gated else GateFit(None, {"reason": "gate off"}))
-    timings["calibrate_s"] = time.perf_counter() - t
+        timings["gate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     anchors = [a for tt in snap.catalog["tasks"].values() if tt["name"] != task for a in tt.get("anchors", [])]
