@@ -80,11 +80,8 @@ def _embedder(bundle_dir: Path, manifest: Manifest):
 
 
 def _first_input(embed, ids, features) -> dict:
-    if embed is None:
-        if features is not None:
-            raise BundleError("image features given to a text-only bundle")
-        return {contract.INPUT_IDS: np.asarray(ids, dtype=np.int64)[None]}    # (1, T)
-    return {contract.INPUTS_EMBEDS: embed(ids, features)}                   # (1, T, hidden)
+    """The first input of one sequence: ids (1, T) or embeds (1, T, hidden) (``batch_first``)."""
+    return batch_first(embed, [ids], [features])
 
 
 def batch_first(embed, ids: list, features: list | None = None) -> dict:
