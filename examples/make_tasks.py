@@ -80,6 +80,25 @@ def lines(pairs, templates, rng: random.Random) -> list[str]:
     return [json.dumps({"prompt": rng.choice(templates).format(x=s), "answer": a}) + "\n" for s, a in pairs]
 
 
+def write_long(out: Path, seed: int, n: int, rounds: int = 2) -> list[str]:
+    """The long sequence: ``rounds`` rounds of every task kind, each round about fresh invented
+    names (one ``Namer``: no name twice), ``n`` facts per task. ``KIND-R.train.jsonl`` states
+    each fact once (training templates), ``KIND-R.test.jsonl`` asks each once (test
+    templates). Returns the task names in sequence order."""
+    rng = random.Random(seed)
+    name = Namer(rng)
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for r in range(1, rounds + 1):
+        for task, (train_t, test_t) in TASKS.items():
+            pairs = facts(task, n, name, rng)
+            stem = f"{task}-{r}"
+            (out / f"{stem}.train.jsonl").write_text("".join(lines(pairs, train_t, rng)))
+            (out / f"{stem}.test.jsonl").write_text("".join(lines(pairs, test_t, rng)))
+            names.append(stem)
+    return names
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("examples/tasks"), help="output folder")

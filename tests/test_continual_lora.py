@@ -78,3 +78,70 @@ def test_prefix_pass_matches_full_pass_values_and_gradients(tiny):
         torch.testing.assert_close(h[b, :len(r) - P].detach(), full_h[b], atol=1e-5, rtol=1e-4)
     for a, b in zip(grads(), g_full):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+# --- replay and experts (lora_plus.py) ---
+import numpy as np  # noqa: E402
+
+import lora_plus  # noqa: E402
+
+
+def test_expert_ranks_stay_within_the_budget():
+    assert lora_plus.expert_ranks([], 6) == [6]
+    assert lora_plus.expert_ranks([6], 6) == [3, 3]
+    assert lora_plus.expert_ranks([3, 3], 6) == [2, 2, 2]
+    assert lora_plus.expert_ranks([2, 2, 2], 6) == [1, 1, 1, 3]    # the newest takes what is left
+    assert lora_plus.expert_ranks([1, 1, 1], 3) is None            # no room: the task joins an expert
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ranks, budget = [], int(rng.integers(1, 40))
+        while (plan := lora_plus.expert_ranks(ranks, budget)) is not None:
+            assert sum(plan) == budget and min(plan) >= 1
+            assert all(new <= old for new, old in zip(plan, ranks))  # old experts are only ever cut
+            ranks = plan
+        assert len(ranks) == budget
+
+
+def test_replay_buffer_never_exceeds_its_bytes():
+    rng = np.random.default_rng(0)
+    items, cap = [], 1000
+    for n in rng.integers(1, 300, 200):
+        before = sum(items) + int(n)
+        items.append(int(n))
+        lora_plus.keep_under(items, cap, lambda x: x, rng)
+        assert sum(items) <= cap
+        assert sum(items) == before or sum(items) > cap - 300    # evicts only until it fits
+
+
+def test_truncated_expert_is_the_best_low_rank_update(tiny):
+    """Cutting an expert keeps the top singular directions of its update (Eckart-Young), per module,
+    under the same name, and leaves the other experts alone."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    ex = lora_plus.ExpertLoRA.__new__(lora_plus.ExpertLoRA)     # no runtime needed for the cut
+    ex.ranks = {"task0": 4, "task1": 2}
+    torch.manual_seed(0)
+    ex.model = get_peft_model(copy_model(tiny), ex._config(4), adapter_name="task0")
+    ex.model.add_adapter("task1", ex._config(2))
+    for n, p in ex.model.named_parameters():
+        if "lora_" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    mods = [m for m in ex.model.modules() if isinstance(m, LoraLayer)]
+    before = [m.scaling["task0"] * (m.lora_B["task0"].weight @ m.lora_A["task0"].weight) for m in mods]
+    other = [m.lora_A["task1"].weight.clone() for m in mods]
+    ex._truncate("task0", 2)
+    assert ex.ranks == {"task0": 2, "task1": 2}
+    for m, dw, a1 in zip(mods, before, other):
+        assert m.lora_A["task0"].weight.shape[0] == 2
+        u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+        best = (u[:, :2] * s[:2]) @ vh[:2]
+        after = m.scaling["task0"] * (m.lora_B["task0"].weight @ m.lora_A["task0"].weight)
+        torch.testing.assert_close(after, best, atol=1e-5, rtol=1e-4)
+        assert torch.equal(m.lora_A["task1"].weight, a1)
+
+
+def copy_model(m):
+    import copy
+
+    return copy.deepcopy(m)

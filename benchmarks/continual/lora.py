@@ -131,12 +131,17 @@ class SequentialLoRA:
     def __init__(self, rt, cap: int, ttft, seed: int = 0, epochs: int | None = None):
         import torch
 
-        self.rt, self.ttft, self.epochs = rt, ttft, epochs or EPOCHS
+        self._setup(rt, ttft, seed, epochs)
         self.model, self.rank, self.adapter_bytes = attach(base_model(rt), cap, seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+
+    def _setup(self, rt, ttft, seed: int, epochs: int | None) -> None:
+        """What every LoRA baseline shares: the runtime (prompts, images, end token), the frozen
+        embedding table, the seeded order of training batches and the training clock."""
+        self.rt, self.ttft, self.epochs = rt, ttft, epochs or EPOCHS
         self.rng = np.random.default_rng(seed)
-        self.table = self.model.get_input_embeddings().weight
+        self.table = base_model(rt).get_input_embeddings().weight     # frozen: the same values in every copy
         image_tok = (rt.manifest.image or {}).get("image_token_id")
         self.image_token_id = int(image_tok) if image_tok is not None else None
         end = rt.tokenizer.encode("<|im_end|>", bos=False)
@@ -158,16 +163,26 @@ class SequentialLoRA:
         return self.rt.encode_prompt(ex.prompt, image=img), (img.features if img is not None else None)
 
     def learn(self, task, examples, candidates):
-        import torch
-
         t0 = time.perf_counter()
+        self._train(self._rows(examples))
+        self.train_s += time.perf_counter() - t0
+
+    def _rows(self, examples) -> list[tuple]:
+        """(prompt + answer + end ids, prompt length, image features) per example."""
         rows = []
         for ex in examples:
             ids, feats = self._prompt(ex)
             target = self.rt.tokenizer.encode(ex.answers[0], bos=False) + self.end_ids
             rows.append((ids + target, len(ids), feats))
+        return rows
+
+    def _train(self, rows, params=None):
+        """``self.epochs`` epochs of answer-token cross-entropy over ``rows`` (batches of BATCH)."""
+        import torch
+
         P = shared_prefix(rows, self.image_token_id)
         lm = self.model.base_model.model
+        opt = self.opt if params is None else torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
         self.model.train()
         for _ in range(self.epochs):
             order = self.rng.permutation(len(rows))
@@ -184,15 +199,17 @@ class SequentialLoRA:
                 h = hidden_after_prefix(lm, self._embeds(batch[0][0][:P], None)[None], x, mask)
                 pick = labels[:, 1:] != -100       # next-token loss; the vocabulary projection on those only
                 loss = torch.nn.functional.cross_entropy(lm.lm_head(h[:, :-1][pick]), labels[:, 1:][pick])
-                self.opt.zero_grad()
+                opt.zero_grad()
                 loss.backward()
-                self.opt.step()
+                opt.step()
         self.model.eval()
-        self.train_s += time.perf_counter() - t0
 
     def answer_all(self, examples) -> list[str]:
         """Greedy answers to a batch of questions (left-padded, ``generate``), cut like the
         runtime's: at the end token, EOS or a newline."""
+        return self._generate(examples)
+
+    def _generate(self, examples) -> list[str]:
         import torch
 
         prompts = [self._prompt(ex) for ex in examples]

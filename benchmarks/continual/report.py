@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CAPPED = ("inducekv", "random", "fifo", "prompt-retrieval", "lora")
+CAPPED = ("inducekv", "random", "fifo", "prompt-retrieval", "lora", "replay", "experts")
 
 
 def _ordered(per: dict) -> list[str]:

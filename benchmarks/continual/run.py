@@ -2,12 +2,15 @@
 
     python benchmarks/continual/run.py --text-bundle bundles/default/fp32 --vlm-bundle bundles/vlm \\
         [--quick] [--sequences text,vqa,domain] [--caps 4MiB,16MiB,64MiB] [--seed 0] [--out results/continual] [--json]
-        [--methods unbounded-fp16,inducekv,random,fifo,prompt-retrieval,lora] [--merge]
+        [--methods unbounded-fp16,inducekv,random,fifo,prompt-retrieval,lora,replay,experts] [--merge]
 
 Sequences (task data generated with ``--seed``; train and test disjoint):
 - ``text``: task-incremental made-up facts (examples/tasks: capitals, inventors, planets, foods).
 - ``vqa``: continual VQA on the default VLM: vexcolour, vexshape, parity, side (never trained).
 - ``domain``: domain-incremental, the same colour question on clean, noisy, inverted images.
+- ``long``: ten made-up fact tasks (each kind of ``text`` plus colours, twice, about fresh
+  names each time; ``examples/make_tasks.py write_long``), ``--n-test`` facts per task, each
+  stated once for training and asked once in test: "learns forever in a fixed footprint".
 - ``value``: made-up facts whose examples differ in value (``examples/make_value_tasks.py``):
   duplicates, facts the model knows, terse vs verbose statements, label noise; ``--n-test``
   facts per task, every statement of them trained.
@@ -18,8 +21,10 @@ incremental accuracy, forgetting, backward transfer; median time to first token.
 
 Methods at each cap: inducekv (``ikv-learn``'s full selection), random, fifo (bank
 strategies), prompt-retrieval (raw examples, same cap, re-encoded per query), sequential
-LoRA (peft, all linear layers, fp16 adapter bytes <= the cap; ``lora.py``), and, once per
-sequence, zero-shot and an unbounded fp16 bank (upper bound). Results: ``--out``/
+LoRA (peft, all linear layers, fp16 adapter bytes <= the cap; ``lora.py``), LoRA with a
+replay buffer and per-task LoRA experts chosen by a key router (adapter + buffer or router
+bytes <= the cap; ``lora_plus.py``), and, once per sequence, zero-shot and an unbounded fp16
+bank (upper bound). Results: ``--out``/
 ``results.md``, ``results.json`` and PNG plots.
 """
 from __future__ import annotations
@@ -49,6 +54,8 @@ SEQUENCES = {
     "vqa": {"bundle": "vlm", "tasks": ["vexcolour", "vexshape", "parity", "side"]},
     "domain": {"bundle": "vlm", "tasks": ["colour", "colour@noisy", "colour@inverted"]},
     "value": {"bundle": "text", "tasks": ["dup-inventors", "known-capitals", "verbose-planets", "noisy-colours"]},
+    "long": {"bundle": "text", "tasks": [f"{k}-{r}" for r in (1, 2) for k in
+                                         ("capitals", "inventors", "colours", "planets", "foods")]},
 }
 BANK_METHODS = {"inducekv": "full", "random": "random", "fifo": "fifo"}
 ABLATIONS = {   # inducekv with one part of the selection or the gate removed (not run unless named)
@@ -87,6 +94,17 @@ def value_task(name: str, n_train: int, n_test: int, seed: int, work: Path):
     out = work / f"value_tasks-{seed}-{n_facts}"
     if not (out / f"{name}.train.jsonl").is_file():
         write_all(out, seed, n_facts)
+    return load_task(out / f"{name}.train.jsonl"), load_task(out / f"{name}.test.jsonl")
+
+
+def long_task(name: str, n_test: int, seed: int, work: Path):
+    """(train, test) of one task of the long sequence (``examples/make_tasks.py write_long``,
+    this seed): ``n_test`` made-up facts, each stated once in train and asked once in test."""
+    from make_tasks import write_long
+
+    out = work / f"long_tasks-{seed}-{n_test}"
+    if not (out / f"{name}.train.jsonl").is_file():
+        write_long(out, seed, n_test)
     return load_task(out / f"{name}.train.jsonl"), load_task(out / f"{name}.test.jsonl")
 
 
@@ -140,7 +158,8 @@ def run_method(method, tasks: dict, cands: dict, log) -> dict:
             "learn_s": learn_s, "eval_s": eval_s, "final_hits": final_hits}
 
 
-ALL_METHODS = ("unbounded-fp16", "inducekv", "random", "fifo", "prompt-retrieval", "lora")
+ALL_METHODS = ("unbounded-fp16", "inducekv", "random", "fifo", "prompt-retrieval", "lora", "replay", "experts")
+TORCH_METHODS = ("lora", "replay", "experts")   # trained with torch + peft (lora.py, lora_plus.py)
 KNOWN_METHODS = ALL_METHODS + tuple(ABLATIONS)
 
 
@@ -150,6 +169,8 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
     spec, t0 = SEQUENCES[seq], time.perf_counter()
     if seq == "value":
         tasks = {n: value_task(n, n_train, n_test, seed, work) for n in spec["tasks"]}
+    elif seq == "long":
+        tasks = {n: long_task(n, n_test, seed, work) for n in spec["tasks"]}
     elif spec["bundle"] == "text":
         tasks = {n: text_task(n, n_train, n_test, seed) for n in spec["tasks"]}
     else:
@@ -157,7 +178,7 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
     log(f"[{seq}] {len(tasks)} tasks: " + ", ".join(f"{n} ({len(a)} train / {len(b)} test)" for n, (a, b) in tasks.items()))
     res = {"tasks": list(tasks), "encode_s": 0.0, "caps": {}, "n_train": n_train, "n_test": n_test}
     cands = {n: None for n in tasks}
-    if set(methods) - {"lora"}:          # every other method uses the candidates' keys or payloads
+    if set(methods) - set(TORCH_METHODS):   # the bank methods and prompt retrieval use the candidates
         t = time.perf_counter()
         cands = M.encode(bundle, work, {n: tr for n, (tr, _) in tasks.items()})
         res["encode_s"] = time.perf_counter() - t
@@ -178,12 +199,14 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
                                                     seed=seed, gated=gated), tasks, cands, log)
         if "prompt-retrieval" in methods:
             per["prompt-retrieval"] = run_method(M.PromptRetrieval(bundle, cap, seed), tasks, cands, log)
-        if "lora" in methods:
+        for name in (m for m in TORCH_METHODS if m in methods):
             from lora import SequentialLoRA
+            from lora_plus import ExpertLoRA, ReplayLoRA
 
-            method = SequentialLoRA(M.runtime(bundle), cap, zero.ttft, seed, epochs=lora_epochs)
-            per["lora"] = run_method(method, tasks, cands, log)
-            per["lora"].update(rank=method.rank, adapter_bytes=method.adapter_bytes, train_s=method.train_s)
+            kind = {"lora": SequentialLoRA, "replay": ReplayLoRA, "experts": ExpertLoRA}[name]
+            method = kind(M.runtime(bundle), cap, zero.ttft, seed, epochs=lora_epochs)
+            per[name] = run_method(method, tasks, cands, log)
+            per[name].update(**method.entries(), train_s=method.train_s)
             del method
         res["caps"][str(cap)] = per
     res["wall_s"] = time.perf_counter() - t0
@@ -249,20 +272,20 @@ def main(argv=None):
     for m in methods:
         if m not in KNOWN_METHODS:
             ap.error(f"unknown method {m!r}; choose from {', '.join(KNOWN_METHODS)}")
-    if "lora" in methods:
+    if set(methods) & set(TORCH_METHODS):
         try:
             import peft  # noqa: F401
             import torch  # noqa: F401
         except ImportError:
-            ap.error("the LoRA baseline needs torch and peft: pip install -e '.[export,bench]' "
-                     "(or leave lora out of --methods)")
+            ap.error("the LoRA baselines (lora, replay, experts) need torch and peft: pip install -e '.[export,bench]' "
+                     "(or leave them out of --methods)")
     if args.merge and not (args.out / "results.json").is_file():
         ap.error(f"--merge: no earlier results at {args.out / 'results.json'}")
     lora_epochs = args.lora_epochs or (3 if args.quick else None)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
     t0 = time.time()
     results = {"seed": args.seed, "quick": args.quick, "caps": caps, "sequences": {},
-               "lora_epochs": (lora_epochs or 12) if "lora" in methods else None}
+               "lora_epochs": (lora_epochs or 12) if set(methods) & set(TORCH_METHODS) else None}
     with tempfile.TemporaryDirectory() as d:
         for s in seqs:
             results["sequences"][s] = run_sequence(s, bundles[SEQUENCES[s]["bundle"]], caps, n_train, n_test,
