@@ -41,6 +41,15 @@ def summary(results: dict) -> dict:
     return out
 
 
+def _curves(r: dict, cap: str) -> dict[str, list[float]]:
+    """Per method (zero-shot, the capped ones at ``cap``, unbounded): the mean accuracy over the
+    tasks seen so far after each task (row means of the accuracy matrix)."""
+    runs = [("zero-shot", r["zero-shot"])] + [(m, r["caps"][cap][m]) for m in _ordered(r["caps"][cap])] \
+        + [(m, r[m]) for m in ONCE[1:] if m in r]
+    return {m: [sum(a for a in row if a is not None) / sum(a is not None for a in row) for row in v["matrix"]]
+            for m, v in runs}
+
+
 def markdown(results: dict) -> str:
     lines = [f"# Continual-learning benchmark (seed {results['seed']}{', quick' if results['quick'] else ''})", "",
              f"Wall time {results['wall_s'] / 60:.1f} min"
@@ -68,6 +77,12 @@ def markdown(results: dict) -> str:
                   "do no harm means ~1.00 there."]
         lines.append("")
         cap = list(r["caps"])[-1]
+        curves = _curves(r, cap)
+        lines += [f"Average accuracy over the tasks seen so far, after each task ({_mib(cap)}):", "",
+                  "| method | " + " | ".join(f"{i + 1}" for i in range(len(r["tasks"]))) + " |",
+                  "|---|" + "---|" * len(r["tasks"])]
+        lines += [f"| {m} | " + " | ".join(f"{a:.2f}" for a in c) + " |" for m, c in curves.items()]
+        lines.append("")
         lines += [f"Accuracy matrices at {_mib(cap)} (row: after learning task i; column: task j):", ""]
         for m in _ordered(r["caps"][cap]):
             lines.append(f"- {m}: " + " / ".join(" ".join("-" if a is None else f"{a:.2f}" for a in row)
@@ -100,6 +115,20 @@ def plots(results: dict, out: Path) -> list[str]:
                         ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
         fig.tight_layout()
         name = f"{seq}_matrices.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m, c in _curves(r, cap).items():
+            ax.plot(range(1, len(c) + 1), c, marker="o", label=m, linestyle=":" if m in ONCE else "-")
+        ax.set_xlabel("tasks learned")
+        ax.set_ylabel("mean accuracy over the tasks seen")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{seq}: after each task, {_mib(cap)}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"{seq}_after_each.png"
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         files.append(name)

@@ -163,18 +163,23 @@ TORCH_METHODS = ("lora", "replay", "experts")   # trained with torch + peft (lor
 KNOWN_METHODS = ALL_METHODS + tuple(ABLATIONS)
 
 
+def build_tasks(seq: str, bundle: str, n_train: int, n_test: int, seed: int, work: Path) -> dict:
+    """{task: (train, test)} of a sequence, in order (task data generated with ``seed``)."""
+    spec = SEQUENCES[seq]
+    if seq == "value":
+        return {n: value_task(n, n_train, n_test, seed, work) for n in spec["tasks"]}
+    if seq == "long":
+        return {n: long_task(n, n_test, seed, work) for n in spec["tasks"]}
+    if spec["bundle"] == "text":
+        return {n: text_task(n, n_train, n_test, seed) for n in spec["tasks"]}
+    return {n: image_task(n, n_train, n_test, seed, work) for n in spec["tasks"]}
+
+
 def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: int, seed: int, work: Path, log,
                  methods=ALL_METHODS, lora_epochs: int | None = None) -> dict:
     """Zero-shot, then each of ``methods`` (unbounded once; the rest at every cap)."""
-    spec, t0 = SEQUENCES[seq], time.perf_counter()
-    if seq == "value":
-        tasks = {n: value_task(n, n_train, n_test, seed, work) for n in spec["tasks"]}
-    elif seq == "long":
-        tasks = {n: long_task(n, n_test, seed, work) for n in spec["tasks"]}
-    elif spec["bundle"] == "text":
-        tasks = {n: text_task(n, n_train, n_test, seed) for n in spec["tasks"]}
-    else:
-        tasks = {n: image_task(n, n_train, n_test, seed, work) for n in spec["tasks"]}
+    t0 = time.perf_counter()
+    tasks = build_tasks(seq, bundle, n_train, n_test, seed, work)
     log(f"[{seq}] {len(tasks)} tasks: " + ", ".join(f"{n} ({len(a)} train / {len(b)} test)" for n, (a, b) in tasks.items()))
     res = {"tasks": list(tasks), "encode_s": 0.0, "caps": {}, "n_train": n_train, "n_test": n_test}
     cands = {n: None for n in tasks}
