@@ -5,7 +5,8 @@
 
 Prints, per cap and method, the final average accuracy of each seed, their mean and
 standard deviation, and the difference to random and FIFO measured on the same seeds
-(``mean (min..max)`` of the per-seed differences: the same task data, so paired).
+(``mean (min..max)`` of the per-seed differences: the same task data, so paired); then the
+mean accuracy over the tasks seen so far after each task (the long sequence's curve).
 """
 from __future__ import annotations
 
@@ -54,6 +55,26 @@ def table(runs: dict[int, dict]) -> list[str]:
     return lines
 
 
+def curves(runs: dict[int, dict]) -> list[str]:
+    """Per cap and method: the mean over seeds of the accuracy over the tasks seen so far after
+    each task (row means of the accuracy matrix), with the number of seeds behind it."""
+    seeds = sorted(runs)
+    T = len(runs[seeds[0]]["tasks"])
+    lines = ["| cap | method | seeds | " + " | ".join(str(i + 1) for i in range(T)) + " |", "|---|---|---|" + "---|" * T]
+
+    def rows(v):
+        return [sum(a for a in row if a is not None) / sum(a is not None for a in row) for row in v["matrix"]]
+
+    zero = [rows(runs[s]["zero-shot"]) for s in seeds]
+    lines.append("| - | zero-shot | " + f"{len(zero)} | " + " | ".join(f"{statistics.mean(c):.2f}" for c in zip(*zero)) + " |")
+    for cap in sorted({c for r in runs.values() for c in r["caps"]}, key=int):
+        for m in sorted({m for s in seeds for m in runs[s]["caps"].get(cap, {})}):
+            got = [rows(runs[s]["caps"][cap][m]) for s in seeds if m in runs[s]["caps"].get(cap, {})]
+            lines.append(f"| {int(cap) / 2 ** 20:g} MiB | {m} | {len(got)} | "
+                         + " | ".join(f"{statistics.mean(c):.2f}" for c in zip(*got)) + " |")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, help="--out folders of run.py, one per seed")
@@ -62,7 +83,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     runs = load(args.dirs, args.sequence)
     text = "\n".join([f"# {args.sequence}: final average accuracy over seeds {', '.join(map(str, sorted(runs)))}", ""]
-                     + table(runs)) + "\n"
+                     + table(runs) + ["", "Mean accuracy over the tasks seen so far, after each task (mean over seeds):", ""]
+                     + curves(runs)) + "\n"
     print(text)
     if args.out:
         args.out.write_text(text)
