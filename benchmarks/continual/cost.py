@@ -43,6 +43,13 @@ def _rss_mib() -> tuple[float, float]:
     return vals["VmRSS"], vals["VmHWM"]
 
 
+def _cpu() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def child(method: str, sequence: str, n_tasks: int, cap: int, seed: int, bundles: dict) -> dict:
     """Learn the sequence's first tasks with one method in this process; timings and RSS."""
     sys.path.insert(0, str(HERE))
@@ -57,7 +64,12 @@ def child(method: str, sequence: str, n_tasks: int, cap: int, seed: int, bundles
     work = Path(tempfile.mkdtemp())
     tasks = R.build_tasks(sequence, bundle, 24, 12, seed, work)
     names = list(tasks)[:n_tasks]
-    rt = M.runtime(bundle)
+    if method in ("inducekv", "random", "fifo"):   # as ikv-learn opens it: one session for decoder and probe
+        from inducekv.runtime import Runtime
+
+        rt = Runtime.open(bundle, learn=True)
+    else:
+        rt = M.runtime(bundle)
     if method in ("lora", "replay", "experts"):
         from lora import SequentialLoRA
         from lora_plus import ExpertLoRA, ReplayLoRA
@@ -105,6 +117,8 @@ def main(argv=None):
     ap.add_argument("--vlm-bundle", default="bundles/vlm")
     ap.add_argument("--out", type=Path, default=None, help="write cost.json and cost.md here")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace these methods' rows in --out/cost.json from an earlier run, keep the others")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from inducekv.core.cli import parse_bytes
@@ -129,8 +143,15 @@ def main(argv=None):
                "--vlm-bundle", args.vlm_bundle]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    res = {"sequence": args.sequence, "cap": cap, "seed": args.seed, "cpu": platform.processor() or platform.machine(),
-           "rows": rows}
+    if args.merge:
+        if not (args.out and (args.out / "cost.json").is_file()):
+            ap.error("--merge needs --out with an earlier cost.json")
+        old = json.loads((args.out / "cost.json").read_text())
+        if (old["sequence"], old["cap"], old["seed"]) != (args.sequence, cap, args.seed):
+            ap.error("--merge: the earlier run has another sequence, cap or seed")
+        mine = {r["method"]: r for r in rows}
+        rows = [mine.pop(r["method"], r) for r in old["rows"]] + list(mine.values())
+    res = {"sequence": args.sequence, "cap": cap, "seed": args.seed, "cpu": _cpu(), "rows": rows}
     md = ["| method | learns on the device (no torch) | s per task | RSS after setup MiB | peak RSS MiB |",
           "|---|---|---|---|---|"]
     for r in rows:
