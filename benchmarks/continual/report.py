@@ -91,6 +91,16 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig, out: Path, name: str) -> str:
+    """Lay out, write ``out/name`` and close ``fig``; returns the name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def plots(results: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -113,11 +123,7 @@ def plots(results: dict, out: Path) -> list[str]:
                 for j in range(a.shape[1]):
                     if not np.isnan(a[i, j]):
                         ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
-        fig.tight_layout()
-        name = f"{seq}_matrices.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, out, f"{seq}_matrices.png"))
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for m, c in _curves(r, cap).items():
@@ -127,11 +133,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_ylim(0, 1)
         ax.set_title(f"{seq}: after each task, {_mib(cap)}")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"{seq}_after_each.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, out, f"{seq}_after_each.png"))
 
         caps = [int(c) for c in r["caps"]]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -151,11 +153,7 @@ def plots(results: dict, out: Path) -> list[str]:
         a2.set_title(f"{seq}: TTFT vs accuracy (all caps)")
         a1.legend(fontsize=7)
         a2.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"{seq}_budget_ttft.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, out, f"{seq}_budget_ttft.png"))
     return files
 
 
