@@ -53,6 +53,7 @@ class EntryInfo:
     nbytes: int          # payload bytes (quantized)
     pages: int           # pages it occupies
     example_hash: bytes  # 16 bytes, see ``example_hash``
+    kind: str = "kv"     # "kv": quantized K/V; "source": the example's bytes (``memory/source.py``)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Record:
     n_pages: int
     pages: np.ndarray    # (n_pages,) int64 page numbers
     payload_crc: int
+    kind: int = fmt.KIND_KV
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class NewEntry:
     task: str
     example_hash: bytes = b"\0" * 16
     payload: bytes | None = None  # already packed with the bank's scheme (kvquant.pack)
-    tokens: int = 0               # token count of ``payload``
+    tokens: int = 0               # token count of ``payload`` (a source entry: of its rendered entry)
+    source: bytes | None = None   # a ``source`` entry: ``memory.source.pack_source`` bytes, no K/V
 
 
 def example_hash(example: dict) -> bytes:
@@ -290,7 +293,7 @@ class Bank:
         if not self._live[slot]:
             raise BankError(f"slot {slot} of {self.path} is empty")
         return EntryInfo(int(slot), int(r["entry_id"]), self._task_names.get(int(r["task_id"]), "?"), int(r["tokens"]),
-                         int(r["nbytes"]), int(r["n_pages"]), bytes(r["example_hash"]))
+                         int(r["nbytes"]), int(r["n_pages"]), bytes(r["example_hash"]), _kind(r))
 
     def entries(self) -> list[EntryInfo]:
         return [self.entry(s) for s in self.slots()]
@@ -326,12 +329,17 @@ class Bank:
             r = self._recs[s]
             n = int(r["n_pages"])
             out.append(Record(int(s), int(r["entry_id"]), int(r["task_id"]), int(r["tokens"]), int(r["nbytes"]), n,
-                              r["pages"][:min(n, len(r["pages"]))].astype(np.int64), int(r["payload_crc"])))
+                              r["pages"][:min(n, len(r["pages"]))].astype(np.int64), int(r["payload_crc"]),
+                              int(r["kind"])))
         return out
 
     def stored_bytes(self, pages: np.ndarray, n: int) -> bytes:
         """The first ``n`` bytes stored in ``pages`` (in order), unchecked."""
         return self._gather(pages, n)
+
+    def inline_bytes(self, slot: int, n: int) -> bytes:
+        """The first ``n`` bytes of the current record's inline area (a small source entry), unchecked."""
+        return self._recs[slot]["pages"].tobytes()[:n]
 
     def slot_of(self) -> dict[int, int]:
         return {int(self._recs["entry_id"][s]): int(s) for s in self.slots()}
@@ -360,8 +368,10 @@ class Bank:
         g = self.geo
         live = self.slots()
         pages_used = int(self._recs["n_pages"][live].sum())
+        n_source = int((self._recs["kind"][live] == fmt.KIND_SOURCE).sum())
         return {
             "cap": g.cap, "file_bytes": g.file_bytes, "entries": int(len(live)), "slots": g.slots,
+            "kv_entries": int(len(live)) - n_source, "source_entries": n_source,
             "pages": g.pages, "page_bytes": g.page_bytes, "pages_used": pages_used,
             "payload_bytes": int(self._recs["nbytes"][live].sum()),
             "bytes_used": pages_used * g.page_bytes, "bytes_free": (g.pages - pages_used) * g.page_bytes,
@@ -377,14 +387,20 @@ class Bank:
         def payload(rec):
             n, pg = int(rec["nbytes"]), rec["pages"][: rec["n_pages"]]
             t = int(rec["tokens"])
-            if not (1 <= t <= self.geo.max_tokens and len(pg) == self.geo.pages_for(t)
-                    and int(pg.max(initial=0)) < self.geo.pages):
+            if not (1 <= t <= self.geo.max_tokens and int(pg.max(initial=0)) < self.geo.pages):
                 return _RETRY
-            buf = self.stored_bytes(pg, n)
+            if _kind(rec) == "source":
+                if len(pg) != self.geo.source_pages(n):
+                    return _RETRY
+                buf = rec["pages"].tobytes()[:n] if len(pg) == 0 else self.stored_bytes(pg, n)
+            elif _kind(rec) == "kv" and len(pg) == self.geo.pages_for(t):
+                buf = self.stored_bytes(pg, n)
+            else:
+                return _RETRY
             if zlib.crc32(buf) != rec["payload_crc"]:
                 return _RETRY
             return buf, EntryInfo(slot, int(rec["entry_id"]), self._task_name(int(rec["task_id"])), t, n, len(pg),
-                                  bytes(rec["example_hash"]))
+                                  bytes(rec["example_hash"]), _kind(rec))
 
         return self._read_live(slot, entry_id, payload, "entry")
 
@@ -444,6 +460,9 @@ class Bank:
         if got is None:
             return None
         buf, info = got
+        if info.kind != "kv":
+            raise BankError(f"entry {info.entry_id} is a {info.kind} entry: it holds the example, not K/V "
+                            "(the runtime re-encodes it when it is retrieved)")
         g = self.geo
         k, v = kvquant.unpack(buf, g.scheme, g.num_layers, g.kv_heads, info.tokens, g.head_dim, self.key_scales())
         return info, k, v
@@ -505,6 +524,11 @@ class Bank:
         os.fdatasync(self._fd)
 
 
+def _kind(rec) -> str:
+    """A record's entry kind; an unknown code reads as "?" (never served, ``verify`` reports it)."""
+    return fmt.KINDS.get(int(rec["kind"]), "?")
+
+
 def record_bytes_for(geo: fmt.Geometry, **fields) -> bytes:
     """Serialize one record (CRC filled in)."""
     rec = np.zeros(1, geo.record_dtype)
@@ -512,6 +536,8 @@ def record_bytes_for(geo: fmt.Geometry, **fields) -> bytes:
     for k, v in fields.items():
         if k == "pages":
             rec["pages"][0, : len(v)] = v
+        elif k == "inline":   # a small source entry's bytes, in the page-list area
+            rec["pages"][0].view(np.uint8)[: len(v)] = np.frombuffer(v, np.uint8)
         else:
             rec[k] = v
     raw = rec.view(np.uint8)

@@ -25,7 +25,12 @@ from inducekv.kernels import kvquant
 from inducekv.core.errors import BankError
 
 FORMAT_NAME = "inducekv.bank"
-FORMAT_VERSION = 2  # 2: shared key scales (the ``scales`` section) for the k8v8/k4v8/k4v4 schemes
+FORMAT_VERSION = 3  # 2: shared key scales (the ``scales`` section); 3: entry kinds (``source`` entries) and f16 keys
+READ_VERSIONS = (2, 3)  # a version-2 bank is read and written as version 2 (kv entries, f32 keys)
+KIND_KV, KIND_SOURCE = 0, 1   # a record's ``kind``: quantized K/V in pages, or the example's source bytes
+KINDS = {KIND_KV: "kv", KIND_SOURCE: "source"}
+KEY_DTYPES = {"f32": "<f4", "f16": "<f2"}
+MAX_INLINE_BYTES = 1 << 16    # a record's inline area (source bytes kept in the record itself)
 SUPERBLOCK_MAGIC = b"IKVS"
 RECORD_MAGIC = b"IKVE"
 DATA_ALIGN = 4096  # the data section starts on a page boundary
@@ -74,6 +79,18 @@ class Geometry:
     pages: int            # P: pages in the payload region
     calib_rank: int       # rank r of the low-rank part of the calibration map
     catalog_bytes: int    # capacity of one catalog copy (task names, anchors, template)
+    key_dtype: str = "f32"  # retrieval keys in records: f32 (version 2) or f16 (version 3)
+    inline_bytes: int = 0   # a record's inline area for ``source`` entries; 0: kv entries only (version 2)
+
+    @property
+    def version(self) -> int:
+        """2 for the kv-only, f32-key layout (byte-identical to a version-2 bank); 3 otherwise."""
+        return 2 if (self.key_dtype == "f32" and self.inline_bytes == 0) else 3
+
+    @property
+    def sources(self) -> bool:
+        """Whether this bank can hold ``source`` entries."""
+        return self.inline_bytes > 0
 
     # ---- derived sizes: the one place byte math happens ----
     @property
@@ -83,7 +100,7 @@ class Geometry:
 
     @property
     def record_dtype(self) -> np.dtype:
-        return record_dtype(self.key_dim, self.max_pages)
+        return record_dtype(self.key_dim, self.max_pages, self.key_dtype, self.inline_bytes)
 
     @property
     def record_bytes(self) -> int:
@@ -120,8 +137,9 @@ class Geometry:
         }
 
     def metadata(self) -> dict[str, str]:
-        meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
-        meta.update({f.name: str(getattr(self, f.name)) for f in fields(self)})
+        meta = {"format": FORMAT_NAME, "format_version": str(self.version)}
+        meta.update({f.name: str(getattr(self, f.name)) for f in fields(self)
+                     if self.version >= 3 or f.name not in _V3_FIELDS})
         return meta
 
     def header_bytes(self) -> bytes:
@@ -159,27 +177,42 @@ class Geometry:
         """Bytes an entry of ``tokens`` tokens takes from the cap: its pages plus its slot."""
         return self.pages_for(tokens) * self.page_bytes + 2 * self.record_bytes
 
+    @property
+    def inline_capacity(self) -> int:
+        """Source bytes a record holds itself (its page-list area); 0 for a kv-only bank."""
+        return self.record_dtype.fields["pages"][0].itemsize if self.sources else 0
+
+    def source_pages(self, nbytes: int) -> int:
+        """Pages a source entry of ``nbytes`` bytes takes: 0 when it fits in its record."""
+        return 0 if nbytes <= self.inline_capacity else -(-nbytes // self.page_bytes)
+
+    def source_bytes(self, nbytes: int) -> int:
+        """Bytes a source entry of ``nbytes`` bytes takes from the cap: its slot (+ pages when it is large)."""
+        return self.source_pages(nbytes) * self.page_bytes + 2 * self.record_bytes
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def record_dtype(key_dim: int, max_pages: int) -> np.dtype:
-    """One slot record copy. ``crc`` is CRC-32 of every byte before it."""
+def record_dtype(key_dim: int, max_pages: int, key_dtype: str = "f32", inline_bytes: int = 0) -> np.dtype:
+    """One slot record copy. ``crc`` is CRC-32 of every byte before it. The ``pages`` area
+    lists a kv entry's pages, or holds a small source entry's bytes (``inline_bytes``)."""
     base = [
         ("magic", "S4"),            # b"IKVE"; an all-zero record is an empty slot
         ("state", "u1"),            # 0 empty, 1 live
-        ("_pad", "u1", (3,)),
+        ("kind", "u1"),             # 0 kv, 1 source (version 2: always 0, it was padding)
+        ("_pad", "u1", (2,)),
         ("gen", "<u8"),             # superblock generation that committed this record
         ("entry_id", "<u8"),        # unique, never reused; the API's entry id
-        ("tokens", "<u4"),          # tokens in the payload
-        ("nbytes", "<u4"),          # payload bytes (kvquant.payload_nbytes)
+        ("tokens", "<u4"),          # tokens in the payload (source: tokens of the rendered entry)
+        ("nbytes", "<u4"),          # payload bytes (kvquant.payload_nbytes; source: its byte length)
         ("payload_crc", "<u4"),     # CRC-32 of the payload bytes
         ("task_id", "<u4"),         # key into the catalog's task table
         ("example_hash", "V16"),    # blake2b-128 of the source example
-        ("n_pages", "<u4"),
+        ("n_pages", "<u4"),         # source: 0 when its bytes sit in ``pages`` itself
         ("_res", "<u4"),
-        ("key", "<f4", (key_dim,)),  # retrieval key
-        ("pages", "<u4", (max_pages,)),  # page numbers, in payload order
+        ("key", KEY_DTYPES[key_dtype], (key_dim,)),  # retrieval key
+        ("pages", "<u4", (max(max_pages, -(-inline_bytes // 4)),)),  # page numbers, in payload order
         ("crc", "<u4"),
     ]
     size = np.dtype(base).itemsize
@@ -209,7 +242,7 @@ class Superblock:
     bitmap: np.ndarray   # (S,) uint8 in {0, 1}: which record copy of each slot is current
 
     def to_bytes(self, geo: Geometry) -> bytes:
-        head = _SB_HEAD.pack(SUPERBLOCK_MAGIC, FORMAT_VERSION, self.gen, self.next_entry_id, self.catalog_copy,
+        head = _SB_HEAD.pack(SUPERBLOCK_MAGIC, geo.version, self.gen, self.next_entry_id, self.catalog_copy,
                              self.catalog_len, self.catalog_crc, self.calib_copy, self.calib_crc, self.scales_copy,
                              self.scales_crc, 0)
         body = head + np.packbits(self.bitmap.astype(np.uint8), bitorder="little").tobytes()
@@ -224,7 +257,7 @@ class Superblock:
             return None
         (magic, version, gen, next_id, cat_copy, cat_len, cat_crc, cal_copy, cal_crc, sc_copy, sc_crc,
          _) = _SB_HEAD.unpack_from(buf)
-        if (magic != SUPERBLOCK_MAGIC or version != FORMAT_VERSION or cat_copy > 1 or cal_copy > 1 or sc_copy > 1
+        if (magic != SUPERBLOCK_MAGIC or version != geo.version or cat_copy > 1 or cal_copy > 1 or sc_copy > 1
                 or cat_len > geo.catalog_bytes):
             return None
         bits = np.unpackbits(np.frombuffer(buf, np.uint8, geo.bitmap_bytes, _SB_HEAD.size), bitorder="little")[: geo.slots]
@@ -233,7 +266,8 @@ class Superblock:
 
 # ---- header parsing (untrusted input) ----
 
-_INT_FIELDS = {f.name for f in fields(Geometry)} - {"fingerprint", "scheme", "key_space"}
+_INT_FIELDS = {f.name for f in fields(Geometry)} - {"fingerprint", "scheme", "key_space", "key_dtype"}
+_V3_FIELDS = ("key_dtype", "inline_bytes")   # absent from a version-2 header (defaults: f32, 0)
 
 
 def parse_header(head8: bytes, read, file_size: int, where: str) -> Geometry:
@@ -254,11 +288,14 @@ def parse_header(head8: bytes, read, file_size: int, where: str) -> Geometry:
     meta = head.get("__metadata__") if isinstance(head, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise BankError(f"{where}: not an inducekv bank (a safetensors file without '__metadata__.format': '{FORMAT_NAME}')")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in [str(v) for v in READ_VERSIONS]:
         raise BankError(f"{where}: bank format version {meta.get('format_version')!r} is not supported (this inducekv "
-                        f"reads {FORMAT_VERSION}); create a new bank and learn its tasks again")
+                        f"reads {' and '.join(map(str, READ_VERSIONS))}); create a new bank and learn its tasks again")
+    version = int(meta["format_version"])
     values = {}
     for f in fields(Geometry):
+        if version < 3 and f.name in _V3_FIELDS:
+            continue   # the defaults; a version-2 header that has them fails the byte-identity check
         raw = meta.get(f.name)
         if not isinstance(raw, str):
             raise BankError(f"{where}: bank header lacks metadata field {f.name!r}")
@@ -286,6 +323,10 @@ def check_geometry(geo: Geometry) -> None:
         raise ValueError(f"scheme {geo.scheme!r} is not one of {', '.join(kvquant.SCHEMES)}")
     if geo.key_space not in KEY_SPACES:
         raise ValueError(f"key_space {geo.key_space!r} is not one of {', '.join(KEY_SPACES)}")
+    if geo.key_dtype not in KEY_DTYPES:
+        raise ValueError(f"key_dtype {geo.key_dtype!r} is not one of {', '.join(KEY_DTYPES)}")
+    if geo.inline_bytes % 4 or geo.inline_bytes > MAX_INLINE_BYTES:
+        raise ValueError(f"inline_bytes={geo.inline_bytes} must be a multiple of 4 up to {MAX_INLINE_BYTES}")
     if not (0 < len(geo.fingerprint) <= 128):
         raise ValueError("fingerprint must be 1..128 characters")
     for name, hi in (("num_layers", MAX_MODEL_DIM), ("kv_heads", MAX_MODEL_DIM), ("head_dim", MAX_MODEL_DIM),
@@ -306,7 +347,8 @@ def check_geometry(geo: Geometry) -> None:
 
 def plan(cap: int, *, fingerprint: str, scheme: str, num_layers: int, kv_heads: int, head_dim: int, key_dim: int,
          key_space: str = "cosine", page_tokens: int = 4, max_tokens: int = 256, calib_rank: int = 16,
-         entry_tokens: int = 16, catalog_bytes: int | None = None) -> Geometry:
+         entry_tokens: int = 16, catalog_bytes: int | None = None, key_dtype: str = "f32", inline_bytes: int = 0,
+         slot_share: float | None = None) -> Geometry:
     """The largest layout whose file fits in ``cap`` bytes.
 
     A page holds ``page_tokens`` tokens of payload (the per-entry key scales take
@@ -314,9 +356,14 @@ def plan(cap: int, *, fingerprint: str, scheme: str, num_layers: int, kv_heads: 
     ``entry_tokens`` tokens of page space, so entries shorter than that run out
     of slots before pages. Raises ValueError when the cap cannot hold even one
     ``MIN_ENTRY_TOKENS``-token entry.
+
+    ``slot_share`` (banks that hold ``source`` entries, ``inline_bytes`` > 0): the share of
+    the cap given to slots instead; a source entry that fits its record needs no page.
     """
     if page_tokens < 1 or entry_tokens < 1:
         raise ValueError("page_tokens and entry_tokens must be >= 1")
+    if slot_share is not None and not (0 < slot_share < 1):
+        raise ValueError(f"slot_share must be in (0, 1), got {slot_share}")
     per_entry = kvquant.payload_nbytes(scheme, num_layers, kv_heads, 1, head_dim)  # 1 token + per-entry scales
     per_token = kvquant.payload_nbytes(scheme, num_layers, kv_heads, 2, head_dim) - per_entry
     page = _round(per_token * page_tokens, SECTION_ALIGN)  # an entry's fixed scales spill into its pages
@@ -324,14 +371,20 @@ def plan(cap: int, *, fingerprint: str, scheme: str, num_layers: int, kv_heads: 
         catalog_bytes = min(max(cap // 256, 16 << 10), 256 << 10)  # task table + anchors (text)
     catalog_bytes = _round(catalog_bytes, SECTION_ALIGN)
 
+    fixed_slots = None
+    if slot_share is not None:
+        g0 = Geometry(cap, fingerprint, scheme, num_layers, kv_heads, head_dim, key_dim, key_space, page, max_tokens,
+                      1, 1, calib_rank, catalog_bytes, key_dtype, inline_bytes)
+        fixed_slots = max(1, int(slot_share * cap / (2 * g0.record_bytes + 1 / 8)))
+
     def geo(pages: int) -> Geometry:
-        slots = max(1, pages * page_tokens // entry_tokens)
+        slots = fixed_slots or max(1, pages * page_tokens // entry_tokens)
         return Geometry(cap, fingerprint, scheme, num_layers, kv_heads, head_dim, key_dim, key_space, page,
-                        max_tokens, slots, pages, calib_rank, catalog_bytes)
+                        max_tokens, slots, pages, calib_rank, catalog_bytes, key_dtype, inline_bytes)
 
     g1 = geo(1)
-    fixed = g1.file_bytes - page - 2 * g1.record_bytes
-    per_page = page + 2 * g1.record_bytes * page_tokens / entry_tokens + 1 / 8
+    fixed = g1.file_bytes - page - (0 if fixed_slots else 2 * g1.record_bytes)
+    per_page = page + (0 if fixed_slots else 2 * g1.record_bytes * page_tokens / entry_tokens + 1 / 8)
     pages = max(1, int((cap - fixed) / per_page) + 1)
     while pages > 1 and geo(pages).file_bytes > cap:
         pages -= 1

@@ -133,6 +133,8 @@ class Transaction:
         self._check_open()
         g = self.geo
         key = np.asarray(entry.key, np.float32).reshape(-1)
+        if entry.source is not None:
+            return self._add_source(entry, key, slot)
         if entry.payload is not None:  # packed by the caller, against this bank's key scales
             if g.scheme in kvquant.SHARED_KEY_SCALE and self._scales is None:
                 raise BankError(f"this {g.scheme} bank has no key scales yet; set them (set_key_scales) before adding")
@@ -172,6 +174,50 @@ class Transaction:
         rec = record_bytes_for(g, state=fmt.STATE_LIVE, gen=self._sb.gen + 1, entry_id=self._next_id, tokens=T,
                                nbytes=len(payload), payload_crc=zlib.crc32(payload), task_id=task_id,
                                example_hash=np.void(entry.example_hash), n_pages=len(pages), key=key, pages=pages)
+        entry_id = self._next_id
+        self._next_id += 1
+        self._write_record(slot, rec)
+        self._forget_pending(slot)
+        self._pending_used[pages] = True
+        self._touched[slot] = (True, pages)
+        self._pending_task[slot] = task_id
+        return Added(slot, entry_id)
+
+    def _add_source(self, entry: NewEntry, key: np.ndarray, slot: int | None) -> Added | None:
+        """``add`` for a ``source`` entry: its bytes go in the record when they fit, else in pages."""
+        g, src = self.geo, bytes(entry.source)
+        if not g.sources:
+            raise BankError("this bank holds kv entries only; create it with source entries enabled "
+                            "(ikv-learn --kinds source|tiered) to keep examples as source")
+        T = int(entry.tokens)
+        if not (1 <= T <= g.max_tokens):
+            raise BankError(f"a source entry must say its rendered length in tokens (1..{g.max_tokens}), got {T}")
+        if key.shape != (g.key_dim,) or not np.isfinite(key).all():
+            raise BankError(f"retrieval key must be {g.key_dim} finite floats, got shape {key.shape}")
+        if len(entry.example_hash) != 16:
+            raise BankError("example_hash must be 16 bytes (see memory.bank.example_hash)")
+        n_pages = g.source_pages(len(src))
+        if n_pages > g.max_pages:
+            raise BankError(f"source entry of {len(src)} bytes is larger than an entry of this bank can be "
+                            f"({g.max_pages * g.page_bytes} bytes)")
+        if slot is None:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+        elif not (0 <= slot < g.slots):
+            raise BankError(f"slot {slot} is out of range (0..{g.slots - 1})")
+        pages = self._alloc(n_pages) if n_pages else np.zeros(0, np.uint32)
+        if pages is None:
+            return None
+        task_id = self._task_id(entry.task)
+        P, base = g.page_bytes, self._off["pages"]
+        for i, p in enumerate(pages):
+            self.bank.write_at(src[i * P:(i + 1) * P], base + int(p) * P)
+        where = {"pages": pages} if n_pages else {"inline": src}
+        rec = record_bytes_for(g, state=fmt.STATE_LIVE, kind=fmt.KIND_SOURCE, gen=self._sb.gen + 1,
+                               entry_id=self._next_id, tokens=T, nbytes=len(src), payload_crc=zlib.crc32(src),
+                               task_id=task_id, example_hash=np.void(entry.example_hash), n_pages=n_pages, key=key,
+                               **where)
         entry_id = self._next_id
         self._next_id += 1
         self._write_record(slot, rec)

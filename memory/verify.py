@@ -7,6 +7,7 @@ import numpy as np
 
 from inducekv.memory import format as fmt
 from inducekv.memory.bank import Bank
+from inducekv.memory.source import unpack_source
 from inducekv.core.errors import BankError
 
 
@@ -34,7 +35,14 @@ def verify(path, *, payloads: bool = True) -> dict:
         tasks = {int(k) for k in snap.catalog["tasks"]}
         for r in bank.records():
             s, t, n, np_, eid = r.slot, r.tokens, r.nbytes, r.n_pages, r.entry_id
-            if not (1 <= t <= g.max_tokens) or n != g.payload_nbytes(t) or np_ != g.pages_for(t):
+            if r.kind not in fmt.KINDS or (r.kind == fmt.KIND_SOURCE and not g.sources):
+                p.append(f"slot {s}: entry kind {r.kind} is unknown to this bank")
+                continue
+            if r.kind == fmt.KIND_SOURCE:
+                if not (1 <= t <= g.max_tokens) or np_ != g.source_pages(n):
+                    p.append(f"slot {s}: source entry tokens={t}, nbytes={n}, pages={np_} are inconsistent")
+                    continue
+            elif not (1 <= t <= g.max_tokens) or n != g.payload_nbytes(t) or np_ != g.pages_for(t):
                 p.append(f"slot {s}: tokens={t}, nbytes={n}, pages={np_} are inconsistent")
                 continue
             if r.pages.max(initial=0) >= g.pages:
@@ -49,8 +57,15 @@ def verify(path, *, payloads: bool = True) -> dict:
             seen_ids.add(eid)
             if r.task_id not in tasks:
                 p.append(f"slot {s}: task id {r.task_id} is not in the catalog")
-            if payloads and zlib.crc32(bank.stored_bytes(r.pages, n)) != r.payload_crc:
-                p.append(f"slot {s}: payload checksum mismatch (entry {eid})")
+            if payloads:
+                raw = bank.inline_bytes(s, n) if (r.kind == fmt.KIND_SOURCE and np_ == 0) else bank.stored_bytes(r.pages, n)
+                if zlib.crc32(raw) != r.payload_crc:
+                    p.append(f"slot {s}: payload checksum mismatch (entry {eid})")
+                elif r.kind == fmt.KIND_SOURCE:
+                    try:
+                        unpack_source(raw)
+                    except BankError as e:
+                        p.append(f"slot {s}: {e} (entry {eid})")
         try:
             bank.calibration()
         except BankError as e:
