@@ -54,6 +54,8 @@ class LearnResult:
     gate: dict                     # the task's relevance gate: margin (None: ungated) and its report
     compact: dict                  # entry compaction used
     commits: int                   # commits made: 1, or 2 when evictions went first (learn/commit.py); 0 dry run
+    sources_added: int             # of ``added``, entries kept as source (a bank with source entries)
+    tiers: dict | None             # kinds, source share, latency budget and measured costs (None: a kv-only bank)
     timings_s: dict                # seconds per phase
     total_s: float
 
@@ -66,7 +68,8 @@ class LearnResult:
 def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None = None, scheme: str | None = None,
                strategy: str = "full", seed: int = 0, n_anchors: int = N_ANCHORS, reserve: float = RESERVE,
                compact: str | None = None, slots: int | None = None, keep: float | None = None, dry_run: bool = False,
-               gated: bool = True, progress: Progress = None, batch: int = SCORE_BATCH) -> LearnResult:
+               gated: bool = True, progress: Progress = None, batch: int = SCORE_BATCH, kinds: str = "kv",
+               ttft_budget: str | None = None) -> LearnResult:
     """Learn ``task`` (a task file path, or a list of examples) into the bank ``memory`` (a path,
     or a ``Bank`` opened writable, which stays open) with the runtime ``rt``.
 
@@ -75,6 +78,8 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
     ``n_anchors``, ``reserve``, ``compact``, ``slots``, ``keep``: as ``ikv-learn``'s options;
     ``dry_run``: plan only, write nothing; ``gated``: fit the task's relevance gate (False: never gated);
     ``batch``: examples per decoder pass while encoding and scoring (1 uses the least RAM);
+    ``kinds``: entry kinds of a new bank (kv, tiered, source; ``learn.tiers``); ``ttft_budget``:
+    the mean-TTFT budget of a bank with source entries (``1.5x``, ``120ms``; None: the bank's);
     ``progress``: ``callback(stage, done, total)`` or
     True for progress bars (``learn.progress``)."""
     t0 = time.perf_counter()
@@ -83,23 +88,35 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
         if not memory.writable:
             raise InduceKVError(f"{memory.path} is open read-only; open it with writable=True to learn into it")
         return _learn(rt, memory, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep,
-                      dry_run, progress, gated, batch)
+                      dry_run, progress, gated, batch, ttft_budget)
     path = Path(memory)
+    check_kinds(kinds, ttft_budget, path)
     check_request(rt, compact, slots, path.exists(), keep)  # before a bank is created
     if not path.exists():   # a new bank: the profile's scheme and compaction unless asked otherwise
         scheme = new_bank_scheme(rt, scheme or scheme_for_bits(rt.profile.kv_bits),
                                  compact if compact is not None or rt.profile.compact == "perlayer" else "none")
         if keep is None and scheme in SPARSE:
             keep = rt.profile.keep
+    slot_share = sizing = None
+    if kinds == "tiered" and not path.exists():   # size the slots for the budget's mix of kinds
+        from inducekv.learn.tiers import new_bank_share
+
+        slot_share, sizing = new_bank_share(rt, examples, scheme or scheme_for_bits(rt.profile.kv_bits), keep, ttft_budget,
+                                       budget if budget is not None else rt.profile.default_budget_bytes,
+                                       rt.profile.k or 1)
     tmp = None
     if dry_run and not path.exists():  # plan against an empty bank of that cap; leave nothing behind
         tmp = tempfile.TemporaryDirectory()
         path = Path(tmp.name) / "plan.ikv"
     try:
         with open_or_create(path, rt, budget if budget is not None else rt.profile.default_budget_bytes,
-                            scheme or scheme_for_bits(rt.profile.kv_bits)) as bank:
+                            scheme or scheme_for_bits(rt.profile.kv_bits), kinds=kinds, slot_share=slot_share,
+                            sizing=sizing) as bank:
+            if ttft_budget is not None and not bank.geo.sources:
+                raise InduceKVError(f"{path} holds kv entries only; --ttft-budget needs a bank created with "
+                                    "--kinds tiered")
             return _learn(rt, bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep,
-                          dry_run, progress, gated, batch)
+                          dry_run, progress, gated, batch, ttft_budget)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -120,12 +137,24 @@ def _examples(task, name: str | None) -> tuple[list, str]:
     return examples, name
 
 
+def check_kinds(kinds: str, ttft_budget: str | None, path: Path) -> None:
+    """Bad ``kinds`` / ``ttft_budget`` fail before a bank is touched."""
+    from inducekv.learn.tiers import KINDS, Budget
+
+    if kinds not in KINDS:
+        raise InduceKVError(f"unknown entry kinds {kinds!r}; choose one of {', '.join(KINDS)}")
+    Budget.parse(ttft_budget)
+    if not path.exists() and ttft_budget is not None and kinds != "tiered":
+        raise InduceKVError("--ttft-budget chooses between kv and source entries; it needs --kinds tiered")
+
+
 def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep, dry_run,
-           progress, gated=True, batch=SCORE_BATCH) -> LearnResult:
+           progress, gated=True, batch=SCORE_BATCH, ttft_budget=None) -> LearnResult:
     bank.refresh()
     before = bank.tasks()
     p = plan(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
-             k=rt.profile.k or 1, progress=progress, gated=gated, compact=compact, slots=slots, keep=keep, batch=batch)
+             k=rt.profile.k or 1, progress=progress, gated=gated, compact=compact, slots=slots, keep=keep, batch=batch,
+             ttft_budget=ttft_budget)
     ids: list[int] = []
     if not dry_run:
         report(progress, "write", 0, 1)
@@ -133,10 +162,11 @@ def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reser
         report(progress, "write", 1, 1)
     usage = bank.usage()
     return LearnResult(
-        task=tname, examples=len(examples), added=len(p.add), evicted=len(p.evict), kept_old=len(p.keep_old),
+        task=tname, examples=len(examples), added=len(p.add) + len(p.sources), evicted=len(p.evict), kept_old=len(p.keep_old),
         new_ids=tuple(ids), evicted_per_task=dict(p.evicted_per_task), bytes_per_entry=round(p.bytes_per_entry),
         dry_run=dry_run, tasks_before=before, tasks_after=None if dry_run else bank.tasks(), entries=usage["entries"],
         bytes_used=usage["bytes_used"], cap=usage["cap"], calibration_kept=p.calibration.accepted,
         calibration=p.calibration.as_dict(), weighting_kept=p.injection.accepted, weighting=p.injection.as_dict(), gate=p.gate.as_dict(),
-        compact=p.compaction.as_dict(), commits=p.commits, timings_s={k: round(v, 2) for k, v in p.timings.items()},
+        compact=p.compaction.as_dict(), commits=p.commits, sources_added=len(p.sources),
+        tiers=p.tiers.catalog() if p.tiers is not None else None, timings_s={k: round(v, 2) for k, v in p.timings.items()},
         total_s=round(time.perf_counter() - t0, 2))

@@ -29,6 +29,7 @@ from inducekv.learn.progress import steps
 from inducekv.core.errors import InduceKVError
 from inducekv.kernels import kvquant
 from inducekv.memory.bank import NewEntry, example_hash
+from inducekv.memory.source import pack_source
 from inducekv.runtime.memory import Layout, entry_bias, image_of, key_of
 from inducekv.runtime.vision import with_image
 from inducekv.runtime.session import KeyEncoder
@@ -52,6 +53,11 @@ class Candidate:
     def example(self) -> dict:
         """The example as anchors and ``example_hash`` record it."""
         return {"prompt": self.prompt, "answer": self.answer, **({"image": self.image} if self.image else {})}
+
+    def source_bytes(self) -> bytes:
+        """The example as a source entry stores it (``memory/source.py``): prompt, answer, image file."""
+        image = Path(self.image).read_bytes() if self.image else None
+        return pack_source(self.prompt, self.answer, image)
 
     def entry(self, task: str) -> NewEntry:
         """The bank entry for this candidate."""

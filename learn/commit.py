@@ -32,14 +32,16 @@ from inducekv.learn.compact import COMPACT_KEY
 from inducekv.learn.defaults import GAINS_KEY
 from inducekv.memory.bank import Bank
 from inducekv.memory.format import PENDING_KEY, TWINS_KEY
-from inducekv.runtime.memory import INJECTION_KEY, RELEVANCE_KEY, Injection, relevance_from
+from inducekv.learn.tiers import source_entry
+from inducekv.runtime.memory import INJECTION_KEY, RELEVANCE_KEY, TIERS_KEY, Injection, relevance_from
 
 
-def fits_now(bank: Bank, entry_tokens: list[int]) -> bool:
-    """Whether entries of these token counts fit in the pages and slots free before a commit."""
+def fits_now(bank: Bank, entry_tokens: list[int], source_bytes: list[int] = ()) -> bool:
+    """Whether kv entries of these token counts and source entries of these byte counts fit in
+    the pages and slots free before a commit."""
     g, u = bank.geo, bank.usage()
-    pages = sum(g.pages_for(t) for t in entry_tokens)
-    return pages <= g.pages - u["pages_used"] and len(entry_tokens) <= g.slots - u["entries"]
+    pages = sum(g.pages_for(t) for t in entry_tokens) + sum(g.source_pages(n) for n in source_bytes)
+    return pages <= g.pages - u["pages_used"] and len(entry_tokens) + len(source_bytes) <= g.slots - u["entries"]
 
 
 def write(bank: Bank, p) -> list[int]:
@@ -53,7 +55,8 @@ def write(bank: Bank, p) -> list[int]:
                         "plan again")
     t = time.perf_counter()
     tokens = [p.candidates[ci].tokens for ci in p.add]
-    phased = bool(p.evict) and not fits_now(bank, tokens)
+    src_bytes = [len(p.candidates[ci].source_bytes()) for ci in getattr(p, "sources", ())]
+    phased = bool(p.evict) and not fits_now(bank, tokens, src_bytes)
     p.commits = 2 if phased else 1
     if phased:
         with bank.transaction() as tx:
@@ -62,7 +65,7 @@ def write(bank: Bank, p) -> list[int]:
                 tx.remove(s)
             tx.set_extra(GAINS_KEY, dict(p.gains))
             tx.set_extra(TWINS_KEY, dict(p.twins))
-            tx.set_extra(PENDING_KEY, {"task": p.task, "evicted": len(p.evict), "adding": len(p.add)})
+            tx.set_extra(PENDING_KEY, {"task": p.task, "evicted": len(p.evict), "adding": len(p.add) + len(src_bytes)})
     with bank.transaction() as tx:
         if not phased:
             _metadata(tx, p)
@@ -93,6 +96,15 @@ def _add(tx, p) -> list[int]:
             raise BankError("the selected entries did not fit; this is a bug in the byte accounting")
         gains[str(added.entry_id)] = round(c.gain if c.value is None else c.value, 4)
         ids.append(added.entry_id)
+    for ci in getattr(p, "sources", ()):   # a bank with source entries: the example itself (learn/tiers.py)
+        c = p.candidates[ci]
+        added = tx.add(source_entry(c, p.task, p.source_tokens[ci]))
+        if added is None:
+            raise BankError("the selected source entries did not fit; this is a bug in the slot accounting")
+        gains[str(added.entry_id)] = round(c.gain if c.value is None else c.value, 4)
+        ids.append(added.entry_id)
+    if getattr(p, "tiers", None) is not None:
+        tx.set_extra(TIERS_KEY, p.tiers.catalog())
     tx.set_anchors(p.task, p.anchors)
     tx.set_extra(GAINS_KEY, gains)
     tx.set_extra(TWINS_KEY, {**p.twins, **_new_twins(p, ids)})

@@ -19,6 +19,7 @@ written); ``write(bank, plan)`` is phase 5 (``commit.py``); ``absorb`` does both
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,11 +36,13 @@ from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESE
 from inducekv.kernels import kvquant
 from inducekv.learn.candidates import Candidate, Scorer, Spool, encode_candidates, fit_key_scales, unpack
 from inducekv.learn.progress import report
+from inducekv.learn import tiers as tiers_
+from inducekv.learn.tiers import TierPlan
 from inducekv.learn.retain import retention
 from inducekv.learn.value import neighbour_gains, served, twin_groups
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Layout,
-                                     template_from, twins_from)
+                                     TIERS_KEY, template_from, tiers_from, twins_from)
 from inducekv.runtime.session import require_memory_support
 from inducekv.runtime.tasks import iter_task
 
@@ -69,6 +72,9 @@ class Plan:
     commits: int = 0                         # commits ``write`` made (2: evictions first; 0: not written)
     twins: dict = field(default_factory=dict)  # entry id -> twin group, for the kept old entries
     twin_group: list | None = None           # candidate -> its twin group's first candidate (``value.py``)
+    sources: list[int] = field(default_factory=list)  # indices into ``candidates`` written as source entries
+    source_tokens: dict = field(default_factory=dict)  # candidate index -> its rendered entry's tokens
+    tiers: "TierPlan | None" = None          # kinds of entries (a bank with source entries; ``tiers.py``)
 
 
 def read_examples(path, require_answer: bool = True) -> list:
@@ -86,9 +92,11 @@ SPARSE_PAGE_TOKENS = 1
 SPARSE_ENTRY_TOKENS = 10
 
 
-def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tokens: int = MAX_ENTRY_TOKENS) -> Bank:
+def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tokens: int = MAX_ENTRY_TOKENS,
+                   kinds: str = "kv", slot_share: float | None = None, sizing: dict | None = None) -> Bank:
     """The bank at ``bank_path`` opened for writing; created with cap ``budget`` when absent
-    (never for a bundle that cannot serve memory: nothing is written then)."""
+    (never for a bundle that cannot serve memory: nothing is written then); ``kinds``: the
+    entry kinds a new bank holds (``tiers.KINDS``)."""
     require_memory_support(rt.manifest)
     m = rt.manifest
     bank_path = Path(bank_path)
@@ -96,7 +104,22 @@ def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tok
         return Bank.open(bank_path, writable=True, fingerprint=m.fingerprint)
     if budget is None:
         raise BankError(f"{bank_path} does not exist; pass --budget (e.g. 16MiB) to create it")
-    return Bank.create_for(bank_path, budget, m, scheme=scheme, max_tokens=max_tokens, **bank_layout(scheme))
+    return create_bank(bank_path, budget, m, scheme, max_tokens, kinds, slot_share, sizing=sizing)
+
+
+def create_bank(path, cap: int, manifest, scheme: str, max_tokens: int = MAX_ENTRY_TOKENS, kinds: str = "kv",
+                slot_share: float | None = None, force: bool = False, sizing: dict | None = None) -> Bank:
+    """A new bank for entries of ``scheme`` and ``kinds`` (``kv``, ``tiered``, ``source``; a tiered
+    bank gives ``slot_share`` of its cap to slots, ``tiers.new_bank_share``); a bank with source
+    entries records its kinds in the catalog (``tiers``), with ``sizing`` (``tiers.new_bank_share``'s
+    report: the budget and costs it was sized for)."""
+    bank = Bank.create_for(path, cap, manifest, scheme=scheme, max_tokens=max_tokens, force=force,
+                           **{**bank_layout(scheme), **tiers_.bank_kind_layout(kinds, slot_share)})
+    if kinds != "kv":
+        with bank.transaction() as tx:
+            tx.set_extra(TIERS_KEY, {"kinds": kinds, **({"ttft_budget": sizing.get("ttft_budget"),
+                                                          "costs_ms": sizing.get("costs_ms")} if sizing else {})})
+    return bank
 
 
 def spool_for(bank: Bank) -> Spool:
@@ -148,11 +171,12 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
          seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress=False,
          candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None,
          compact: str | None = None, slots: int | None = None, keep: float | None = None, gated: bool = True,
-         batch: int = SCORE_BATCH) -> Plan:
+         batch: int = SCORE_BATCH, ttft_budget: str | None = None) -> Plan:
     """Phases 1-4 on an open bank: what to keep, evict and add. ``candidates`` skips phase 1
     (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries;
     ``gated``: fit the task's relevance gate (``gate.py``); ``batch``: examples per decoder
-    pass when encoding and scoring (``candidates.Scorer``); ``compact``/``slots``/``keep``: entry
+    pass when encoding and scoring (``candidates.Scorer``); ``ttft_budget``: the latency budget of a
+    bank with source entries (``tiers.Budget``; None: the bank's stored one, else none); ``compact``/``slots``/``keep``: entry
     compaction (``learn.compact``; None: the bank's: perlayer
     for a bank created with a sparse scheme, else none); ``progress``: True for tqdm bars, or a
     ``callback(stage, done, total)`` (``learn.progress``)."""
@@ -194,6 +218,8 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
 
     def old_kv(j: int):
         got = bank.read_payload(old[j].slot, old[j].entry_id)
+        if got is not None and got[1].kind == "source":
+            return layout.encode_source(got[0])
         return None if got is None else unpack(g, got[0], got[1].tokens, key_scale)
 
     t = time.perf_counter()
@@ -238,19 +264,40 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     )
     budget = int(g.pages * g.page_bytes * (1.0 - reserve))
     smallest = min(ent_bytes(c.tokens) for c in cands)
-    if smallest > budget:
+    if smallest > budget and not g.sources:
         raise BankError(f"the bank's cap ({g.cap} bytes) is too small for even one entry of this task "
                         f"(the smallest needs {smallest} bytes); create a bank with a larger --budget")
-    chosen = {int(i) for i in sel.select(pool, budget, budget, strategy, weights, seed, max_items=g.slots)}
+    src_old = [i for i, e in enumerate(old) if e.kind == "source"]
+
+    def kv_select(blocked_new=(), max_items=g.slots, all_blocked=False, pages_taken=0):
+        """Selection over kv entries: old source entries (and ``blocked_new`` candidates) take no part;
+        ``pages_taken``: pages source entries need (an image's bytes), not for kv."""
+        nb = pool.nbytes.copy()
+        room = budget - pages_taken * g.page_bytes
+        nb[src_old] = budget + 1
+        nb[[n_old + i for i in blocked_new]] = budget + 1
+        if all_blocked:
+            nb[n_old:] = budget + 1
+        return {int(i) for i in sel.select(dataclasses.replace(pool, nbytes=nb), room, room, strategy, weights,
+                                           seed, max_items=max(max_items, 0))}
+
+    tier, new_src = None, []
+    if g.sources:
+        tier, chosen, new_src = _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, ttft_budget,
+                                       k, rng)
+    else:
+        chosen = kv_select()
     add = [i - n_old for i in sorted(chosen) if i >= n_old]
     if pool.served is not None:     # what each new entry is stored with: the queries it serves
         for i, v in sel.credit(pool.served, chosen).items():
             if i >= n_old:
                 cands[i - n_old].value = v
+    if tier is not None:   # old source entries kept are not in the kv selection
+        chosen |= {i for i in src_old if old[i].slot not in set(tier.evict_sources)}
     evict = [old[i].slot for i in range(n_old) if i not in chosen]
     evicted_ids = {str(old[i].entry_id) for i in range(n_old) if i not in chosen}
-    by_gain = sorted(add, key=lambda ci: -cands[ci].gain)  # anchors: the kept facts that help most
-    picks = (by_gain + [i for i in rng.permutation(len(cands)) if i not in set(add)])[:n_anchors]
+    by_gain = sorted(add + new_src, key=lambda ci: -cands[ci].gain)  # anchors: the kept facts that help most
+    picks = (by_gain + [i for i in rng.permutation(len(cands)) if i not in set(add + new_src)])[:n_anchors]
     p = Plan(task=task, keep_old=[old[i].slot for i in range(n_old) if i in chosen], evict=evict, add=add,
              candidates=cands, anchors=[cands[i].example() for i in picks],
              gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib, injection=inject,
@@ -259,6 +306,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
              gate=gate,
              template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
              bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings,
+             sources=new_src, source_tokens={i: tiers_.span(g, cands[i]) for i in new_src}, tiers=tier,
              compaction=compaction, store_compaction=(compaction != Compaction.from_catalog(bank.catalog, g.scheme)
                                or (compaction.enabled and COMPACT_KEY not in (bank.catalog.get("extra") or {}))))
     for i in range(n_old):
@@ -267,6 +315,45 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     timings["select_s"] = time.perf_counter() - t
     report(progress, "select", 1, 1)
     return p
+
+
+def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, ttft_budget, k, rng):
+    """For a bank with source entries: the latency costs, the source share, then which new
+    candidates are source and which entries are kv (``tiers.py``). Returns (TierPlan, the kv
+    selection's pool indices, new candidates kept as source)."""
+    g = bank.geo
+    stored = tiers_from(bank.catalog)
+    kinds = stored.get("kinds") or ("source" if g.pages * g.page_bytes < 0.2 * g.cap else "tiered")
+    budget_text = ttft_budget if ttft_budget is not None else stored.get("ttft_budget")
+    budget = tiers_.Budget.parse(budget_text)
+    costs = tiers_.stored_costs(stored)   # the costs the bank was sized with: one policy for its life
+    if budget is not None and (costs is None or (ttft_budget is not None and ttft_budget != stored.get("ttft_budget"))):
+        costs = tiers_.measure(rt, layout, cands, g, key_scale, k)
+    share = 1.0 if kinds == "source" else tiers_.source_share(costs, budget)
+    order = [int(i) for i in rng.permutation(len(cands))]
+    old_src_slots = [old[i].slot for i in src_old]
+    kv_fit = 0 if kinds == "source" else len(kv_select())   # pass 1: how many kv entries the pages hold
+    n_kv, n_src = tiers_.mix(share, g.slots, kv_fit, len(cands) + len(old_src_slots))
+    new_src, evict_src = tiers_.sample_sources(order, old_src_slots, n_src, rng)
+    src_pages = sum(g.source_pages(len(cands[i].source_bytes())) for i in new_src) + sum(
+        old[i].pages for i in src_old if old[i].slot not in evict_src)
+    free_pages = g.pages - src_pages
+    while new_src and free_pages < 0:   # image sources that the pages cannot hold
+        i = new_src.pop()
+        src_pages -= g.source_pages(len(cands[i].source_bytes()))
+        free_pages = g.pages - src_pages
+    chosen = kv_select(blocked_new=new_src, max_items=n_kv, pages_taken=src_pages)  # pass 2: kv over the rest
+    if 0.0 < share < 1.0:   # fewer kv than planned (the blocked candidates were the ones that fit): trim sources
+        allowed = int(np.floor(share / (1.0 - share) * len(chosen) + 1e-9))
+        kept_old = [s for s in old_src_slots if s not in evict_src]
+        while len(new_src) + len(kept_old) > allowed:
+            if new_src:
+                new_src.pop()
+            else:
+                evict_src.append(kept_old.pop())
+    max_source = 0 if share <= 0 else max(k, 1)
+    tier = TierPlan(new_src, evict_src, share, str(budget) if budget else None, costs, max_source, kinds)
+    return tier, chosen, new_src
 
 
 def absorb(rt, bank: Bank, examples, task: str, *, dry_run: bool = False, **kw) -> Plan:

@@ -318,6 +318,10 @@ class Bank:
         """(slots,) bool: which slots hold a live entry in the committed state (a copy)."""
         return self._live.copy()
 
+    def kv_live(self) -> np.ndarray:
+        """(slots,) bool: which slots hold a live kv entry (not a source entry)."""
+        return self._live & (self._recs["kind"] == fmt.KIND_KV)
+
     def task_ids(self) -> np.ndarray:
         """(slots,) task id in each slot's current record (meaningful where live)."""
         return self._recs["task_id"].astype(np.int64)

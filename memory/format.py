@@ -375,7 +375,8 @@ def plan(cap: int, *, fingerprint: str, scheme: str, num_layers: int, kv_heads: 
     if slot_share is not None:
         g0 = Geometry(cap, fingerprint, scheme, num_layers, kv_heads, head_dim, key_dim, key_space, page, max_tokens,
                       1, 1, calib_rank, catalog_bytes, key_dtype, inline_bytes)
-        fixed_slots = max(1, int(slot_share * cap / (2 * g0.record_bytes + 1 / 8)))
+        spare = cap - (g0.file_bytes - 2 * g0.record_bytes - page)   # what the header, catalog, ... leave
+        fixed_slots = max(1, int(slot_share * spare / (2 * g0.record_bytes + 1 / 8)))
 
     def geo(pages: int) -> Geometry:
         slots = fixed_slots or max(1, pages * page_tokens // entry_tokens)
@@ -389,7 +390,7 @@ def plan(cap: int, *, fingerprint: str, scheme: str, num_layers: int, kv_heads: 
     while pages > 1 and geo(pages).file_bytes > cap:
         pages -= 1
     g = geo(pages)
-    need = g.pages_for(min(max_tokens, MIN_ENTRY_TOKENS))
+    need = 1 if inline_bytes else g.pages_for(min(max_tokens, MIN_ENTRY_TOKENS))   # source banks: one small entry
     if g.file_bytes > cap or g.pages < need:
         smallest = geo(need).file_bytes
         raise ValueError(f"a cap of {cap} bytes is too small for one {MIN_ENTRY_TOKENS}-token {scheme} entry of this "

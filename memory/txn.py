@@ -51,6 +51,7 @@ class Transaction:
         self._scales = bank.key_scales()        # (L, H_kv, D) float16 entries are coded against, or None
         self._scales_dirty = False
         self._next_id = self._sb.next_entry_id
+        self._kv_added = False   # a kv entry was added in this transaction (key scales are fixed from then on)
         self._done = False
 
     # ---------------------------------------------------------------- context manager
@@ -176,6 +177,7 @@ class Transaction:
                                example_hash=np.void(entry.example_hash), n_pages=len(pages), key=key, pages=pages)
         entry_id = self._next_id
         self._next_id += 1
+        self._kv_added = True
         self._write_record(slot, rec)
         self._forget_pending(slot)
         self._pending_used[pages] = True
@@ -301,8 +303,8 @@ class Transaction:
                             f"{(g.num_layers, g.kv_heads, g.head_dim)}, got {ks.dtype} {ks.shape}")
         if self._scales is not None and np.array_equal(self._scales, ks):
             return
-        if self._live.any() or any(live for live, _ in self._touched.values()):
-            raise BankError("the bank's key scales cannot change while it holds entries (they were coded against them)")
+        if self.bank.kv_live().any() or self._kv_added:
+            raise BankError("the bank's key scales cannot change while it holds kv entries (they were coded against them)")
         self._scales, self._scales_dirty = ks.copy(), True
 
     @property

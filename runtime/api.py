@@ -42,7 +42,8 @@ class Timings:
     image_ms: float = 0.0          # image preprocessing + vision graph (image prompts only)
     key_ms: float = 0.0            # retrieval-key pass + calibration (memory only)
     retrieval_ms: float = 0.0      # index search (memory only)
-    dequant_ms: float = 0.0        # read + checksum + dequantize entries (memory only)
+    dequant_ms: float = 0.0        # read + checksum + dequantize entries, + re-encode source entries (memory only)
+    source_ms: float = 0.0         # of which: re-encoding retrieved source entries (a bank with source entries)
     prefix_ms: float = 0.0         # prefill of the memory layout's shared prefix (first use only, then cached)
     prefill_ms: float = 0.0        # the prompt through the decoder
     ttft_ms: float = 0.0           # call start to first token chosen
@@ -57,7 +58,7 @@ class Timings:
 
     def as_dict(self) -> dict:
         return {"tokenize_ms": self.tokenize_ms, "image_ms": self.image_ms, "key_ms": self.key_ms, "retrieval_ms": self.retrieval_ms,
-                "dequant_ms": self.dequant_ms, "prefix_ms": self.prefix_ms, "prefill_ms": self.prefill_ms, "ttft_ms": self.ttft_ms,
+                "dequant_ms": self.dequant_ms, "source_ms": self.source_ms, "prefix_ms": self.prefix_ms, "prefill_ms": self.prefill_ms, "ttft_ms": self.ttft_ms,
                 "decode_ms": self.decode_ms, "prompt_tokens": self.prompt_tokens,
                 "new_tokens": self.new_tokens, "tokens_per_s": self.tokens_per_s}
 
@@ -301,17 +302,26 @@ class Runtime:
                 log.warning("this bundle's decoder takes no attention bias: memory entries are injected "
                             "unweighted; re-export the bundle with this inducekv version")
             inj = Injection(None, inj.gates)
+        if len(found) == 1 and found[0][0].get("kind") == "source":
+            return self._one_source(layout, found[0], prompt, img, tm)
         order, weights = inj.plan([info["score"] for info, _ in found])
         found = [found[i] for i in order]                                   # injected ones, best last
         scheme = mem.bank.geo.scheme
         if scheme in kvquant.SPARSE and found and not self.decoder.has_bias:
             raise BundleError("this bank's entries are compacted per layer (--compact perlayer), which needs the "
                               "decoder's attention-bias input; re-export the bundle with this inducekv version")
-        cache, pos, masks = layout.assemble_masked([(buf, info["tokens"]) for info, buf in found], scheme,
-                                                     gates=inj.gates if found else None,
-                                                     key_scale=look.key_scale)
-        bias = entry_bias(layout.p0, [info["tokens"] for info, _ in found] if masks is None else
-                          [mk.shape[1] for mk in masks], weights, masks)
+        items = []
+        for info, buf in found:
+            if info.get("kind") == "source":   # the example itself: encoded now, as it was at learn time
+                t1 = time.perf_counter()
+                items.append(layout.encode_source(buf))
+                info["tokens"] = items[-1][0].shape[2]
+                tm.source_ms += (time.perf_counter() - t1) * 1e3
+            else:
+                items.append((buf, info["tokens"]))
+        cache, pos, masks = layout.assemble_mixed(items, scheme, gates=inj.gates if found else None,
+                                                  key_scale=look.key_scale)
+        bias = entry_bias(layout.p0, [info["tokens"] for info, _ in found], weights, masks)
         for n, (info, _) in enumerate(found):
             info["weight"] = float(weights[n]) if weights is not None else 1.0
         found = found[::-1]                                                 # reported best first
@@ -322,6 +332,21 @@ class Runtime:
             raise PromptError(f"the prompt with {len(found)} memory entries is {pos + len(ids)} tokens; this model "
                               f"takes at most {limit}: shorten it or lower k")
         return Prepared(ids, cache, pos, img.features if img is not None else None, [info for info, _ in found], bias)
+
+    def _one_source(self, layout, found, prompt: str, img, tm: Timings) -> Prepared:
+        """One retrieved source entry (k=1): its tokens and the query's are prefilled together
+        after the cached shared prefix: the K/V it would have as a kv entry, in one decoder pass."""
+        info, buf = found
+        t = time.perf_counter()
+        entry_ids, entry_feats = layout.source_ids(buf)
+        tm.source_ms = (time.perf_counter() - t) * 1e3
+        info["tokens"], info["weight"] = len(entry_ids), 1.0
+        ids = entry_ids + layout.query_ids(prompt, img)
+        feats = [f for f in (entry_feats, img.features if img is not None else None) if f is not None]
+        if layout.p0 + len(ids) > self.manifest.max_context - 1:
+            raise PromptError(f"the prompt with its memory entry is {layout.p0 + len(ids)} tokens; this model takes "
+                              f"at most {self.manifest.max_context - 1}: shorten it")
+        return Prepared(ids, layout.prefix_cache, layout.p0, np.concatenate(feats) if feats else None, [info], None)
 
     def generate(self, prompt: str, image=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, k: int | None = None,
                  **kw) -> Result:

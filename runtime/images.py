@@ -51,6 +51,8 @@ and always returns the mask (bool) for Idefics3, also when ``do_pad`` is off.
 """
 from __future__ import annotations
 
+import io
+
 import math
 from pathlib import Path
 
@@ -86,24 +88,28 @@ def _check_pixels(width: int, height: int, what: str) -> None:
         raise ImageError(f"image {what} is empty ({width}x{height})")
 
 
-def _read_file(path: Path) -> Image.Image:
-    """Open, decode, EXIF-rotate and convert a file to RGB; any failure is a one-line ImageError."""
+def _read_file(path) -> Image.Image:
+    """Open, decode, EXIF-rotate and convert a file (a path, or an image file's bytes) to RGB;
+    any failure is a one-line ImageError."""
+    what = "(bytes)" if isinstance(path, bytes) else str(path)
     try:
-        if not path.exists():
+        if isinstance(path, bytes):
+            path = io.BytesIO(path)
+        elif not path.exists():
             raise ImageError(f"cannot read image {path}: no such file")
-        if path.is_dir():
+        elif path.is_dir():
             raise ImageError(f"cannot read image {path}: it is a directory")
         with Image.open(path) as im:  # reads the header only
             # Check the declared size before decoding any pixels. Pillow's own guard
             # (Image.MAX_IMAGE_PIXELS, process-global) only raises at twice its limit.
-            _check_pixels(im.width, im.height, str(path))
+            _check_pixels(im.width, im.height, what)
             im.load()  # truncated / corrupt data fails here
             return ImageOps.exif_transpose(im).convert("RGB")  # a new image: the file can close
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
             EOFError, MemoryError) as e:  # SyntaxError/EOFError: some plugins' "bad file" errors
-        raise ImageError(f"cannot read image {path}: {_one_line(e)}") from None
+        raise ImageError(f"cannot read image {what}: {_one_line(e)}") from None
 
 
 def _from_array(a: np.ndarray) -> Image.Image:
@@ -120,13 +126,15 @@ def _from_array(a: np.ndarray) -> Image.Image:
 
 
 def load_image(image) -> Image.Image:
-    """A path, PIL image or uint8 array -> RGB PIL image (like transformers' ``load_image``).
+    """A path, an image file's bytes, PIL image or uint8 array -> RGB PIL image (like transformers' ``load_image``).
 
     Files get their EXIF orientation applied, as do PIL images (HF does both);
     alpha is dropped, not composited (``convert("RGB")``).
     """
     if isinstance(image, (str, Path)):
         return _read_file(Path(image))
+    if isinstance(image, bytes):   # an image file's bytes (a bank's source entry)
+        return _read_file(image)
     if isinstance(image, Image.Image):
         _check_pixels(image.width, image.height, "(PIL)")
         try:
@@ -144,7 +152,7 @@ def _working_image(image, keep_alpha: bool) -> Image.Image:
     Paths behave like HF's processors given a path (load_image: RGB). In-memory
     images are not EXIF-rotated (HF's processors do not rotate them either).
     """
-    if isinstance(image, (str, Path)):
+    if isinstance(image, (str, Path, bytes)):
         return load_image(image)
     if isinstance(image, np.ndarray):
         im = _from_array(image)

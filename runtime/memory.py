@@ -38,6 +38,7 @@ from inducekv.memory.bank import Bank
 from inducekv.memory.format import RELEVANCE_KEY   # catalog extra: task -> the retrieval margin its entries need
 from inducekv.memory.format import TWINS_KEY       # catalog extra: entry id -> twin group
 from inducekv.memory.index import open_index
+from inducekv.memory.source import unpack_source
 from inducekv.core.errors import InduceKVError
 from inducekv.runtime.session import shared_past, KVCache, KeyEncoder, require_memory_support
 from inducekv.runtime.vision import with_image
@@ -102,6 +103,19 @@ def twins_from(catalog: dict) -> dict[int, int]:
     except (AttributeError, TypeError, ValueError):
         raise InduceKVError("the bank's twin groups are malformed; relearn a task to refit them") from None
     return out
+
+
+TIERS_KEY = "tiers"   # catalog extra: how a bank with source entries keeps its latency budget
+
+
+def tiers_from(catalog: dict) -> dict:
+    """The bank's tier settings (``ikv-learn --kinds tiered``): ``max_source``, the most source
+    entries re-encoded for one query (the latency budget), and what it was derived from."""
+    raw = (catalog.get("extra") or {}).get(TIERS_KEY) or {}
+    m = raw.get("max_source") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or (m is not None and not (isinstance(m, int) and 0 <= m <= 4096)):
+        raise InduceKVError("the bank's tier settings are malformed; relearn a task to rewrite them")
+    return raw
 
 
 TWIN_LOOK = 8   # entries past the top-1 searched for the first one that is not its twin (the gate's margin)
@@ -282,21 +296,58 @@ class Layout:
         would after the full entry; the entry's bias is ``slot_bias[l]`` on its T slots. The
         same attention as the expanded entry with its dropped tokens masked (tested), with
         half the past and no zero-filling."""
+        return self.assemble_mixed(payloads, scheme, gates, key_scale)
+
+    def assemble_mixed(self, items: list[tuple], scheme: str, gates=None,
+                       key_scale: np.ndarray | None = None) -> tuple[KVCache, int, list | None]:
+        """``assemble_masked`` where an item is either ``(payload, tokens)`` of the bank's scheme
+        or float ``(k, v)`` (L, H_kv, T, D) of a freshly encoded source entry (dense: its mask
+        is None). Returns the cache, the query's first position and the per-entry (L, T) biases
+        (None when no entry is sparse)."""
         m = self.rt.manifest
-        if scheme not in kvquant.SPARSE:
-            def fill(j, out_k, out_v):
-                kvquant.unpack_into(payloads[j][0], scheme, out_k, out_v, key_scale)
-
-            return (*self._assemble([t for _, t in payloads], fill, gates), None)
         L, H, D = m.num_layers, m.num_kv_heads, m.head_dim
-        maps = [kvquant.slot_map(buf, scheme, L, H, t, D) for buf, t in payloads]       # (slots, slot_bias, span)
+        sparse = scheme in kvquant.SPARSE
+        lengths, spans, masks = [], [], []
+        for it in items:
+            if isinstance(it[0], np.ndarray):                                   # float (k, v)
+                lengths.append(it[0].shape[2])
+                spans.append(it[0].shape[2])
+                masks.append(None)
+            elif sparse:
+                _, b, span = kvquant.slot_map(it[0], scheme, L, H, it[1], D)    # (slots, slot_bias, span)
+                lengths.append(it[1])
+                spans.append(span)
+                masks.append(np.repeat(b[:, None], it[1], axis=1))             # (L, T)
+            else:
+                lengths.append(it[1])
+                spans.append(it[1])
+                masks.append(None)
 
-        def fill_sparse(j, out_k, out_v):
-            kvquant.unpack_into(payloads[j][0], scheme, out_k, out_v, key_scale)
+        def fill(j, out_k, out_v):
+            it = items[j]
+            if isinstance(it[0], np.ndarray):
+                out_k[...], out_v[...] = it[0], it[1]
+            else:
+                kvquant.unpack_into(it[0], scheme, out_k, out_v, key_scale)
 
-        cache, pos = self._assemble([t for _, t in payloads], fill_sparse, gates, spans=[s for _, _, s in maps])
-        masks = [np.repeat(b[:, None], t, axis=1) for (_, b, _), (_, t) in zip(maps, payloads)]   # (L, T) each
-        return cache, pos, masks
+        cache, pos = self._assemble(lengths, fill, gates, spans=spans)
+        return cache, pos, (masks if any(mk is not None for mk in masks) else None)
+
+    def encode_source(self, buf: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """K/V (L, H_kv, T, D) of a ``source`` entry's bytes (``memory/source.py``), encoded
+        now exactly as a kv entry was when it was learned."""
+        src = unpack_source(buf)
+        image = self.rt.encode_image(src.image) if src.image is not None else None
+        return self.encode_entry(src.prompt, src.answer, image)
+
+    def source_ids(self, buf: bytes) -> tuple[list[int], np.ndarray | None]:
+        """A ``source`` entry's tokens and its image's feature rows (or None), to prefill in
+        one pass with the query: right after the shared prefix, with nothing injected before
+        it, that is the same K/V ``encode_source`` computes (causal attention), without a
+        second decoder call."""
+        src = unpack_source(buf)
+        image = self.rt.encode_image(src.image) if src.image is not None else None
+        return self.entry_ids(src.prompt, src.answer, image), _features(image)
 
     def _assemble(self, lengths: list[int], fill, gates=None, spans: list[int] | None = None) -> tuple[KVCache, int]:
         """Past = prefix + entries of ``lengths`` past slots; ``spans``: the positions each
@@ -416,13 +467,19 @@ class Memory:
         if margin is not None and len(scores):
             keep = scores >= scores[0] - margin
             ids, scores = ids[keep], scores[keep]
-        out = []
+        cap = tiers_from(self.bank.catalog).get("max_source")
+        out, n_source, max_source = [], 0, k if cap is None else cap
         for eid, score in zip(ids.tolist(), scores.tolist()):
             got = self.bank.read_payload(slot_of[eid], eid) if eid in slot_of else None
             if got is None:
                 continue  # swapped out since the index was synced
             buf, info = got
-            out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens}, buf))
+            if info.kind == "source":
+                if n_source >= max_source:
+                    continue   # the latency budget re-encodes no more per query
+                n_source += 1
+            out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens,
+                         "kind": info.kind}, buf))
         return out, 0
 
 

@@ -1,0 +1,303 @@
+"""Entry kinds in one bank (issue 19): which kept examples are KV, which are their source.
+
+A bank created with source entries (``ikv-learn --kinds tiered`` or ``--kinds source``)
+keeps each example in one of two kinds under the same cap:
+
+    kind     what it stores                          bytes (default model)       when retrieved
+    kv       compact quantized K/V (``learn.compact``) ~60 KB + its record          dequantized
+    source   prompt, answer, image file bytes        ~3 KB record (+ pages: images) re-encoded
+
+A source entry is the example at full fidelity (re-encoded exactly as a kv entry was
+made, before compaction) for about a twentieth of the bytes, and costs a decoder pass
+over its tokens (and the vision graph for an image) on every query that retrieves it.
+
+The latency budget (``--ttft-budget``: ``1.5x`` of the no-memory TTFT, or ``120ms``) is a
+bound on the **mean** time to first token over queries. With ``k`` entries per query and
+the costs measured on this device at learn time (``measure``), a query that retrieves a
+source entry costs ``src_ms`` and one that retrieves a kv entry ``kv_ms``; so at most a share
+``f = (budget - kv_ms) / (src_ms - kv_ms)`` of what is stored may be source (``source_share``),
+taking every stored example as equally likely to be retrieved. ``f = 0``: the runtime
+re-encodes nothing (``max_source = 0`` in the bank); no budget: every example that has a
+slot is kept as source, the most faithful kind.
+
+Which examples become source: this task's candidates first (in a seeded random order),
+up to the share and the free slots; the rest compete for kv pages in the usual selection.
+Old source entries are kept while slots and the share allow, else evicted at random (as
+a reservoir would). Evicted kv entries are not demoted to source (their example text is
+not kept).
+"""
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inducekv.core.errors import InduceKVError
+from inducekv.kernels import kvquant
+from inducekv.learn.candidates import Candidate
+from inducekv.memory.bank import NewEntry, example_hash
+from inducekv.memory.source import pack_source
+from inducekv.runtime.api import Prepared, Result
+from inducekv.runtime.memory import TIERS_KEY, entry_bias, image_of, key_of
+
+KINDS = ("kv", "tiered", "source")
+SOURCE_SLOT_SHARE = 0.95   # a source bank's share of the cap in slots (the pages hold images)
+MIN_SLOT_SHARE = 0.02
+PAGE_TOKENS = {"tiered": 2, "source": 4}   # a page per 2 (4) tokens: shorter page lists, smaller records
+INLINE_BYTES = 256    # a record's inline area: a one-line fact's prompt and answer fit (~60-150 bytes)
+KEY_DTYPE = "f16"     # banks with source entries keep f16 retrieval keys (half the record)
+MEASURE_PROMPTS = 5   # prompts timed per kind (median); the VM's timings vary by +-20% between runs
+
+
+def bank_kind_layout(kinds: str, slot_share: float | None = None) -> dict:
+    """``Bank.create`` options of a new bank for ``--kinds`` (kv: none, the version-2 layout);
+    ``slot_share``: the tiered bank's share of the cap in slots (``slot_share_for``)."""
+    if kinds not in KINDS:
+        raise InduceKVError(f"unknown entry kinds {kinds!r}; choose one of {', '.join(KINDS)}")
+    if kinds == "kv":
+        return {}
+    share = SOURCE_SLOT_SHARE if kinds == "source" or slot_share is None else slot_share
+    return {"key_dtype": KEY_DTYPE, "inline_bytes": INLINE_BYTES, "slot_share": share,
+            "page_tokens": PAGE_TOKENS[kinds]}
+
+
+def slot_share_for(f: float, slot_bytes: float, kv_bytes: float) -> float:
+    """The share of a new tiered bank's cap to give slots when a share ``f`` of its examples
+    will be source (``slot_bytes`` each) and the rest kv (``kv_bytes`` each, slot included):
+    every slot used and every page, were the bank filled in that mix."""
+    if f >= 1.0:
+        return SOURCE_SLOT_SHARE
+    per_example = f * slot_bytes + (1.0 - f) * kv_bytes   # every example has a slot; kv ones pages too
+    return float(np.clip(slot_bytes / per_example, MIN_SLOT_SHARE, SOURCE_SLOT_SHARE))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A latency budget on the mean time to first token: ``factor`` x the no-memory TTFT, or ``ms``."""
+    factor: float | None = None
+    ms: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Budget | None":
+        if text is None or str(text).strip().lower() in ("", "none"):
+            return None
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|ms)\s*", str(text).lower())
+        if not m or float(m.group(1)) <= 0:
+            raise InduceKVError(f"--ttft-budget {text!r} is not a budget; write e.g. 1.5x (of the no-memory TTFT) "
+                                "or 120ms")
+        v = float(m.group(1))
+        return cls(factor=v) if m.group(2) == "x" else cls(ms=v)
+
+    def limit_ms(self, t0_ms: float) -> float:
+        return self.factor * t0_ms if self.factor is not None else self.ms
+
+    def __str__(self) -> str:
+        return f"{self.factor:g}x" if self.factor is not None else f"{self.ms:g}ms"
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Median time to first token on this device (a query with memory: with its retrieval-key pass;
+    the search, under a millisecond, is left out)."""
+    t0_ms: float    # no memory
+    kv_ms: float    # with k kv entries (dequantized)
+    src_ms: float   # with k source entries (re-encoded)
+
+
+def _ttft(rt, layout, ex, items: list, scheme: str, key_scale, started: float, source: bytes | None = None) -> float:
+    """Time to first token of ``ex`` (a Candidate or Example) with ``items`` injected
+    (``Layout.assemble_mixed`` items), or one ``source`` entry prefilled with the query as the
+    runtime does at k=1 (``Runtime._one_source``), or neither (the plain prompt), from ``started``."""
+    if not items and source is None:
+        return rt.generate(ex.prompt, image=ex.image, max_new_tokens=1, use_memory=False).timings.ttft_ms
+    img = image_of(rt, ex)
+    res = Result("", [], "length")
+    if source is not None:
+        ids, feats = layout.source_ids(source)
+        feats = [f for f in (feats, img.features if img is not None else None) if f is not None]
+        prep = Prepared(ids + layout.query_ids(ex.prompt, img), layout.prefix_cache, layout.p0,
+                        np.concatenate(feats) if feats else None)
+    else:
+        cache, pos, masks = layout.assemble_mixed(items, scheme, key_scale=key_scale)
+        lengths = [it[0].shape[2] if isinstance(it[0], np.ndarray) else it[1] for it in items]
+        prep = Prepared(layout.query_ids(ex.prompt, img), cache, pos, img.features if img is not None else None, [],
+                        entry_bias(layout.p0, lengths, None, masks))
+    for _ in rt.decode(prep, max_new_tokens=1, result=res, started=started):
+        pass
+    return res.timings.ttft_ms
+
+
+def _median_costs(rt, run, prompts: list, n: int) -> Costs:
+    """``run(i, kind)`` -> ms for prompts 1..n (prompt 0 warms each kind up first); a query with
+    memory also pays the retrieval-key pass, timed on the same prompts and added to both kinds."""
+    out = {}
+    for kind in ("none", "kv", "source"):
+        run(0, kind)
+        out[kind] = statistics.median(run(i, kind) for i in range(1, n + 1))
+    keys = rt.key_encoder()
+
+    def key_ms(ex) -> float:
+        t = time.perf_counter()
+        key_of(rt, keys, ex.prompt, image_of(rt, ex))
+        return (time.perf_counter() - t) * 1e3
+
+    key_ms(prompts[0])
+    key = statistics.median(key_ms(prompts[i % len(prompts)]) for i in range(1, n + 1))
+    return Costs(out["none"], out["kv"] + key, out["source"] + key)
+
+
+def measure(rt, layout, cands: list[Candidate], geo, key_scale, k: int = 1) -> Costs:
+    """Time the three ways a query can be answered on this device, on a few of the task's own
+    prompts: no memory, ``k`` kv entries (dequantized), ``k`` source entries (re-encoded)."""
+    n = max(1, min(MEASURE_PROMPTS, len(cands) - 1))
+    k = max(1, k)
+
+    def run(i: int, kind: str) -> float:
+        c = cands[i % len(cands)]
+        others = [cands[(i + 1 + j) % len(cands)] for j in range(k)]
+        t = time.perf_counter()
+        if kind == "none":
+            return _ttft(rt, layout, c, [], geo.scheme, key_scale, t)
+        if kind == "kv":
+            return _ttft(rt, layout, c, [(x.payload, x.tokens) for x in others], geo.scheme, key_scale, t)
+        if k == 1:
+            return _ttft(rt, layout, c, [], geo.scheme, key_scale, t, source=others[0].source_bytes())
+        return _ttft(rt, layout, c, [layout.encode_source(x.source_bytes()) for x in others], geo.scheme, key_scale, t)
+
+    return _median_costs(rt, run, cands, n)
+
+
+def estimate(rt, layout, examples, k: int = 1) -> tuple[Costs, float]:
+    """Costs before a bank exists (to size a new tiered bank): kv entries are timed as float
+    K/V of the full entries, without dequantization or compaction. Also returns the mean
+    tokens of the examples' rendered entries."""
+    n = max(1, min(MEASURE_PROMPTS, len(examples) - 1))
+    k = max(1, k)
+    encoded, tokens = {}, []
+
+    def kv_of(ex):
+        key = id(ex)
+        if key not in encoded:
+            encoded[key] = layout.encode_entry(ex.prompt, ex.answers[0], image_of(rt, ex))
+            tokens.append(encoded[key][0].shape[2])
+        return encoded[key]
+
+    def run(i: int, kind: str) -> float:
+        ex = examples[i % len(examples)]
+        others = [examples[(i + 1 + j) % len(examples)] for j in range(k)]
+        if kind == "kv":
+            items = [kv_of(x) for x in others]   # encoded before the clock starts
+        t = time.perf_counter()
+        if kind == "none":
+            items = []
+        elif kind == "source":
+            if k == 1:
+                raw = pack_source(others[0].prompt, others[0].answers[0],
+                                  Path(others[0].image).read_bytes() if others[0].image else None)
+                return _ttft(rt, layout, ex, [], "fp16", None, t, source=raw)
+            items = [layout.encode_entry(x.prompt, x.answers[0], image_of(rt, x)) for x in others]
+        return _ttft(rt, layout, ex, items, "fp16", None, t)
+
+    costs = _median_costs(rt, run, examples, n)
+    return costs, float(np.mean(tokens)) if tokens else 32.0
+
+
+def new_bank_share(rt, examples, scheme: str, keep: float | None, budget_text: str | None, cap: int,
+                   k: int = 1) -> tuple[float, dict]:
+    """The slot share of a new tiered bank for ``budget_text`` (``slot_share_for``, with costs
+    estimated on this device before the bank exists), and a report of how it was chosen."""
+    from inducekv.memory import format as fmt
+    from inducekv.runtime.memory import Layout, template_from
+
+    budget = Budget.parse(budget_text)
+    if budget is None:
+        return SOURCE_SLOT_SHARE, {"reason": "no latency budget: every example may be source"}
+    m = rt.manifest
+    layout = Layout(rt, *template_from(None))
+    costs, tokens = estimate(rt, layout, examples, k)
+    f = source_share(costs, budget)
+    trial = fmt.plan(cap, fingerprint=m.fingerprint, scheme=scheme, num_layers=m.num_layers, kv_heads=m.num_kv_heads,
+                     head_dim=m.head_dim, key_dim=int(m.retrieval_key["dim"]), **bank_kind_layout("tiered", 0.5))
+    kept = int(np.ceil(tokens * (keep or 1.0))) if scheme in kvquant.SPARSE else int(round(tokens))
+    slot = 2 * trial.record_bytes
+    share = slot_share_for(f, slot, trial.entry_bytes(max(kept, 1)))
+    return share, {"share": round(f, 4), "slot_share": round(share, 4), "entry_tokens": round(tokens, 1),
+                   "ttft_budget": str(budget), "costs_ms": {kk: round(v, 2) for kk, v in asdict(costs).items()}}
+
+
+def stored_costs(tiers: dict) -> Costs | None:
+    """The costs a bank's tier settings recorded (measured when it was created or last re-budgeted)."""
+    c = tiers.get("costs_ms")
+    try:
+        return Costs(float(c["t0_ms"]), float(c["kv_ms"]), float(c["src_ms"])) if isinstance(c, dict) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def source_share(costs: Costs | None, budget: Budget | None) -> float:
+    """The largest share of stored examples that may be source within ``budget`` (mean TTFT)."""
+    if budget is None:
+        return 1.0
+    limit = budget.limit_ms(costs.t0_ms)
+    if costs.src_ms <= costs.kv_ms:
+        return 1.0 if limit >= costs.src_ms else 0.0
+    return float(np.clip((limit - costs.kv_ms) / (costs.src_ms - costs.kv_ms), 0.0, 1.0))
+
+
+def source_entry(c: Candidate, task: str, tokens: int) -> NewEntry:
+    """The bank's source entry for a candidate (its retrieval key, the example's bytes)."""
+    return NewEntry(None, None, c.key, task, example_hash(c.example()), tokens=tokens, source=c.source_bytes())
+
+
+def span(geo, c: Candidate) -> int:
+    """Tokens the candidate's rendered entry takes (a per-layer compacted one: its span)."""
+    if geo.scheme in kvquant.SPARSE:
+        return int(kvquant.slot_map(c.payload, geo.scheme, geo.num_layers, geo.kv_heads, c.tokens, geo.head_dim)[2])
+    return c.tokens
+
+
+@dataclass
+class TierPlan:
+    """What a learn does with source entries (``learn.plan``)."""
+    new_sources: list[int]       # candidate indices written as source
+    evict_sources: list[int]     # slots of old source entries evicted
+    share: float                 # the share of stored examples that may be source
+    budget: str | None           # the latency budget it came from
+    costs: Costs | None
+    max_source: int              # source entries the runtime re-encodes per query (0 or k)
+    kinds: str = "tiered"        # "tiered" or "source" (the bank's, fixed when it was created)
+
+    def catalog(self) -> dict:
+        return {"kinds": self.kinds, "max_source": self.max_source, "share": round(self.share, 4), "ttft_budget": self.budget,
+                "costs_ms": {k: round(v, 2) for k, v in asdict(self.costs).items()} if self.costs else None}
+
+
+def mix(share: float, slots: int, kv_fit: int, sourceable: int) -> tuple[int, int]:
+    """(kv entries, source entries) to keep: the most examples with at most ``slots`` entries,
+    at most ``kv_fit`` kv entries (what the pages hold), at most ``sourceable`` source entries
+    and a source share of at most ``share``; of the mixes that keep the most, the one with the
+    most source entries (the example at full fidelity)."""
+    if share <= 0.0:
+        return min(kv_fit, slots), 0
+    if share >= 1.0:
+        total = min(slots, kv_fit + sourceable)
+        return total - min(sourceable, total), min(sourceable, total)
+    r = share / (1.0 - share)                       # source entries allowed per kv entry
+    total = min(slots, kv_fit + sourceable, int(np.floor(kv_fit * (1.0 + r) + 1e-9)))
+    n_kv = min(kv_fit, max(total - sourceable, int(np.ceil(total / (1.0 + r) - 1e-9))))
+    return n_kv, total - n_kv
+
+
+def sample_sources(order: list[int], old_sources: list[int], n: int, rng) -> tuple[list[int], list[int]]:
+    """(new candidates kept as source, old source slots evicted): ``n`` drawn uniformly from the
+    new candidates and the old source entries together, as a reservoir keeps a uniform sample."""
+    pool = [("new", i) for i in order] + [("old", s) for s in old_sources]
+    n = max(0, min(n, len(pool)))
+    keep = set(rng.choice(len(pool), size=n, replace=False).tolist()) if n < len(pool) else set(range(len(pool)))
+    new = [i for j, (kind, i) in enumerate(pool) if kind == "new" and j in keep]
+    evict = [s for j, (kind, s) in enumerate(pool) if kind == "old" and j not in keep]
+    return new, evict
