@@ -98,12 +98,12 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
         if keep is None and scheme in SPARSE:
             keep = rt.profile.keep
     slot_share = sizing = None
-    if kinds == "tiered" and not path.exists():   # size the slots for the budget's mix of kinds
+    if kinds != "kv" and not path.exists():   # size the slots for the kinds' (and the budget's) mix
         from inducekv.learn.tiers import new_bank_share
 
         slot_share, sizing = new_bank_share(rt, examples, scheme or scheme_for_bits(rt.profile.kv_bits), keep, ttft_budget,
                                        budget if budget is not None else rt.profile.default_budget_bytes,
-                                       rt.profile.k or 1)
+                                       rt.profile.k or 1, kinds)
     tmp = None
     if dry_run and not path.exists():  # plan against an empty bank of that cap; leave nothing behind
         tmp = tempfile.TemporaryDirectory()

@@ -49,19 +49,28 @@ from inducekv.learn.select import STRATEGIES
 @click.option("--gate/--no-gate", default=True, show_default=True,
               help="Fit this task's relevance gate: a query whose top-1 entry of this task does not stand out "
                    "from the top-2 (retrieval margin below the fitted one) is answered without memory.")
+@click.option("--kinds", type=click.Choice(("kv", "tiered", "source")), default="kv", show_default=True,
+              help="Entry kinds of a new bank: kv (compact K/V, fastest), source (each example's own bytes, "
+                   "re-encoded when retrieved: ~20x more examples per byte), or tiered (both, mixed to keep "
+                   "--ttft-budget). Ignored for an existing bank.")
+@click.option("--ttft-budget", default=None, metavar="BUDGET",
+              help="Tiered banks: the mean time to first token allowed with memory, as a multiple of the "
+                   "no-memory TTFT (1.3x) or in milliseconds (120ms), measured on this device. Default: the "
+                   "bank's; none: every example that has a slot is kept as source.")
 @click.option("--batch", type=click.IntRange(1, 64), default=SCORE_BATCH, show_default=True,
               help="Examples per decoder pass while encoding and scoring: larger is faster, 1 uses the least RAM.")
 @click.option("--dry-run", is_flag=True, help="Print the budget plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, keep, gate,
-        slots, batch, dry_run, quiet, as_json):
+        slots, kinds, ttft_budget, batch, dry_run, quiet, as_json):
     """Learn the examples of --task into the bank --memory without changing the model.
 
     \b
     Examples:
       ikv-learn --bundle bundles/default/fp32 --memory bank.ikv --task examples/tasks/capitals.train.jsonl --budget 16MiB
       ikv-learn --bundle bundles/default/fp32 --memory bank.ikv --task examples/tasks/colours.train.jsonl --dry-run
+      ikv-learn --bundle bundles/default/fp32 --memory tiered.ikv --task examples/tasks/capitals.train.jsonl --budget 1MiB --kinds tiered --ttft-budget 1.1x
       ikv-learn --bundle bundles/default/fp32 --memory small.ikv --task examples/tasks/capitals.train.jsonl --budget 16MiB --scheme k4v4 --compact genv --slots 10
     """
     logging.basicConfig(level=logging.WARNING)
@@ -74,7 +83,8 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         rt = Runtime.open(bundle, device=load_profile(device), learn=True)
         res = learn_task(rt, memory, task_path, name=name, budget=budget, scheme=scheme, strategy=strategy, seed=seed,
                          n_anchors=n_anchors, reserve=reserve, compact=compact, slots=slots, keep=keep, dry_run=dry_run,
-                         gated=gate, progress=progress_enabled(quiet), batch=batch)
+                         gated=gate, progress=progress_enabled(quiet), batch=batch, kinds=kinds,
+                         ttft_budget=ttft_budget)
     out = {**res.as_dict(), "total_s": round(time.perf_counter() - t0, 2)}  # with the bundle's load
     if as_json:
         click.echo(json.dumps(out))
@@ -84,6 +94,12 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                f"evict {out['evicted']} old entries"
                + (" (" + ", ".join(f"{k} {v}" for k, v in res.evicted_per_task.items()) + ")" if res.evicted_per_task else "")
                + f", keep {out['kept_old']}")
+    if res.tiers is not None:
+        t, c = res.tiers, res.tiers.get("costs_ms")
+        click.echo(f"kinds: {res.added - res.sources_added} kv + {res.sources_added} source entries added; source share "
+                   f"<= {t['share']:.2f} of stored examples"
+                   + (f" (budget {t['ttft_budget']}: TTFT no memory {c['t0_ms']:.0f} ms, kv {c['kv_ms']:.0f} ms, "
+                      f"source {c['src_ms']:.0f} ms)" if c and t.get("ttft_budget") else " (no latency budget)"))
     click.echo(f"bank: {res.bytes_used / 2**20:.2f} MiB used of a {res.cap / 2**20:.2f} MiB cap; tasks "
                + ", ".join(f"{k}={v}" for k, v in (res.tasks_after or res.tasks_before).items()))
     gate = res.gate.get("margin")

@@ -332,8 +332,9 @@ def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, t
     share = 1.0 if kinds == "source" else tiers_.source_share(costs, budget)
     order = [int(i) for i in rng.permutation(len(cands))]
     old_src_slots = [old[i].slot for i in src_old]
-    kv_fit = 0 if kinds == "source" else len(kv_select())   # pass 1: how many kv entries the pages hold
-    n_kv, n_src = tiers_.mix(share, g.slots, kv_fit, len(cands) + len(old_src_slots))
+    pass1 = set() if kinds == "source" else kv_select()   # pass 1: how many kv entries the pages hold
+    n_kv, n_src = tiers_.mix(share, g.slots, len(pass1), sum(1 for i in pass1 if i < n_old), len(cands),
+                             len(old_src_slots))
     new_src, evict_src = tiers_.sample_sources(order, old_src_slots, n_src, rng)
     src_pages = sum(g.source_pages(len(cands[i].source_bytes())) for i in new_src) + sum(
         old[i].pages for i in src_old if old[i].slot not in evict_src)

@@ -42,7 +42,7 @@ from inducekv.learn.candidates import Candidate
 from inducekv.memory.bank import NewEntry, example_hash
 from inducekv.memory.source import pack_source
 from inducekv.runtime.api import Prepared, Result
-from inducekv.runtime.memory import TIERS_KEY, entry_bias, image_of, key_of
+from inducekv.runtime.memory import entry_bias, image_of, key_of
 
 KINDS = ("kv", "tiered", "source")
 SOURCE_SLOT_SHARE = 0.95   # a source bank's share of the cap in slots (the pages hold images)
@@ -55,23 +55,21 @@ MEASURE_PROMPTS = 5   # prompts timed per kind (median); the VM's timings vary b
 
 def bank_kind_layout(kinds: str, slot_share: float | None = None) -> dict:
     """``Bank.create`` options of a new bank for ``--kinds`` (kv: none, the version-2 layout);
-    ``slot_share``: the tiered bank's share of the cap in slots (``slot_share_for``)."""
+    ``slot_share``: the bank's share of the cap in slots (``new_bank_share``; default: nearly all)."""
     if kinds not in KINDS:
         raise InduceKVError(f"unknown entry kinds {kinds!r}; choose one of {', '.join(KINDS)}")
     if kinds == "kv":
         return {}
-    share = SOURCE_SLOT_SHARE if kinds == "source" or slot_share is None else slot_share
+    share = SOURCE_SLOT_SHARE if slot_share is None else slot_share
     return {"key_dtype": KEY_DTYPE, "inline_bytes": INLINE_BYTES, "slot_share": share,
             "page_tokens": PAGE_TOKENS[kinds]}
 
 
-def slot_share_for(f: float, slot_bytes: float, kv_bytes: float) -> float:
-    """The share of a new tiered bank's cap to give slots when a share ``f`` of its examples
-    will be source (``slot_bytes`` each) and the rest kv (``kv_bytes`` each, slot included):
-    every slot used and every page, were the bank filled in that mix."""
-    if f >= 1.0:
-        return SOURCE_SLOT_SHARE
-    per_example = f * slot_bytes + (1.0 - f) * kv_bytes   # every example has a slot; kv ones pages too
+def slot_share_for(f: float, slot_bytes: float, source_bytes: float, kv_bytes: float) -> float:
+    """The share of a new bank's cap to give slots when a share ``f`` of its examples will be
+    source (``source_bytes`` each: a slot, plus pages for an image) and the rest kv (``kv_bytes``
+    each, slot included): every slot and every page used, were the bank filled in that mix."""
+    per_example = f * source_bytes + (1.0 - f) * kv_bytes
     return float(np.clip(slot_bytes / per_example, MIN_SLOT_SHARE, SOURCE_SLOT_SHARE))
 
 
@@ -134,10 +132,14 @@ def _ttft(rt, layout, ex, items: list, scheme: str, key_scale, started: float, s
 def _median_costs(rt, run, prompts: list, n: int) -> Costs:
     """``run(i, kind)`` -> ms for prompts 1..n (prompt 0 warms each kind up first); a query with
     memory also pays the retrieval-key pass, timed on the same prompts and added to both kinds."""
-    out = {}
-    for kind in ("none", "kv", "source"):
+    kinds = ("none", "kv", "source")
+    for kind in kinds:
         run(0, kind)
-        out[kind] = statistics.median(run(i, kind) for i in range(1, n + 1))
+    times = {kind: [] for kind in kinds}
+    for i in range(1, n + 1):        # interleaved: a slow spell of the machine hits every kind alike
+        for kind in kinds:
+            times[kind].append(run(i, kind))
+    out = {kind: statistics.median(v) for kind, v in times.items()}
     keys = rt.key_encoder()
 
     def key_ms(ex) -> float:
@@ -207,25 +209,32 @@ def estimate(rt, layout, examples, k: int = 1) -> tuple[Costs, float]:
 
 
 def new_bank_share(rt, examples, scheme: str, keep: float | None, budget_text: str | None, cap: int,
-                   k: int = 1) -> tuple[float, dict]:
-    """The slot share of a new tiered bank for ``budget_text`` (``slot_share_for``, with costs
-    estimated on this device before the bank exists), and a report of how it was chosen."""
+                   k: int = 1, kinds: str = "tiered") -> tuple[float, dict]:
+    """The slot share of a new ``tiered`` or ``source`` bank (``slot_share_for``), and a report of
+    how it was chosen: with a latency budget, the source share ``f`` comes from costs estimated
+    on this device before the bank exists; a source entry's pages (its image) count as its bytes."""
     from inducekv.memory import format as fmt
     from inducekv.runtime.memory import Layout, template_from
 
-    budget = Budget.parse(budget_text)
-    if budget is None:
-        return SOURCE_SLOT_SHARE, {"reason": "no latency budget: every example may be source"}
+    budget = Budget.parse(budget_text) if kinds == "tiered" else None
     m = rt.manifest
+    trial = fmt.plan(cap, fingerprint=m.fingerprint, scheme=scheme, num_layers=m.num_layers, kv_heads=m.num_kv_heads,
+                     head_dim=m.head_dim, key_dim=int(m.retrieval_key["dim"]), **bank_kind_layout(kinds, 0.5))
+    slot = 2 * trial.record_bytes
+    sample = examples[:16]
+    image_pages = [trial.source_pages(len(pack_source(ex.prompt, ex.answers[0], Path(ex.image).read_bytes()
+                                                      if ex.image else None))) * trial.page_bytes for ex in sample]
+    src_bytes = slot + float(np.mean(image_pages))
+    report_ = {"slot_bytes": slot, "source_bytes": round(src_bytes)}
+    if budget is None:
+        share = float(np.clip(slot / src_bytes, MIN_SLOT_SHARE, SOURCE_SLOT_SHARE))
+        return share, {**report_, "share": 1.0, "slot_share": round(share, 4), "ttft_budget": None}
     layout = Layout(rt, *template_from(None))
     costs, tokens = estimate(rt, layout, examples, k)
     f = source_share(costs, budget)
-    trial = fmt.plan(cap, fingerprint=m.fingerprint, scheme=scheme, num_layers=m.num_layers, kv_heads=m.num_kv_heads,
-                     head_dim=m.head_dim, key_dim=int(m.retrieval_key["dim"]), **bank_kind_layout("tiered", 0.5))
     kept = int(np.ceil(tokens * (keep or 1.0))) if scheme in kvquant.SPARSE else int(round(tokens))
-    slot = 2 * trial.record_bytes
-    share = slot_share_for(f, slot, trial.entry_bytes(max(kept, 1)))
-    return share, {"share": round(f, 4), "slot_share": round(share, 4), "entry_tokens": round(tokens, 1),
+    share = slot_share_for(f, slot, src_bytes, trial.entry_bytes(max(kept, 1)))
+    return share, {**report_, "share": round(f, 4), "slot_share": round(share, 4), "entry_tokens": round(tokens, 1),
                    "ttft_budget": str(budget), "costs_ms": {kk: round(v, 2) for kk, v in asdict(costs).items()}}
 
 
@@ -276,20 +285,21 @@ class TierPlan:
                 "costs_ms": {k: round(v, 2) for k, v in asdict(self.costs).items()} if self.costs else None}
 
 
-def mix(share: float, slots: int, kv_fit: int, sourceable: int) -> tuple[int, int]:
-    """(kv entries, source entries) to keep: the most examples with at most ``slots`` entries,
-    at most ``kv_fit`` kv entries (what the pages hold), at most ``sourceable`` source entries
-    and a source share of at most ``share``; of the mixes that keep the most, the one with the
-    most source entries (the example at full fidelity)."""
-    if share <= 0.0:
-        return min(kv_fit, slots), 0
-    if share >= 1.0:
-        total = min(slots, kv_fit + sourceable)
-        return total - min(sourceable, total), min(sourceable, total)
-    r = share / (1.0 - share)                       # source entries allowed per kv entry
-    total = min(slots, kv_fit + sourceable, int(np.floor(kv_fit * (1.0 + r) + 1e-9)))
-    n_kv = min(kv_fit, max(total - sourceable, int(np.ceil(total / (1.0 + r) - 1e-9))))
-    return n_kv, total - n_kv
+def mix(share: float, slots: int, kv_fit: int, old_kv: int, new: int, old_src: int) -> tuple[int, int]:
+    """(kv entries, source entries) to keep: the most examples, then the most of them as source
+    (the example at full fidelity). ``kv_fit``: kv entries the pages hold (old ``old_kv`` ones
+    included); ``new``: this task's examples, each kv or source; ``old_src``: source entries
+    already kept; at most ``slots`` entries, and a source share of at most ``share``."""
+    best = (0, 0)
+    for n_kv in range(min(kv_fit, old_kv + new, slots) + 1):
+        new_kv = max(0, n_kv - old_kv)          # the fewest new examples that must be kv
+        cap = new - new_kv + old_src
+        if share < 1.0:
+            cap = min(cap, int(np.floor(share / (1.0 - share) * n_kv + 1e-9)))
+        n_src = max(0, min(cap, slots - n_kv))
+        if (n_kv + n_src, n_src) > (sum(best), best[1]):
+            best = (n_kv, n_src)
+    return best
 
 
 def sample_sources(order: list[int], old_sources: list[int], n: int, rng) -> tuple[list[int], list[int]]:

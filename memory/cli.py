@@ -41,7 +41,7 @@ def _compact_line(rec, scheme: str) -> str:
 def info(bank, as_json):
     """Cap, bytes used/free, entries per task, bytes per entry, quantization."""
     from inducekv.memory.bank import Bank
-    from inducekv.memory.format import PENDING_KEY, RELEVANCE_KEY, TWINS_KEY
+    from inducekv.memory.format import PENDING_KEY, RELEVANCE_KEY, TIERS_KEY, TWINS_KEY
 
     with fail_on_bad_input(), Bank.open(bank) as b:
         g, u = b.geo, b.usage()
@@ -55,6 +55,8 @@ def info(bank, as_json):
                "learn_pending": b.catalog.get("extra", {}).get(PENDING_KEY),
                "relevance": b.catalog.get("extra", {}).get(RELEVANCE_KEY) or {},
                "twins": b.catalog.get("extra", {}).get(TWINS_KEY) or {},
+               "format_version": g.version, "source_capable": g.sources,
+               "tiers": b.catalog.get("extra", {}).get(TIERS_KEY),
                **u, "tasks": b.tasks(), "entry_bytes_at_tokens": per_entry,
                "mean_entry_bytes": (u["bytes_used"] // u["entries"]) if u["entries"] else None}
         lines = [f"{b.path}: inducekv bank, generation {b.gen}",
@@ -76,8 +78,15 @@ def info(bank, as_json):
                  f"  used       {_mib(u['bytes_used'])} of {_mib(g.pages * g.page_bytes)} payload space; "
                  f"free {_mib(u['bytes_free'])}",
                  f"  entries    {u['entries']} of {g.slots} slots"
-                 + (f"; mean {_mib(obj['mean_entry_bytes'])} each" if u["entries"] else ""),
+                 + (f"; mean {_mib(obj['mean_entry_bytes'])} each" if u["entries"] else "")
+                 + (f" ({u['kv_entries']} kv, {u['source_entries']} source)" if g.sources else ""),
                  "  per entry  " + ", ".join(f"{t} tok = {_mib(n)}" for t, n in per_entry.items())]
+        if g.sources:
+            t = obj["tiers"] or {}
+            lines.insert(-2, "  kinds      " + f"{t.get('kinds', 'tiered')}: source entries (the example's bytes, "
+                         f"inline up to {g.inline_capacity} B) beside kv; slot {2 * g.record_bytes} B each"
+                         + (f"; latency budget {t['ttft_budget']}, source share <= {t.get('share', 1):.2f}"
+                            if t.get("ttft_budget") else "; no latency budget"))
         lines += [f"  task       {name}: {n} entries, {len(b.anchors(name))} anchors" for name, n in obj["tasks"].items()]
         if obj["learn_pending"]:
             lines.append(f"  pending    a learn of task {obj['learn_pending'].get('task')!r} was stopped after evicting "
@@ -106,17 +115,18 @@ def verify(bank, as_json, no_payloads):
 @click.option("--task", default=None, help="Only entries of this task.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def list_(bank, task, as_json):
-    """One line per entry: slot, id, task, tokens, bytes."""
+    """One line per entry: slot, id, kind (kv or source), tokens, bytes, task."""
     from inducekv.memory.bank import Bank
 
     with fail_on_bad_input(), Bank.open(bank) as b:
         rows = [e for e in b.entries() if task is None or e.task == task]
         P, R2 = b.geo.page_bytes, 2 * b.geo.record_bytes
-        obj = {"entries": [{"slot": e.slot, "id": e.entry_id, "task": e.task, "tokens": e.tokens,
+        obj = {"entries": [{"slot": e.slot, "id": e.entry_id, "task": e.task, "kind": e.kind, "tokens": e.tokens,
                             "payload_bytes": e.nbytes, "bytes": e.pages * P + R2, "example_hash": e.example_hash.hex()}
                            for e in rows]}
-    lines = [f"{'slot':>6} {'id':>8}  {'tokens':>6} {'bytes':>9}  task"]
-    lines += [f"{r['slot']:>6} {r['id']:>8}  {r['tokens']:>6} {r['bytes']:>9}  {r['task']}" for r in obj["entries"]]
+    lines = [f"{'slot':>6} {'id':>8}  {'kind':>6} {'tokens':>6} {'bytes':>9}  task"]
+    lines += [f"{r['slot']:>6} {r['id']:>8}  {r['kind']:>6} {r['tokens']:>6} {r['bytes']:>9}  {r['task']}"
+              for r in obj["entries"]]
     _emit(obj, as_json, lines)
 
 

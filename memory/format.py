@@ -41,6 +41,8 @@ PENDING_KEY = "learn_pending"  # catalog extra: a learn committed its evictions,
 RELEVANCE_KEY = "relevance"    # catalog extra: task -> the retrieval margin its entries need (learn/gate.py)
 TWINS_KEY = "twins"            # catalog extra: entry id -> its twin group, entries that answer each other's
                                # questions (learn/value.py); the relevance margin skips a top entry's twins
+TIERS_KEY = "tiers"            # catalog extra: a bank with source entries: its kinds, latency budget, source share
+                               # and the costs measured on the device (learn/tiers.py)
 SECTIONS = ("superblock", "calibration", "scales", "catalog", "records", "pages")
 
 # Limits that bound every allocation a hostile header could ask for.

@@ -37,6 +37,7 @@ from inducekv.kernels.positions import layer_thetas, rerotate_
 from inducekv.memory.bank import Bank
 from inducekv.memory.format import RELEVANCE_KEY   # catalog extra: task -> the retrieval margin its entries need
 from inducekv.memory.format import TWINS_KEY       # catalog extra: entry id -> twin group
+from inducekv.memory.format import TIERS_KEY       # catalog extra: kinds of entries, latency budget (learn/tiers.py)
 from inducekv.memory.index import open_index
 from inducekv.memory.source import unpack_source
 from inducekv.core.errors import InduceKVError
@@ -103,9 +104,6 @@ def twins_from(catalog: dict) -> dict[int, int]:
     except (AttributeError, TypeError, ValueError):
         raise InduceKVError("the bank's twin groups are malformed; relearn a task to refit them") from None
     return out
-
-
-TIERS_KEY = "tiers"   # catalog extra: how a bank with source entries keeps its latency budget
 
 
 def tiers_from(catalog: dict) -> dict:

@@ -112,6 +112,36 @@ class BankMethod:
             return b.tasks()
 
 
+class TieredMethod(BankMethod):
+    """A bank with source entries (issue 19): ``source`` (every example as its own bytes,
+    re-encoded when retrieved) or ``tiered`` (kv and source mixed to keep a mean-TTFT budget),
+    created at the first task as ``ikv-learn --kinds`` creates it (slots sized for the mix)."""
+
+    def __init__(self, name: str, bundle: str, path: Path, cap: int, kinds: str, ttft_budget: str | None = None,
+                 seed: int = 0):
+        self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, "full", RESERVE, seed
+        self.gated, self.kinds, self.ttft_budget, self.cap = True, kinds, ttft_budget, cap
+        self.rt = runtime(bundle)
+        self.memory, self.sizing = None, None
+
+    def learn(self, task, examples, candidates):
+        if self.sizing is None:
+            from inducekv.learn.plan import create_bank
+            from inducekv.learn.tiers import new_bank_share
+
+            scheme = new_bank_scheme(self.rt, kvquant.scheme_for_bits(self.rt.profile.kv_bits), None)
+            share, self.sizing = new_bank_share(self.rt, examples, scheme, self.rt.profile.keep, self.ttft_budget,
+                                                self.cap, 1, self.kinds)
+            create_bank(self.path, self.cap, self.rt.manifest, scheme, 192, self.kinds, share, force=True,
+                        sizing=self.sizing).close()
+        super().learn(task, examples, candidates)
+
+    def entries(self) -> dict:
+        with Bank.open(self.path) as b:
+            u = b.usage()
+            return {**b.tasks(), "kv/source": f"{u['kv_entries']}/{u['source_entries']}"}
+
+
 class PromptRetrieval:
     """Raw examples under the cap; retrieved by the same frozen keys; re-encoded per query."""
 

@@ -155,6 +155,7 @@ def run_method(method, tasks: dict, cands: dict, log) -> dict:
         log(f"  {method.name:>16} after {n:<16} " + " ".join("  -  " if a is None else f"{a:.2f} " for a in row)
             + (f"  kept {held}" if held else ""))
     return {"matrix": matrix, **metrics(matrix), "median_ttft_ms": statistics.median(ttfts),
+            "mean_ttft_ms": statistics.fmean(ttfts),
             "learn_s": learn_s, "eval_s": eval_s, "final_hits": final_hits}
 
 
@@ -162,7 +163,9 @@ ALL_METHODS = ("unbounded-fp16", "inducekv", "random", "fifo", "prompt-retrieval
 # run unless --methods says otherwise: replay and experts roughly double a run's time (--quick 7.7 -> ~17 min)
 DEFAULT_METHODS = ALL_METHODS[:6]
 TORCH_METHODS = ("lora", "replay", "experts")   # trained with torch + peft (lora.py, lora_plus.py)
-KNOWN_METHODS = ALL_METHODS + tuple(ABLATIONS)
+TIERED = {"source": ("source", None), "tiered-1.0x": ("tiered", "1.0x"), "tiered-1.1x": ("tiered", "1.1x")}
+# issue 19's kinds (not run unless named): a source bank, and tiered banks at two mean-TTFT budgets
+KNOWN_METHODS = ALL_METHODS + tuple(ABLATIONS) + tuple(TIERED)
 
 
 def build_tasks(seq: str, bundle: str, n_train: int, n_test: int, seed: int, work: Path) -> dict:
@@ -204,6 +207,10 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
             if name in methods:
                 per[name] = run_method(M.BankMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, strategy,
                                                     seed=seed, gated=gated), tasks, cands, log)
+        for name, (kinds, budget) in TIERED.items():
+            if name in methods:
+                per[name] = run_method(M.TieredMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, kinds, budget,
+                                                      seed=seed), tasks, cands, log)
         if "prompt-retrieval" in methods:
             per["prompt-retrieval"] = run_method(M.PromptRetrieval(bundle, cap, seed), tasks, cands, log)
         for name in (m for m in TORCH_METHODS if m in methods):

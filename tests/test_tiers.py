@@ -1,0 +1,139 @@
+"""Kinds of entries (issue 19): source and tiered banks learned, served and budgeted."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from inducekv.core.errors import InduceKVError
+from inducekv.learn import learn_task
+from inducekv.learn import tiers
+from inducekv.learn.cli import cli as learn_cli
+from inducekv.learn.tiers import Budget, Costs, mix, slot_share_for, source_share
+from inducekv.memory.bank import Bank
+from inducekv.memory.cli import cli as bank_cli
+from inducekv.memory.format import TIERS_KEY
+from inducekv.memory.source import pack_source
+from inducekv.runtime.api import Runtime
+from inducekv.runtime.memory import TEMPLATES, Layout
+
+CODES = [{"prompt": f"What is the code of item {i}?", "answer": f"code{i}"} for i in range(10)]
+
+
+def test_budget_parses_multiples_and_milliseconds_and_refuses_the_rest():
+    assert Budget.parse("1.3x") == Budget(factor=1.3) and Budget.parse("120ms") == Budget(ms=120.0)
+    assert Budget.parse(None) is None and Budget.parse("none") is None
+    assert Budget.parse("1.5x").limit_ms(80.0) == pytest.approx(120.0)
+    for bad in ("fast", "1.3", "-2x", "0x", "12 s"):
+        with pytest.raises(InduceKVError, match="not a budget"):
+            Budget.parse(bad)
+
+
+def test_source_share_is_what_the_mean_ttft_budget_allows():
+    c = Costs(t0_ms=100.0, kv_ms=80.0, src_ms=140.0)
+    assert source_share(c, None) == 1.0
+    assert source_share(c, Budget(factor=0.7)) == 0.0                 # below kv alone: no source
+    assert source_share(c, Budget(factor=1.1)) == pytest.approx(0.5)  # (110 - 80) / (140 - 80)
+    assert source_share(c, Budget(ms=200.0)) == 1.0
+    f = source_share(c, Budget(factor=1.1))
+    assert (1 - f) * c.kv_ms + f * c.src_ms == pytest.approx(110.0)   # the mix's mean TTFT is the budget
+
+
+@pytest.mark.parametrize("share,slots,kv_fit,old_kv,new,old_src", [
+    (0.0, 50, 8, 0, 100, 0), (1.0, 50, 8, 0, 100, 0), (1.0, 50, 8, 0, 20, 0), (0.5, 50, 8, 0, 100, 0),
+    (0.75, 50, 8, 3, 100, 4), (0.75, 20, 8, 0, 100, 0), (0.9, 200, 8, 2, 5, 3), (0.5, 50, 0, 0, 100, 0),
+    (0.57, 25, 11, 0, 12, 0), (0.3, 40, 10, 6, 12, 9)])
+def test_mix_keeps_the_most_examples_within_slots_pages_and_share(share, slots, kv_fit, old_kv, new, old_src):
+    n_kv, n_src = mix(share, slots, kv_fit, old_kv, new, old_src)
+
+    def ok(a, b):   # a kv and b source entries: feasible?
+        new_kv = max(0, a - old_kv)
+        return (a <= min(kv_fit, old_kv + new) and 0 <= b <= new - new_kv + old_src and a + b <= slots
+                and (a + b == 0 or b <= share * (a + b) + 1e-9))
+
+    feasible = [(a, b) for a in range(kv_fit + 1) for b in range(new + old_src + 1) if ok(a, b)]
+    assert ok(n_kv, n_src)
+    best = max(a + b for a, b in feasible)
+    assert n_kv + n_src == best          # the most examples kept, each once
+    assert n_src == max(b for a, b in feasible if a + b == best)   # then the most at full fidelity
+
+
+def test_slot_share_fills_slots_and_pages_together():
+    assert slot_share_for(1.0, 3000, 3000, 60000) == tiers.SOURCE_SLOT_SHARE
+    s = slot_share_for(0.5, 3000, 3000, 63000)
+    assert s == pytest.approx(3000 / (0.5 * 3000 + 0.5 * 63000))
+    assert slot_share_for(1.0, 3000, 12000, 60000) == pytest.approx(0.25)   # an image takes a page per example
+
+
+def test_one_pass_source_prefill_is_the_kv_entry_it_replaces(rt):
+    """k=1: the source entry's tokens prefilled with the query after the shared prefix give the
+    same logits as its K/V encoded on its own and injected (what a kv entry of full precision is)."""
+    lay = Layout(rt, TEMPLATES["facts"], "rerotate")
+    buf = pack_source("What is the code of item 3?", "code3")
+    q = lay.query_ids("Which code does item 3 have?")
+    ids, feats = lay.source_ids(buf)
+    assert feats is None
+    joint, _ = rt.decoder.forward(ids + q, lay.prefix_cache, logits_from=len(ids + q) - 1)
+    cache, pos, masks = lay.assemble_mixed([lay.encode_source(buf)], "fp16")
+    assert masks is None and pos == lay.p0 + len(ids)
+    sep, _ = rt.decoder.forward(q, cache, positions=np.arange(pos, pos + len(q)), logits_from=len(q) - 1)
+    np.testing.assert_allclose(joint[-1], sep[-1], atol=2e-4, rtol=1e-4)
+
+
+def test_a_source_bank_keeps_every_example_and_serves_them_re_encoded(rt, device_bundle, tmp_path):
+    bank = tmp_path / "src.ikv"
+    res = learn_task(rt, bank, CODES, name="codes", budget=1 << 20, kinds="source", n_anchors=2)
+    assert res.sources_added == res.added == len(CODES) and res.tiers["kinds"] == "source"
+    with Bank.open(bank) as b:
+        assert b.usage()["source_entries"] == len(CODES) and b.geo.version == 3
+        assert {e.kind for e in b.entries()} == {"source"}
+    out = CliRunner().invoke(bank_cli, ["info", str(bank), "--json"])
+    info = json.loads(out.output)
+    assert info["source_entries"] == len(CODES) and info["tiers"]["kinds"] == "source"
+    assert "source" in CliRunner().invoke(bank_cli, ["list", str(bank)]).output
+    assert CliRunner().invoke(bank_cli, ["verify", str(bank)]).exit_code == 0
+    serve = Runtime.open(device_bundle, memory=bank)
+    r = serve.generate(CODES[4]["prompt"], max_new_tokens=2, k=1)
+    if r.entries:   # the tiny model's gate may close; when an entry comes, it is the source re-encoded
+        assert r.entries[0]["kind"] == "source" and r.timings.source_ms > 0
+    r4 = serve.generate(CODES[4]["prompt"], max_new_tokens=2, k=3, use_memory=True)
+    assert all(e["kind"] == "source" for e in r4.entries)
+
+
+def test_a_tiered_bank_mixes_kinds_within_the_budget_it_measured(rt, tmp_path, monkeypatch):
+    """With the device's costs fixed, the stored mix keeps the share the budget allows."""
+    fixed = Costs(t0_ms=10.0, kv_ms=8.0, src_ms=14.0)            # 1.0x -> share (10 - 8) / (14 - 8) = 1/3
+    monkeypatch.setattr(tiers, "estimate", lambda *a, **k: (fixed, 12.0))
+    monkeypatch.setattr(tiers, "measure", lambda *a, **k: fixed)
+    bank = tmp_path / "tiered.ikv"
+    res = learn_task(rt, bank, CODES, name="codes", budget=1 << 20, kinds="tiered", ttft_budget="1.0x", n_anchors=2,
+                     scheme="int8", compact="none")
+    assert res.tiers["share"] == pytest.approx(1 / 3, abs=1e-3) and res.tiers["ttft_budget"] == "1x"
+    assert res.tiers["costs_ms"] == {"t0_ms": 10.0, "kv_ms": 8.0, "src_ms": 14.0}
+    with Bank.open(bank) as b:
+        u = b.usage()
+        assert u["entries"] == res.added > 0
+        assert u["source_entries"] <= (1 / 3) * u["entries"] + 1e-9
+        assert b.catalog["extra"][TIERS_KEY]["max_source"] == 1
+    # a budget below the kv cost keeps no source entry at all, and the runtime re-encodes none
+    res2 = learn_task(rt, bank, [{"prompt": f"Where is town {i}?", "answer": f"hill{i}"} for i in range(6)],
+                      name="towns", ttft_budget="0.5x", n_anchors=1)
+    assert res2.tiers["share"] == 0.0 and res2.tiers["max_source"] == 0
+    with Bank.open(bank) as b:
+        assert b.usage()["source_entries"] == 0
+
+
+def test_cli_kinds_and_budget_errors_are_one_line(device_bundle, tmp_path):
+    task = tmp_path / "codes.jsonl"
+    task.write_text("".join(json.dumps(e) + "\n" for e in CODES), encoding="utf-8")
+    bank = tmp_path / "b.ikv"
+    base = ["--bundle", str(device_bundle), "--memory", str(bank), "--task", str(task), "--budget", "1MiB", "--quiet"]
+    out = CliRunner().invoke(learn_cli, base + ["--ttft-budget", "1.2x"])
+    assert out.exit_code == 2 and "needs --kinds tiered" in out.output and not bank.exists()
+    out = CliRunner().invoke(learn_cli, base + ["--kinds", "tiered", "--ttft-budget", "soon"])
+    assert out.exit_code == 2 and "not a budget" in out.output and not bank.exists()
+    out = CliRunner().invoke(learn_cli, base + ["--kinds", "source"])
+    assert out.exit_code == 0, out.output
+    assert "source entries added" in out.output
