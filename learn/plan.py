@@ -269,15 +269,13 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
                         f"(the smallest needs {smallest} bytes); create a bank with a larger --budget")
     src_old = [i for i, e in enumerate(old) if e.kind == "source"]
 
-    def kv_select(blocked_new=(), max_items=g.slots, all_blocked=False, pages_taken=0):
+    def kv_select(blocked_new=(), max_items=g.slots, pages_taken=0):
         """Selection over kv entries: old source entries (and ``blocked_new`` candidates) take no part;
         ``pages_taken``: pages source entries need (an image's bytes), not for kv."""
         nb = pool.nbytes.copy()
         room = budget - pages_taken * g.page_bytes
         nb[src_old] = budget + 1
         nb[[n_old + i for i in blocked_new]] = budget + 1
-        if all_blocked:
-            nb[n_old:] = budget + 1
         return {int(i) for i in sel.select(dataclasses.replace(pool, nbytes=nb), room, room, strategy, weights,
                                            seed, max_items=max(max_items, 0))}
 
@@ -335,7 +333,8 @@ def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, t
     pass1 = set() if kinds == "source" else kv_select()   # pass 1: how many kv entries the pages hold
     n_kv, n_src = tiers_.mix(share, g.slots, len(pass1), sum(1 for i in pass1 if i < n_old), len(cands),
                              len(old_src_slots))
-    new_src, evict_src = tiers_.sample_sources(order, old_src_slots, n_src, rng)
+    new_src, evict_src = tiers_.pick_sources(order, old_src_slots, n_kv, n_src,
+                                             sum(1 for i in pass1 if i < n_old), rng)
     src_pages = sum(g.source_pages(len(cands[i].source_bytes())) for i in new_src) + sum(
         old[i].pages for i in src_old if old[i].slot not in evict_src)
     free_pages = g.pages - src_pages

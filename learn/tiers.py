@@ -302,12 +302,14 @@ def mix(share: float, slots: int, kv_fit: int, old_kv: int, new: int, old_src: i
     return best
 
 
-def sample_sources(order: list[int], old_sources: list[int], n: int, rng) -> tuple[list[int], list[int]]:
-    """(new candidates kept as source, old source slots evicted): ``n`` drawn uniformly from the
-    new candidates and the old source entries together, as a reservoir keeps a uniform sample."""
-    pool = [("new", i) for i in order] + [("old", s) for s in old_sources]
-    n = max(0, min(n, len(pool)))
-    keep = set(rng.choice(len(pool), size=n, replace=False).tolist()) if n < len(pool) else set(range(len(pool)))
-    new = [i for j, (kind, i) in enumerate(pool) if kind == "new" and j in keep]
-    evict = [s for j, (kind, s) in enumerate(pool) if kind == "old" and j not in keep]
-    return new, evict
+def pick_sources(order: list[int], old_sources: list[int], n_kv: int, n_src: int, old_kv: int,
+                 rng) -> tuple[list[int], list[int]]:
+    """(new candidates kept as source, old source slots evicted) for the counts ``mix`` chose:
+    the new examples that the kv entries do not take become source (in ``order``, when there
+    are more than the source count allows), and old source entries fill the rest, evicted at
+    random when there is no room for all of them."""
+    new_kv = max(0, n_kv - old_kv)
+    new = order[:max(0, min(len(order) - new_kv, n_src))]
+    keep_old = max(0, min(len(old_sources), n_src - len(new)))
+    kept = set(rng.choice(len(old_sources), size=keep_old, replace=False).tolist()) if old_sources else set()
+    return new, [s for j, s in enumerate(old_sources) if j not in kept]

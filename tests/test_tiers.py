@@ -11,7 +11,7 @@ from inducekv.core.errors import InduceKVError
 from inducekv.learn import learn_task
 from inducekv.learn import tiers
 from inducekv.learn.cli import cli as learn_cli
-from inducekv.learn.tiers import Budget, Costs, mix, slot_share_for, source_share
+from inducekv.learn.tiers import Budget, Costs, mix, pick_sources, slot_share_for, source_share
 from inducekv.memory.bank import Bank
 from inducekv.memory.cli import cli as bank_cli
 from inducekv.memory.format import TIERS_KEY
@@ -58,6 +58,17 @@ def test_mix_keeps_the_most_examples_within_slots_pages_and_share(share, slots, 
     best = max(a + b for a, b in feasible)
     assert n_kv + n_src == best          # the most examples kept, each once
     assert n_src == max(b for a, b in feasible if a + b == best)   # then the most at full fidelity
+
+
+def test_pick_sources_follows_the_mix():
+    rng = np.random.default_rng(0)
+    # 5 kv of which 3 are old kv: 2 new examples must be kv, the other 8 new ones are source
+    new, evict = pick_sources(list(range(10)), [70, 71, 72], n_kv=5, n_src=9, old_kv=3, rng=rng)
+    assert new == list(range(8)) and len(evict) == 2 and set(evict) < {70, 71, 72}
+    new, evict = pick_sources(list(range(4)), [70, 71], n_kv=4, n_src=2, old_kv=0, rng=rng)
+    assert new == [] and evict == []          # all new ones are kv; the old sources stay
+    new, evict = pick_sources([3, 1, 2], [], n_kv=0, n_src=2, old_kv=0, rng=rng)
+    assert new == [3, 1] and evict == []      # more new examples than the count: in the given order
 
 
 def test_slot_share_fills_slots_and_pages_together():
@@ -117,6 +128,13 @@ def test_a_tiered_bank_mixes_kinds_within_the_budget_it_measured(rt, tmp_path, m
         assert u["entries"] == res.added > 0
         assert u["source_entries"] <= (1 / 3) * u["entries"] + 1e-9
         assert b.catalog["extra"][TIERS_KEY]["max_source"] == 1
+    # a second task where everything fits: nothing is evicted, the share still holds
+    more = [{"prompt": f"What is the tag of box {i}?", "answer": f"tag{i}"} for i in range(10)]
+    res_b = learn_task(rt, bank, more, name="tags", n_anchors=2)
+    with Bank.open(bank) as b:
+        u = b.usage()
+        assert res_b.evicted == 0 and u["entries"] == res.added + res_b.added
+        assert u["source_entries"] <= (1 / 3) * u["entries"] + 1e-9
     # a budget below the kv cost keeps no source entry at all, and the runtime re-encodes none
     res2 = learn_task(rt, bank, [{"prompt": f"Where is town {i}?", "answer": f"hill{i}"} for i in range(6)],
                       name="towns", ttft_budget="0.5x", n_anchors=1)
