@@ -249,7 +249,7 @@ def encode_candidates(rt, geo, layout: Layout, keys: KeyEncoder, examples, progr
                           [im.features if im is not None else None for _, _, im in items])       # (B, K)
         fresh = []
         for ex, (prompt, answer, image), (k, v, extra), key in zip(chunk, items, kvs, keyv):
-            if extra.get("span", k.shape[2]) > geo.max_tokens:
+            if extra.get("span", k.shape[2]) > geo.max_tokens and not geo.sources:   # (a source can hold it)
                 raise InduceKVError(f"example {prompt[:40]!r} renders to {extra.get('span', k.shape[2])} tokens; "
                                     f"this bank holds entries of at most {geo.max_tokens}")
             try:

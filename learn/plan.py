@@ -113,8 +113,8 @@ def create_bank(path, cap: int, manifest, scheme: str, max_tokens: int = MAX_ENT
     bank gives ``slot_share`` of its cap to slots, ``tiers.new_bank_share``); a bank with source
     entries records its kinds in the catalog (``tiers``), with ``sizing`` (``tiers.new_bank_share``'s
     report: the budget and costs it was sized for)."""
-    bank = Bank.create_for(path, cap, manifest, scheme=scheme, max_tokens=max_tokens, force=force,
-                           **{**bank_layout(scheme), **tiers_.bank_kind_layout(kinds, slot_share)})
+    bank = Bank.create_for(path, cap, manifest, scheme=scheme, force=force,
+                           **{"max_tokens": max_tokens, **bank_layout(scheme), **tiers_.bank_kind_layout(kinds, slot_share)})
     if kinds != "kv":
         with bank.transaction() as tx:
             tx.set_extra(TIERS_KEY, {"kinds": kinds, **({"ttft_budget": sizing.get("ttft_budget"),
@@ -268,6 +268,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         raise BankError(f"the bank's cap ({g.cap} bytes) is too small for even one entry of this task "
                         f"(the smallest needs {smallest} bytes); create a bank with a larger --budget")
     src_old = [i for i, e in enumerate(old) if e.kind == "source"]
+    too_long = [i for i, c in enumerate(cands) if g.sources and tiers_.span(g, c) > g.max_tokens]
 
     def kv_select(blocked_new=(), max_items=g.slots, pages_taken=0):
         """Selection over kv entries: old source entries (and ``blocked_new`` candidates) take no part;
@@ -276,6 +277,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         room = budget - pages_taken * g.page_bytes
         nb[src_old] = budget + 1
         nb[[n_old + i for i in blocked_new]] = budget + 1
+        nb[[n_old + i for i in too_long]] = budget + 1     # longer than a kv entry of this bank: source only
         return {int(i) for i in sel.select(dataclasses.replace(pool, nbytes=nb), room, room, strategy, weights,
                                            seed, max_items=max(max_items, 0))}
 

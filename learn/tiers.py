@@ -47,7 +47,8 @@ from inducekv.runtime.memory import entry_bias, image_of, key_of
 KINDS = ("kv", "tiered", "source")
 SOURCE_SLOT_SHARE = 0.95   # a source bank's share of the cap in slots (the pages hold images)
 MIN_SLOT_SHARE = 0.02
-PAGE_TOKENS = {"tiered": 2, "source": 4}   # a page per 2 (4) tokens: shorter page lists, smaller records
+PAGE_TOKENS = {"tiered": 2, "source": 1}   # tiered: a page per 2 tokens (shorter page lists, smaller records)
+SOURCE_MAX_TOKENS = 16   # a source bank's "longest kv entry": its page list (16 one-token pages, ~98 KB) bounds an image
 INLINE_BYTES = 256    # a record's inline area: a one-line fact's prompt and answer fit (~60-150 bytes)
 KEY_DTYPE = "f16"     # banks with source entries keep f16 retrieval keys (half the record)
 MEASURE_PROMPTS = 5   # prompts timed per kind (median); the VM's timings vary by +-20% between runs
@@ -61,8 +62,10 @@ def bank_kind_layout(kinds: str, slot_share: float | None = None) -> dict:
     if kinds == "kv":
         return {}
     share = SOURCE_SLOT_SHARE if slot_share is None else slot_share
-    return {"key_dtype": KEY_DTYPE, "inline_bytes": INLINE_BYTES, "slot_share": share,
-            "page_tokens": PAGE_TOKENS[kinds]}
+    out = {"key_dtype": KEY_DTYPE, "inline_bytes": INLINE_BYTES, "slot_share": share, "page_tokens": PAGE_TOKENS[kinds]}
+    if kinds == "source":   # no kv entries: one-token pages (an image wastes less of its last one), short page lists
+        out["max_tokens"] = SOURCE_MAX_TOKENS
+    return out
 
 
 def slot_share_for(f: float, slot_bytes: float, source_bytes: float, kv_bytes: float) -> float:
@@ -305,11 +308,19 @@ def mix(share: float, slots: int, kv_fit: int, old_kv: int, new: int, old_src: i
 def pick_sources(order: list[int], old_sources: list[int], n_kv: int, n_src: int, old_kv: int,
                  rng) -> tuple[list[int], list[int]]:
     """(new candidates kept as source, old source slots evicted) for the counts ``mix`` chose:
-    the new examples that the kv entries do not take become source (in ``order``, when there
-    are more than the source count allows), and old source entries fill the rest, evicted at
-    random when there is no room for all of them."""
+    ``n_src`` drawn uniformly from the new examples and the old source entries together (as a
+    reservoir keeps a uniform sample of everything seen), leaving at least the new examples the
+    kv entries must take (``n_kv`` minus the ``old_kv`` kept) out of the draw."""
     new_kv = max(0, n_kv - old_kv)
-    new = order[:max(0, min(len(order) - new_kv, n_src))]
-    keep_old = max(0, min(len(old_sources), n_src - len(new)))
-    kept = set(rng.choice(len(old_sources), size=keep_old, replace=False).tolist()) if old_sources else set()
-    return new, [s for j, s in enumerate(old_sources) if j not in kept]
+    quota = max(0, len(order) - new_kv)       # new examples that may be source
+    pool = [("new", i) for i in order] + [("old", s) for s in old_sources]
+    new, kept_old = [], set()
+    for j in rng.permutation(len(pool)):
+        if len(new) + len(kept_old) >= n_src:
+            break
+        kind, x = pool[int(j)]
+        if kind == "old":
+            kept_old.add(x)
+        elif len(new) < quota:
+            new.append(x)
+    return new, [s for s in old_sources if s not in kept_old]

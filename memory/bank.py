@@ -391,7 +391,8 @@ class Bank:
         def payload(rec):
             n, pg = int(rec["nbytes"]), rec["pages"][: rec["n_pages"]]
             t = int(rec["tokens"])
-            if not (1 <= t <= self.geo.max_tokens and int(pg.max(initial=0)) < self.geo.pages):
+            longest = fmt.MAX_ENTRY_TOKENS if _kind(rec) == "source" else self.geo.max_tokens
+            if not (1 <= t <= longest and int(pg.max(initial=0)) < self.geo.pages):
                 return _RETRY
             if _kind(rec) == "source":
                 if len(pg) != self.geo.source_pages(n):

@@ -192,8 +192,8 @@ class Transaction:
             raise BankError("this bank holds kv entries only; create it with source entries enabled "
                             "(ikv-learn --kinds source|tiered) to keep examples as source")
         T = int(entry.tokens)
-        if not (1 <= T <= g.max_tokens):
-            raise BankError(f"a source entry must say its rendered length in tokens (1..{g.max_tokens}), got {T}")
+        if not (1 <= T <= fmt.MAX_ENTRY_TOKENS):
+            raise BankError(f"a source entry must say its rendered length in tokens (1..{fmt.MAX_ENTRY_TOKENS}), got {T}")
         if key.shape != (g.key_dim,) or not np.isfinite(key).all():
             raise BankError(f"retrieval key must be {g.key_dim} finite floats, got shape {key.shape}")
         if len(entry.example_hash) != 16:

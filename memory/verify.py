@@ -39,7 +39,7 @@ def verify(path, *, payloads: bool = True) -> dict:
                 p.append(f"slot {s}: entry kind {r.kind} is unknown to this bank")
                 continue
             if r.kind == fmt.KIND_SOURCE:
-                if not (1 <= t <= g.max_tokens) or np_ != g.source_pages(n):
+                if not (1 <= t <= fmt.MAX_ENTRY_TOKENS) or np_ != g.source_pages(n):
                     p.append(f"slot {s}: source entry tokens={t}, nbytes={n}, pages={np_} are inconsistent")
                     continue
             elif not (1 <= t <= g.max_tokens) or n != g.payload_nbytes(t) or np_ != g.pages_for(t):
