@@ -96,7 +96,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                + f", keep {out['kept_old']}")
     if res.tiers is not None:
         t, c = res.tiers, res.tiers.get("costs_ms")
-        click.echo(f"kinds: {res.added - res.sources_added} kv + {res.sources_added} source entries added; source share "
+        click.echo(f"kinds: {res.added - res.sources_added} kv + {res.sources_added} source entries {verb}; source share "
                    f"<= {t['share']:.2f} of stored examples"
                    + (f" (budget {t['ttft_budget']}: TTFT no memory {c['t0_ms']:.0f} ms, kv {c['kv_ms']:.0f} ms, "
                       f"source {c['src_ms']:.0f} ms)" if c and t.get("ttft_budget") else " (no latency budget)"))

@@ -155,6 +155,8 @@ def test_cli_kinds_and_budget_errors_are_one_line(device_bundle, tmp_path):
     assert out.exit_code == 2 and "needs --kinds tiered" in out.output and not bank.exists()
     out = CliRunner().invoke(learn_cli, base + ["--kinds", "tiered", "--ttft-budget", "soon"])
     assert out.exit_code == 2 and "not a budget" in out.output and not bank.exists()
+    out = CliRunner().invoke(learn_cli, base + ["--kinds", "tiered", "--ttft-budget", "1.2x", "--dry-run"])
+    assert out.exit_code == 0 and "kv +" in out.output and not bank.exists(), out.output
     out = CliRunner().invoke(learn_cli, base + ["--kinds", "source"])
     assert out.exit_code == 0, out.output
     assert "source entries added" in out.output
