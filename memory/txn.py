@@ -155,29 +155,44 @@ class Transaction:
                 payload = kvquant.pack(k, entry.values, g.scheme, self._scales)
             except ValueError as e:
                 raise BankError(str(e)) from None
+        slot = self._target(entry, key, slot)
+        if slot is None:
+            return None
+        pages = self._alloc(g.pages_for(T))
+        if pages is None:
+            return None
+        self._kv_added = True
+        return self._place(slot, entry, key, payload, pages, T, fmt.KIND_KV)
+
+    def _target(self, entry: NewEntry, key: np.ndarray, slot: int | None) -> int | None:
+        """Check the entry's key and hash; the slot it goes to (a free one when ``slot`` is None;
+        None when there is none)."""
+        g = self.geo
         if key.shape != (g.key_dim,) or not np.isfinite(key).all():
             raise BankError(f"retrieval key must be {g.key_dim} finite floats, got shape {key.shape}")
         if len(entry.example_hash) != 16:
             raise BankError("example_hash must be 16 bytes (see memory.bank.example_hash)")
         if slot is None:
-            slot = self._free_slot()
-            if slot is None:
-                return None
-        elif not (0 <= slot < g.slots):
+            return self._free_slot()
+        if not (0 <= slot < g.slots):
             raise BankError(f"slot {slot} is out of range (0..{g.slots - 1})")
-        pages = self._alloc(g.pages_for(T))
-        if pages is None:
-            return None
+        return slot
+
+    def _place(self, slot: int, entry: NewEntry, key: np.ndarray, data: bytes, pages: np.ndarray, tokens: int,
+               kind: int) -> Added:
+        """Write ``data`` to ``pages`` (or inline, a source entry without pages), then the slot's
+        other record copy; nothing the committed state references is touched."""
+        g = self.geo
         task_id = self._task_id(entry.task)
         P, base = g.page_bytes, self._off["pages"]
         for i, p in enumerate(pages):  # payload first: nothing references these pages yet
-            self.bank.write_at(payload[i * P:(i + 1) * P], base + int(p) * P)
-        rec = record_bytes_for(g, state=fmt.STATE_LIVE, gen=self._sb.gen + 1, entry_id=self._next_id, tokens=T,
-                               nbytes=len(payload), payload_crc=zlib.crc32(payload), task_id=task_id,
-                               example_hash=np.void(entry.example_hash), n_pages=len(pages), key=key, pages=pages)
+            self.bank.write_at(data[i * P:(i + 1) * P], base + int(p) * P)
+        where = {"inline": data} if kind == fmt.KIND_SOURCE and not len(pages) else {"pages": pages}
+        rec = record_bytes_for(g, state=fmt.STATE_LIVE, kind=kind, gen=self._sb.gen + 1, entry_id=self._next_id,
+                               tokens=tokens, nbytes=len(data), payload_crc=zlib.crc32(data), task_id=task_id,
+                               example_hash=np.void(entry.example_hash), n_pages=len(pages), key=key, **where)
         entry_id = self._next_id
         self._next_id += 1
-        self._kv_added = True
         self._write_record(slot, rec)
         self._forget_pending(slot)
         self._pending_used[pages] = True
@@ -194,40 +209,17 @@ class Transaction:
         T = int(entry.tokens)
         if not (1 <= T <= fmt.MAX_ENTRY_TOKENS):
             raise BankError(f"a source entry must say its rendered length in tokens (1..{fmt.MAX_ENTRY_TOKENS}), got {T}")
-        if key.shape != (g.key_dim,) or not np.isfinite(key).all():
-            raise BankError(f"retrieval key must be {g.key_dim} finite floats, got shape {key.shape}")
-        if len(entry.example_hash) != 16:
-            raise BankError("example_hash must be 16 bytes (see memory.bank.example_hash)")
         n_pages = g.source_pages(len(src))
         if n_pages > g.max_pages:
             raise BankError(f"source entry of {len(src)} bytes is larger than an entry of this bank can be "
                             f"({g.max_pages * g.page_bytes} bytes)")
+        slot = self._target(entry, key, slot)
         if slot is None:
-            slot = self._free_slot()
-            if slot is None:
-                return None
-        elif not (0 <= slot < g.slots):
-            raise BankError(f"slot {slot} is out of range (0..{g.slots - 1})")
+            return None
         pages = self._alloc(n_pages) if n_pages else np.zeros(0, np.uint32)
         if pages is None:
             return None
-        task_id = self._task_id(entry.task)
-        P, base = g.page_bytes, self._off["pages"]
-        for i, p in enumerate(pages):
-            self.bank.write_at(src[i * P:(i + 1) * P], base + int(p) * P)
-        where = {"pages": pages} if n_pages else {"inline": src}
-        rec = record_bytes_for(g, state=fmt.STATE_LIVE, kind=fmt.KIND_SOURCE, gen=self._sb.gen + 1,
-                               entry_id=self._next_id, tokens=T, nbytes=len(src), payload_crc=zlib.crc32(src),
-                               task_id=task_id, example_hash=np.void(entry.example_hash), n_pages=n_pages, key=key,
-                               **where)
-        entry_id = self._next_id
-        self._next_id += 1
-        self._write_record(slot, rec)
-        self._forget_pending(slot)
-        self._pending_used[pages] = True
-        self._touched[slot] = (True, pages)
-        self._pending_task[slot] = task_id
-        return Added(slot, entry_id)
+        return self._place(slot, entry, key, src, pages, T, fmt.KIND_SOURCE)
 
     def replace(self, slot: int, entry: NewEntry) -> bool:
         """Swap the entry in ``slot`` for ``entry``; False (nothing changed) when there is no room."""
