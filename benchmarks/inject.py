@@ -4,9 +4,10 @@
 
 For each k, in one run, one runtime, interleaved round by round: (injected) k entries of
 ~64 tokens retrieved from a bank of ``--scheme`` and fed as past KV; (none) the same query
-with ``use_memory=False`` (the plain chat prompt); (reencoded) the same k entries' text
-placed in the prompt and prefilled with the query (the shared system prefix is cached for
-both memory variants, so the difference is the entries).
+with ``use_memory=False`` (the plain chat prompt, its shared start cached as the runtime
+serves it: ``runtime.prefix``); (reencoded) the same k entries' text placed in the prompt and
+prefilled with the query (the memory template's shared prefix is cached for both memory
+variants, so the difference is the entries and the key pass).
 Then resident memory of a process serving a 16 MiB vs a 1 GiB bank (payloads are read
 through mmap, so RSS should not grow with the bank).
 """

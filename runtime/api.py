@@ -31,6 +31,7 @@ from inducekv.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingConfig, ch
 from inducekv.runtime.session import Decoder, KVCache
 from inducekv.runtime.tokenizer import ChatTokenizer
 from inducekv.runtime.memory import Injection, entry_bias
+from inducekv.runtime.prefix import PlainPrefix
 from inducekv.runtime.vision import with_image
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class Timings:
     retrieval_ms: float = 0.0      # index search (memory only)
     dequant_ms: float = 0.0        # read + checksum + dequantize entries, + re-encode source entries (memory only)
     source_ms: float = 0.0         # of which: re-encoding retrieved source entries (a bank with source entries)
-    prefix_ms: float = 0.0         # prefill of the memory layout's shared prefix (first use only, then cached)
+    prefix_ms: float = 0.0         # prefill of a shared prefix: the memory layout's or the plain chat prompt's (first use only, then cached)
     prefill_ms: float = 0.0        # the prompt through the decoder
     ttft_ms: float = 0.0           # call start to first token chosen
     decode_ms: float = 0.0         # all tokens after the first
@@ -100,6 +101,8 @@ class Runtime:
         self._vision = None
         self._keys = None
         self._lazy_lock = threading.Lock()  # the vision and key sessions are opened once, on first use
+        self.plain_prefix = PlainPrefix(self)   # a plain chat prompt's shared start, prefilled once
+        self.cache_prefix = True                # False: prefill every plain prompt whole (benchmarks/decode.py)
 
     def encode_image(self, image):
         """An image (path, PIL image or uint8 array) as ``vision.ImageInput``: its features and
@@ -188,9 +191,10 @@ class Runtime:
                 raise PromptError("chat=False cannot be used with memory (entries sit inside the chat template); "
                                   "pass use_memory=False for a raw prompt")
             prep = self._with_memory(mem, prompt, k, system, tm, k_margin, img)
+        elif chat:
+            prep = self._plain(prompt, system, img, tm)
         else:
-            prep = Prepared(self.encode_prompt(prompt, system=system, chat=chat, image=img),
-                            KVCache.empty(self.manifest), 0, features)
+            prep = Prepared(self.encode_prompt(prompt, chat=False, image=img), KVCache.empty(self.manifest), 0, features)
         tm.prompt_tokens = len(prep.ids)
         tm.tokenize_ms = ((time.perf_counter() - t0) * 1e3 - tm.image_ms - tm.key_ms - tm.retrieval_ms
                           - tm.dequant_ms - tm.prefix_ms)
@@ -293,8 +297,7 @@ class Runtime:
         look = mem.lookup(prompt, k, tm, margin, image=img)   # entries, weighting, scales: one bank state
         found, inj = look.found, look.injection
         if not found:   # nothing retrieved, or nothing passed the relevance gate: the plain prompt (zero-shot)
-            return Prepared(self.encode_prompt(prompt, system=system, chat=True, image=img),
-                            KVCache.empty(self.manifest), 0, img.features if img is not None else None)
+            return self._plain(prompt, system, img, tm)
         t = time.perf_counter()
         if not self.decoder.has_bias and inj.tau is not None:
             if not self._warned_bias:
@@ -332,6 +335,19 @@ class Runtime:
             raise PromptError(f"the prompt with {len(found)} memory entries is {pos + len(ids)} tokens; this model "
                               f"takes at most {limit}: shorten it or lower k")
         return Prepared(ids, cache, pos, img.features if img is not None else None, [info for info, _ in found], bias)
+
+    def _plain(self, prompt: str, system: str | None, img, tm: Timings) -> Prepared:
+        """The plain chat prompt (no memory), after its cached shared start when there is one
+        (``runtime.prefix``)."""
+        ids = self.encode_prompt(prompt, system=system, chat=True, image=img)
+        features = img.features if img is not None else None
+        if self.cache_prefix:
+            t = time.perf_counter()
+            cut = self.plain_prefix.split(ids, system)
+            tm.prefix_ms += (time.perf_counter() - t) * 1e3
+            if cut is not None:
+                return Prepared(cut[0], cut[1], cut[2], features)
+        return Prepared(ids, KVCache.empty(self.manifest), 0, features)
 
     def _one_source(self, layout, found, prompt: str, img, tm: Timings) -> Prepared:
         """One retrieved source entry (k=1): its tokens and the query's are prefilled together
