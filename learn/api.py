@@ -156,10 +156,19 @@ def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reser
              k=rt.profile.k or 1, progress=progress, gated=gated, compact=compact, slots=slots, keep=keep, batch=batch,
              ttft_budget=ttft_budget)
     ids: list[int] = []
+    tiers = p.tiers.catalog() if p.tiers is not None else None
     if not dry_run:
         report(progress, "write", 0, 1)
         ids = write(bank, p)
         report(progress, "write", 1, 1)
+        if p.tiers is not None and p.tiers.budget is not None:
+            from inducekv.learn.tiers import serve_check
+
+            report(progress, "serve check", 0, 1)
+            t = time.perf_counter()
+            tiers = serve_check(rt, bank, p.tiers, examples, seed)
+            p.timings["serve_check_s"] = time.perf_counter() - t
+            report(progress, "serve check", 1, 1)
     usage = bank.usage()
     return LearnResult(
         task=tname, examples=len(examples), added=len(p.add) + len(p.sources), evicted=len(p.evict), kept_old=len(p.keep_old),
@@ -168,5 +177,5 @@ def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reser
         bytes_used=usage["bytes_used"], cap=usage["cap"], calibration_kept=p.calibration.accepted,
         calibration=p.calibration.as_dict(), weighting_kept=p.injection.accepted, weighting=p.injection.as_dict(), gate=p.gate.as_dict(),
         compact=p.compaction.as_dict(), commits=p.commits, sources_added=len(p.sources),
-        tiers=p.tiers.catalog() if p.tiers is not None else None, timings_s={k: round(v, 2) for k, v in p.timings.items()},
+        tiers=tiers, timings_s={k: round(v, 2) for k, v in p.timings.items()},
         total_s=round(time.perf_counter() - t0, 2))

@@ -100,6 +100,13 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                    f"<= {t['share']:.2f} of stored examples"
                    + (f" (budget {t['ttft_budget']}: TTFT no memory {c['t0_ms']:.0f} ms, kv {c['kv_ms']:.0f} ms, "
                       f"source {c['src_ms']:.0f} ms)" if c and t.get("ttft_budget") else " (no latency budget)"))
+        sv = t.get("served")
+        if sv:
+            kinds_ = ", ".join(f"{k} {v['median_ms']:.0f} ms x{v['n']}" for k, v in sv["by_kind"].items())
+            click.echo(f"served {sv['prompts']} of the task's prompts from the bank: mean TTFT {sv['mean_ms']:.0f} ms = "
+                       f"{sv['ratio']:.2f}x no memory ({sv['t0_ms']:.0f} ms); by top entry: {kinds_}; "
+                       + ("within the budget" if sv.get("within") else
+                          f"OVER the budget ({sv['limit_ms']:.0f} ms): the next learn plans with these costs"))
     click.echo(f"bank: {res.bytes_used / 2**20:.2f} MiB used of a {res.cap / 2**20:.2f} MiB cap; tasks "
                + ", ".join(f"{k}={v}" for k, v in (res.tasks_after or res.tasks_before).items()))
     gate = res.gate.get("margin")

@@ -326,9 +326,11 @@ def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, t
     kinds = stored.get("kinds") or ("source" if g.pages * g.page_bytes < 0.2 * g.cap else "tiered")
     budget_text = ttft_budget if ttft_budget is not None else stored.get("ttft_budget")
     budget = tiers_.Budget.parse(budget_text)
-    costs = tiers_.stored_costs(stored)   # the costs the bank was sized with: one policy for its life
+    costs = tiers_.stored_costs(stored)   # as sized, or as last served (``tiers.served``, after each commit)
+    costs_from = stored.get("costs_from", "learn")
     if budget is not None and (costs is None or (ttft_budget is not None and ttft_budget != stored.get("ttft_budget"))):
-        costs = tiers_.measure(rt, layout, cands, g, key_scale, k)
+        costs, costs_from = tiers_.measure(rt, layout, cands, g, key_scale, k), "learn"
+
     share = 1.0 if kinds == "source" else tiers_.source_share(costs, budget)
     order = [int(i) for i in rng.permutation(len(cands))]
     old_src_slots = [old[i].slot for i in src_old]
@@ -354,7 +356,7 @@ def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, t
             else:
                 evict_src.append(kept_old.pop())
     max_source = 0 if share <= 0 else max(k, 1)
-    tier = TierPlan(new_src, evict_src, share, str(budget) if budget else None, costs, max_source, kinds)
+    tier = TierPlan(new_src, evict_src, share, str(budget) if budget else None, costs, max_source, kinds, costs_from)
     return tier, chosen, new_src
 
 

@@ -112,10 +112,13 @@ class Costs:
 def _ttft(rt, layout, ex, items: list, scheme: str, key_scale, started: float, source: bytes | None = None) -> float:
     """Time to first token of ``ex`` (a Candidate or Example) with ``items`` injected
     (``Layout.assemble_mixed`` items), or one ``source`` entry prefilled with the query as the
-    runtime does at k=1 (``Runtime._one_source``), or neither (the plain prompt), from ``started``."""
+    runtime does at k=1 (``Runtime._one_source``), or neither (the plain prompt, as served), from
+    ``started``. With memory, the query's retrieval-key pass runs first, inside the clock: right
+    before the decoder, as when serving (on a small CPU it is slower there than alone)."""
     if not items and source is None:
         return rt.generate(ex.prompt, image=ex.image, max_new_tokens=1, use_memory=False).timings.ttft_ms
     img = image_of(rt, ex)
+    key_of(rt, rt.key_encoder(), ex.prompt, img)
     res = Result("", [], "length")
     if source is not None:
         ids, feats = layout.source_ids(source)
@@ -133,8 +136,7 @@ def _ttft(rt, layout, ex, items: list, scheme: str, key_scale, started: float, s
 
 
 def _median_costs(rt, run, prompts: list, n: int) -> Costs:
-    """``run(i, kind)`` -> ms for prompts 1..n (prompt 0 warms each kind up first); a query with
-    memory also pays the retrieval-key pass, timed on the same prompts and added to both kinds."""
+    """``run(i, kind)`` -> ms for prompts 1..n (prompt 0 warms each kind up first)."""
     kinds = ("none", "kv", "source")
     for kind in kinds:
         run(0, kind)
@@ -143,16 +145,7 @@ def _median_costs(rt, run, prompts: list, n: int) -> Costs:
         for kind in kinds:
             times[kind].append(run(i, kind))
     out = {kind: statistics.median(v) for kind, v in times.items()}
-    keys = rt.key_encoder()
-
-    def key_ms(ex) -> float:
-        t = time.perf_counter()
-        key_of(rt, keys, ex.prompt, image_of(rt, ex))
-        return (time.perf_counter() - t) * 1e3
-
-    key_ms(prompts[0])
-    key = statistics.median(key_ms(prompts[i % len(prompts)]) for i in range(1, n + 1))
-    return Costs(out["none"], out["kv"] + key, out["source"] + key)
+    return Costs(out["none"], out["kv"], out["source"])
 
 
 def measure(rt, layout, cands: list[Candidate], geo, key_scale, k: int = 1) -> Costs:
@@ -241,6 +234,63 @@ def new_bank_share(rt, examples, scheme: str, keep: float | None, budget_text: s
                    "ttft_budget": str(budget), "costs_ms": {kk: round(v, 2) for kk, v in asdict(costs).items()}}
 
 
+SERVE_PROMPTS = 10    # prompts served after a commit to check the budget (``served``)
+
+
+def served(rt, path, examples: list, budget: "Budget | None", seed: int = 0, n: int = SERVE_PROMPTS) -> dict:
+    """Time the real serving path on the bank just written: ``n`` of the task's prompts (seeded
+    sample), each answered with memory (``Runtime.generate``: key pass, search, gate, reads,
+    re-encoding) and without, interleaved. Reports the mean TTFT with memory against the budget,
+    and the median per kind of the top retrieved entry (``none``: nothing passed the gate: the
+    plain prompt, after the key pass). ``costs``: those medians as ``Costs`` when both kinds were
+    served at least twice (else None), which the bank then keeps for its next learn."""
+    order = np.random.default_rng(seed).permutation(len(examples))[:n + 1]
+    picks = [examples[int(i)] for i in order]
+    mem = rt.open_memory(path)
+    try:
+        def one(ex, use: bool) -> tuple[float, str]:
+            r = rt.generate(ex.prompt, image=ex.image, max_new_tokens=1, memory=mem if use else None, use_memory=use)
+            return r.timings.ttft_ms, (r.entries[0].get("kind", "kv") if r.entries else "none")
+
+        one(picks[0], False), one(picks[0], True)   # warm-up: the prefixes are prefilled once
+        plain, with_mem = [], []
+        for ex in picks[1:]:
+            plain.append(one(ex, False)[0])
+            with_mem.append(one(ex, True))
+    finally:
+        mem.close()
+    t0 = statistics.median(plain)
+    by_kind = {}
+    for ms, kind in with_mem:
+        by_kind.setdefault(kind, []).append(ms)
+    mean = float(np.mean([ms for ms, _ in with_mem]))
+    out = {"prompts": len(with_mem), "t0_ms": round(t0, 2), "mean_ms": round(mean, 2), "ratio": round(mean / t0, 3),
+           "by_kind": {k: {"n": len(v), "median_ms": round(statistics.median(v), 2)} for k, v in sorted(by_kind.items())}}
+    if budget is not None:
+        out["limit_ms"] = round(budget.limit_ms(t0), 2)
+        out["within"] = bool(mean <= budget.limit_ms(t0))
+    both = all(len(by_kind.get(k, [])) >= 2 for k in ("kv", "source"))
+    out["costs"] = Costs(t0, statistics.median(by_kind["kv"]), statistics.median(by_kind["source"])) if both else None
+    return out
+
+
+def serve_check(rt, bank, tier: "TierPlan", examples: list, seed: int = 0) -> dict:
+    """After a commit to a bank with a latency budget: ``served`` on the bank just written; when
+    both kinds were served, the bank keeps those costs for its next learn (in its own commit: a
+    kill before it leaves the learn committed, with the costs it was planned with). Returns the
+    tier settings now stored, with the ``served`` report."""
+    from dataclasses import replace
+
+    from inducekv.runtime.memory import TIERS_KEY
+
+    got = served(rt, bank.path, examples, Budget.parse(tier.budget), seed)
+    if got["costs"] is not None:
+        tier = replace(tier, costs=got["costs"], costs_from="served")
+        with bank.transaction() as tx:
+            tx.set_extra(TIERS_KEY, tier.catalog())
+    return {**tier.catalog(), "served": {k: v for k, v in got.items() if k != "costs"}}
+
+
 def stored_costs(tiers: dict) -> Costs | None:
     """The costs a bank's tier settings recorded (measured when it was created or last re-budgeted)."""
     c = tiers.get("costs_ms")
@@ -283,9 +333,12 @@ class TierPlan:
     max_source: int              # source entries the runtime re-encodes per query (0 or k)
     kinds: str = "tiered"        # "tiered" or "source" (the bank's, fixed when it was created)
 
+    costs_from: str = "learn"    # "learn": timed by ``measure``/``estimate``; "served": by ``served`` after a commit
+
     def catalog(self) -> dict:
         return {"kinds": self.kinds, "max_source": self.max_source, "share": round(self.share, 4), "ttft_budget": self.budget,
-                "costs_ms": {k: round(v, 2) for k, v in asdict(self.costs).items()} if self.costs else None}
+                "costs_ms": {k: round(v, 2) for k, v in asdict(self.costs).items()} if self.costs else None,
+                "costs_from": self.costs_from}
 
 
 def mix(share: float, slots: int, kv_fit: int, old_kv: int, new: int, old_src: int) -> tuple[int, int]:

@@ -11,7 +11,8 @@ from inducekv.core.errors import InduceKVError
 from inducekv.learn import learn_task
 from inducekv.learn import tiers
 from inducekv.learn.cli import cli as learn_cli
-from inducekv.learn.tiers import Budget, Costs, mix, pick_sources, slot_share_for, source_share
+from inducekv.learn.candidates import as_example as tiers_example
+from inducekv.learn.tiers import Budget, Costs, TierPlan, mix, pick_sources, slot_share_for, source_share
 from inducekv.memory.bank import Bank
 from inducekv.memory.cli import cli as bank_cli
 from inducekv.memory.format import TIERS_KEY
@@ -121,11 +122,20 @@ def test_a_tiered_bank_mixes_kinds_within_the_budget_it_measured(rt, tmp_path, m
     fixed = Costs(t0_ms=10.0, kv_ms=8.0, src_ms=14.0)            # 1.0x -> share (10 - 8) / (14 - 8) = 1/3
     monkeypatch.setattr(tiers, "estimate", lambda *a, **k: (fixed, 12.0))
     monkeypatch.setattr(tiers, "measure", lambda *a, **k: fixed)
+    checked = []
+
+    def served(rt_, path, examples, budget, seed=0):   # the serve check after the commit (tested below on its own)
+        checked.append(str(budget))
+        return {"prompts": 4, "t0_ms": 10.0, "mean_ms": 9.5, "ratio": 0.95, "by_kind": {}, "limit_ms": 10.0,
+                "within": True, "costs": fixed}
+
+    monkeypatch.setattr(tiers, "served", served)
     bank = tmp_path / "tiered.ikv"
     res = learn_task(rt, bank, CODES, name="codes", budget=1 << 20, kinds="tiered", ttft_budget="1.0x", n_anchors=2,
                      scheme="int8", compact="none")
     assert res.tiers["share"] == pytest.approx(1 / 3, abs=1e-3) and res.tiers["ttft_budget"] == "1x"
     assert res.tiers["costs_ms"] == {"t0_ms": 10.0, "kv_ms": 8.0, "src_ms": 14.0}
+    assert checked == ["1x"] and res.tiers["costs_from"] == "served" and res.tiers["served"]["within"] is True
     with Bank.open(bank) as b:
         u = b.usage()
         assert u["entries"] == res.added > 0
@@ -144,6 +154,31 @@ def test_a_tiered_bank_mixes_kinds_within_the_budget_it_measured(rt, tmp_path, m
     assert res2.tiers["share"] == 0.0 and res2.tiers["max_source"] == 0
     with Bank.open(bank) as b:
         assert b.usage()["source_entries"] == 0
+
+
+def test_the_serve_check_times_the_bank_as_served_and_the_next_learn_plans_with_it(rt, tmp_path, monkeypatch):
+    fixed = Costs(t0_ms=10.0, kv_ms=8.0, src_ms=14.0)
+    monkeypatch.setattr(tiers, "estimate", lambda *a, **k: (fixed, 12.0))
+    monkeypatch.setattr(tiers, "measure", lambda *a, **k: fixed)
+    bank = tmp_path / "tiered.ikv"
+    learn_task(rt, bank, CODES, name="codes", budget=1 << 20, kinds="tiered", ttft_budget="1.0x", n_anchors=2,
+               scheme="int8", compact="none", gated=False)
+    with Bank.open(bank, writable=True) as b:
+        got = tiers.served(rt, b.path, [tiers_example(e) for e in CODES], tiers.Budget.parse("1.5x"), n=6)
+        assert got["prompts"] == 6 == sum(v["n"] for v in got["by_kind"].values())
+        assert set(got["by_kind"]) <= {"kv", "source", "none"}
+        assert got["ratio"] == pytest.approx(got["mean_ms"] / got["t0_ms"], rel=1e-2)
+        assert got["limit_ms"] == pytest.approx(1.5 * got["t0_ms"], rel=1e-2) and got["within"] == (got["mean_ms"] <= got["limit_ms"])
+        # served costs replace the planned ones (a commit of their own), and the next learn plans with them
+        slow = Costs(t0_ms=10.0, kv_ms=9.0, src_ms=11.0)          # 1.0x -> share (10 - 9) / (11 - 9) = 1/2
+        monkeypatch.setattr(tiers, "served", lambda *a, **k: {**got, "costs": slow})
+        plan = TierPlan([], [], 1 / 3, "1x", fixed, 1)
+        out = tiers.serve_check(rt, b, plan, [tiers_example(e) for e in CODES])
+        assert out["costs_from"] == "served" and out["costs_ms"]["src_ms"] == 11.0
+    monkeypatch.setattr(tiers, "measure", lambda *a, **k: pytest.fail("the stored served costs are used"))
+    more = [{"prompt": f"What is the tag of box {i}?", "answer": f"tag{i}"} for i in range(10)]
+    res = learn_task(rt, bank, more, name="tags", n_anchors=2)
+    assert res.tiers["share"] == pytest.approx(1 / 2, abs=1e-3)
 
 
 def test_cli_kinds_and_budget_errors_are_one_line(device_bundle, tmp_path):

@@ -86,6 +86,7 @@ class BankMethod:
         Bank.create_for(path, cap, self.rt.manifest, scheme=scheme, force=True, max_tokens=192,
                         **bank_layout(scheme)).close()
         self.memory = None
+        self.served = []   # tiered banks with a latency budget: the serve check after each learn
 
     def learn(self, task, examples, candidates):
         if self.memory is not None:
@@ -99,8 +100,12 @@ class BankMethod:
                 with bank.transaction() as tx:
                     tx.set_key_scales(kvquant.fit_key_scale(sample, g.scheme))
             candidates = repack(candidates, g, bank.key_scales())
-            L.absorb(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed,
-                             reserve=self.reserve, candidates=candidates, n_anchors=N_ANCHORS, gated=self.gated)
+            p = L.absorb(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed,
+                         reserve=self.reserve, candidates=candidates, n_anchors=N_ANCHORS, gated=self.gated)
+            if p.tiers is not None and p.tiers.budget is not None:   # as ikv-learn: time the bank as served, refit
+                from inducekv.learn.tiers import serve_check
+
+                self.served.append(serve_check(self.rt, bank, p.tiers, examples, self.seed)["served"])
         self.memory = self.rt.open_memory(self.path)
 
     def answer(self, ex):
@@ -122,7 +127,7 @@ class TieredMethod(BankMethod):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, "full", RESERVE, seed
         self.gated, self.kinds, self.ttft_budget, self.cap = True, kinds, ttft_budget, cap
         self.rt = runtime(bundle)
-        self.memory, self.sizing = None, None
+        self.memory, self.sizing, self.served = None, None, []
 
     def learn(self, task, examples, candidates):
         if self.sizing is None:
