@@ -7,7 +7,8 @@ For each k, in one run, one runtime, interleaved round by round: (injected) k en
 with ``use_memory=False`` (the plain chat prompt, its shared start cached as the runtime
 serves it: ``runtime.prefix``); (reencoded) the same k entries' text placed in the prompt and
 prefilled with the query (the memory template's shared prefix is cached for both memory
-variants, so the difference is the entries and the key pass).
+variants, so the difference is the entries and the key pass); (none_whole) the plain prompt
+prefilled whole, without the cached start: the prefix cache's own gain.
 Then resident memory of a process serving a 16 MiB vs a 1 GiB bank (payloads are read
 through mmap, so RSS should not grow with the bank).
 """
@@ -28,7 +29,6 @@ from inducekv.memory.bank import Bank, NewEntry
 from inducekv.runtime.api import Runtime
 from inducekv.learn import absorb
 from inducekv.runtime.memory import render_entry
-from inducekv.runtime.session import KVCache
 
 WORDS = ("amber river quiet lantern copper meadow silver orchard harbor velvet thunder maple canyon "
          "falcon ember glacier willow marble prairie cobalt juniper saffron tundra beacon").split()
@@ -79,6 +79,13 @@ def ttft_table(bundle: str, ks: list[int], rounds: int, work: Path, scheme: str 
         def none():
             rt.generate(query, max_new_tokens=1, use_memory=False)
 
+        def none_whole():   # the plain prompt prefilled whole, as before runtime/prefix.py
+            rt.cache_prefix = False
+            try:
+                rt.generate(query, max_new_tokens=1, use_memory=False)
+            finally:
+                rt.cache_prefix = True
+
         found = rt.memory.retrieve(query, k)
         text = "".join(render_entry(lay.template, f["prompt"], f["answer"]) for f in facts[:k])
 
@@ -88,11 +95,12 @@ def ttft_table(bundle: str, ks: list[int], rounds: int, work: Path, scheme: str 
                                            logits_from=len(ids) - 1)
             int(np.argmax(logits[-1]))
 
-        r = _ttfts({"injected": injected, "none": none, "reencoded": reencoded}, rounds)
+        r = _ttfts({"injected": injected, "none": none, "none_whole": none_whole, "reencoded": reencoded}, rounds)
         r["entries"] = len(found)
         r["entry_tokens"] = int(sum(e[0]["tokens"] for e in found))
         r["vs_none"] = r["injected"] / r["none"]
         r["vs_reencoded"] = r["injected"] / r["reencoded"]
+        r["cached_vs_whole"] = r["none"] / r["none_whole"]
         rows[str(k)] = r
     return {"ttft_ms": rows, "mean_entry_tokens": float(np.mean(tokens))}
 
@@ -151,10 +159,11 @@ def main() -> None:
         print(json.dumps(res))
         return
     print(f"TTFT, median of {args.rounds} (ms); entries of ~{res['mean_entry_tokens']:.0f} tokens, {args.scheme}")
-    print(f"{'k':>3} {'injected':>9} {'none':>7} {'reencoded':>10} {'inj/none':>9} {'inj/reenc':>10}")
+    print(f"{'k':>3} {'injected':>9} {'none':>7} {'reencoded':>10} {'inj/none':>9} {'inj/reenc':>10} "
+          f"{'none whole':>11} {'none/whole':>11}")
     for k, r in res["ttft_ms"].items():
         print(f"{k:>3} {r['injected']:>9.1f} {r['none']:>7.1f} {r['reencoded']:>10.1f} {r['vs_none']:>9.2f} "
-              f"{r['vs_reencoded']:>10.2f}")
+              f"{r['vs_reencoded']:>10.2f} {r['none_whole']:>11.1f} {r['cached_vs_whole']:>11.2f}")
     for label, r in res.get("rss", {}).items():
         print(f"bank {label}: {r['entries']} entries, file {r['file_bytes'] / 2**20:.0f} MiB, "
               f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")

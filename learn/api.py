@@ -139,7 +139,8 @@ def _examples(task, name: str | None) -> tuple[list, str]:
 
 def check_kinds(kinds: str, ttft_budget: str | None, path: Path) -> None:
     """Bad ``kinds`` / ``ttft_budget`` fail before a bank is touched."""
-    from inducekv.learn.tiers import KINDS, Budget
+    from inducekv.learn.tiers import Budget
+    from inducekv.memory.kinds import KINDS
 
     if kinds not in KINDS:
         raise InduceKVError(f"unknown entry kinds {kinds!r}; choose one of {', '.join(KINDS)}")

@@ -38,6 +38,7 @@ from inducekv.learn.candidates import Candidate, Scorer, Spool, encode_candidate
 from inducekv.learn.progress import report
 from inducekv.learn import tiers as tiers_
 from inducekv.learn.tiers import TierPlan
+from inducekv.memory.kinds import bank_kind_layout, tiers_catalog
 from inducekv.learn.retain import retention
 from inducekv.learn.value import neighbour_gains, served, twin_groups
 from inducekv.memory.bank import Bank
@@ -96,7 +97,7 @@ def open_or_create(bank_path: Path, rt, budget: int | None, scheme: str, max_tok
                    kinds: str = "kv", slot_share: float | None = None, sizing: dict | None = None) -> Bank:
     """The bank at ``bank_path`` opened for writing; created with cap ``budget`` when absent
     (never for a bundle that cannot serve memory: nothing is written then); ``kinds``: the
-    entry kinds a new bank holds (``tiers.KINDS``)."""
+    entry kinds a new bank holds (``memory.kinds.KINDS``)."""
     require_memory_support(rt.manifest)
     m = rt.manifest
     bank_path = Path(bank_path)
@@ -114,11 +115,11 @@ def create_bank(path, cap: int, manifest, scheme: str, max_tokens: int = MAX_ENT
     entries records its kinds in the catalog (``tiers``), with ``sizing`` (``tiers.new_bank_share``'s
     report: the budget and costs it was sized for)."""
     bank = Bank.create_for(path, cap, manifest, scheme=scheme, force=force,
-                           **{"max_tokens": max_tokens, **bank_layout(scheme), **tiers_.bank_kind_layout(kinds, slot_share)})
+                           **{"max_tokens": max_tokens, **bank_layout(scheme), **bank_kind_layout(kinds, slot_share)})
     if kinds != "kv":
         with bank.transaction() as tx:
-            tx.set_extra(TIERS_KEY, {"kinds": kinds, **({"ttft_budget": sizing.get("ttft_budget"),
-                                                          "costs_ms": sizing.get("costs_ms")} if sizing else {})})
+            tx.set_extra(TIERS_KEY, tiers_catalog(kinds, *((sizing.get("ttft_budget"), sizing.get("costs_ms"))
+                                                                    if sizing else ())))
     return bank
 
 

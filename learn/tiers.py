@@ -40,32 +40,12 @@ from inducekv.core.errors import InduceKVError
 from inducekv.kernels import kvquant
 from inducekv.learn.candidates import Candidate
 from inducekv.memory.bank import NewEntry, example_hash
+from inducekv.memory.kinds import MIN_SLOT_SHARE, SOURCE_SLOT_SHARE, bank_kind_layout
 from inducekv.memory.source import pack_source
 from inducekv.runtime.api import Prepared, Result
 from inducekv.runtime.memory import entry_bias, image_of, key_of
 
-KINDS = ("kv", "tiered", "source")
-SOURCE_SLOT_SHARE = 0.95   # a source bank's share of the cap in slots (the pages hold images)
-MIN_SLOT_SHARE = 0.02
-PAGE_TOKENS = {"tiered": 2, "source": 1}   # tiered: a page per 2 tokens (shorter page lists, smaller records)
-SOURCE_MAX_TOKENS = 16   # a source bank's "longest kv entry": its page list (16 one-token pages, ~98 KB) bounds an image
-INLINE_BYTES = 256    # a record's inline area: a one-line fact's prompt and answer fit (~60-150 bytes)
-KEY_DTYPE = "f16"     # banks with source entries keep f16 retrieval keys (half the record)
 MEASURE_PROMPTS = 5   # prompts timed per kind (median); the VM's timings vary by +-20% between runs
-
-
-def bank_kind_layout(kinds: str, slot_share: float | None = None) -> dict:
-    """``Bank.create`` options of a new bank for ``--kinds`` (kv: none, the version-2 layout);
-    ``slot_share``: the bank's share of the cap in slots (``new_bank_share``; default: nearly all)."""
-    if kinds not in KINDS:
-        raise InduceKVError(f"unknown entry kinds {kinds!r}; choose one of {', '.join(KINDS)}")
-    if kinds == "kv":
-        return {}
-    share = SOURCE_SLOT_SHARE if slot_share is None else slot_share
-    out = {"key_dtype": KEY_DTYPE, "inline_bytes": INLINE_BYTES, "slot_share": share, "page_tokens": PAGE_TOKENS[kinds]}
-    if kinds == "source":   # no kv entries: one-token pages (an image wastes less of its last one), short page lists
-        out["max_tokens"] = SOURCE_MAX_TOKENS
-    return out
 
 
 def slot_share_for(f: float, slot_bytes: float, source_bytes: float, kv_bytes: float) -> float:

@@ -155,26 +155,42 @@ def remove_task(bank, task, as_json):
 @click.option("--max-tokens", type=click.IntRange(1, 65536), default=256, show_default=True, help="Longest entry.")
 @click.option("--page-tokens", type=click.IntRange(1, 1024), default=4, show_default=True,
               help="Payload page size in tokens (smaller wastes less per entry).")
+@click.option("--kinds", type=click.Choice(["kv", "tiered", "source"]), default="kv", show_default=True,
+              help="Entry kinds the bank holds: kv (K/V payloads), source (each example's own bytes, re-encoded "
+                   "when retrieved), tiered (both; ikv-learn --ttft-budget chooses the mix). Banks with source "
+                   "entries use format 3 (memory/FORMAT.md).")
+@click.option("--slot-share", type=click.FloatRange(0.02, 0.95), default=None,
+              help="A tiered bank's share of the cap in slots (default 0.5; ikv-learn --kinds tiered sizes it "
+                   "from measured costs instead). A source bank gives slots 0.95.")
 @click.option("--force", is_flag=True, help="Replace an existing file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def create(bank, bundle, budget, scheme, max_tokens, page_tokens, force, as_json):
+def create(bank, bundle, budget, scheme, max_tokens, page_tokens, kinds, slot_share, force, as_json):
     """Create an empty bank of at most --budget bytes for --bundle (ikv-learn does this too)."""
     from inducekv.core.errors import BankError
     from inducekv.core.manifest import read_manifest
     from inducekv.memory.bank import Bank
+    from inducekv.memory.format import TIERS_KEY
+    from inducekv.memory.kinds import bank_kind_layout, tiers_catalog
 
     with fail_on_bad_input():
         m = read_manifest(bundle)
         if budget <= 0:
             raise BankError("--budget must be positive")
-        with Bank.create_for(bank, budget, m, scheme=scheme, force=force, max_tokens=max_tokens,
-                             page_tokens=page_tokens) as b:
+        if slot_share is not None and kinds != "tiered":
+            raise BankError("--slot-share sizes a tiered bank; add --kinds tiered")
+        layout = {"max_tokens": max_tokens, "page_tokens": page_tokens,
+                  **bank_kind_layout(kinds, 0.5 if kinds == "tiered" and slot_share is None else slot_share)}
+        with Bank.create_for(bank, budget, m, scheme=scheme, force=force, **layout) as b:
+            if kinds != "kv":
+                with b.transaction() as tx:
+                    tx.set_extra(TIERS_KEY, tiers_catalog(kinds))
             g = b.geo
             obj = {"path": str(b.path), "cap": g.cap, "file_bytes": g.file_bytes, "slots": g.slots, "pages": g.pages,
                    "page_bytes": g.page_bytes, "entry_bytes_at_tokens": {t: g.entry_bytes(t) for t in (32, 64, 128)
                                                                          if t <= g.max_tokens}}
+    obj["kinds"] = kinds
     _emit(obj, as_json, [f"created {bank}: {g.file_bytes} B of a {g.cap} B cap, {g.slots} slots, "
-                         f"{g.pages} pages of {g.page_bytes} B"])
+                         f"{g.pages} pages of {g.page_bytes} B" + (f"; kinds {kinds}" if kinds != "kv" else "")])
 
 
 def main():

@@ -167,8 +167,10 @@ def test_the_serve_check_times_the_bank_as_served_and_the_next_learn_plans_with_
         got = tiers.served(rt, b.path, [tiers_example(e) for e in CODES], tiers.Budget.parse("1.5x"), n=6)
         assert got["prompts"] == 6 == sum(v["n"] for v in got["by_kind"].values())
         assert set(got["by_kind"]) <= {"kv", "source", "none"}
-        assert got["ratio"] == pytest.approx(got["mean_ms"] / got["t0_ms"], rel=1e-2)
-        assert got["limit_ms"] == pytest.approx(1.5 * got["t0_ms"], rel=1e-2) and got["within"] == (got["mean_ms"] <= got["limit_ms"])
+        assert got["ratio"] == pytest.approx(got["mean_ms"] / got["t0_ms"], rel=0.05)   # (reported rounded to 0.01 ms)
+        assert got["limit_ms"] == pytest.approx(1.5 * got["t0_ms"], abs=0.02)
+        if abs(got["mean_ms"] - got["limit_ms"]) > 0.05:
+            assert got["within"] == (got["mean_ms"] <= got["limit_ms"])
         # served costs replace the planned ones (a commit of their own), and the next learn plans with them
         slow = Costs(t0_ms=10.0, kv_ms=9.0, src_ms=11.0)          # 1.0x -> share (10 - 9) / (11 - 9) = 1/2
         monkeypatch.setattr(tiers, "served", lambda *a, **k: {**got, "costs": slow})
@@ -195,3 +197,28 @@ def test_cli_kinds_and_budget_errors_are_one_line(device_bundle, tmp_path):
     out = CliRunner().invoke(learn_cli, base + ["--kinds", "source"])
     assert out.exit_code == 0, out.output
     assert "source entries added" in out.output
+
+
+def test_ikv_bank_create_makes_source_and_tiered_banks_that_ikv_learn_fills(device_bundle, tmp_path):
+    task = tmp_path / "codes.jsonl"
+    task.write_text("".join(json.dumps(e) + "\n" for e in CODES), encoding="utf-8")
+    for kinds in ("source", "tiered"):
+        bank = tmp_path / f"{kinds}.ikv"
+        out = CliRunner().invoke(bank_cli, ["create", str(bank), "--bundle", str(device_bundle), "--budget", "1MiB",
+                                            "--kinds", kinds, "--json"])
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.output)["kinds"] == kinds
+        with Bank.open(bank) as b:
+            assert b.geo.version == 3 and b.geo.sources and b.catalog["extra"][TIERS_KEY]["kinds"] == kinds
+        args = ["--bundle", str(device_bundle), "--memory", str(bank), "--task", str(task), "--quiet", "--json"]
+        out = CliRunner().invoke(learn_cli, args)
+        assert out.exit_code == 0, out.output
+        res = json.loads(out.output)
+        assert res["tiers"]["kinds"] == kinds and res["added"] > 0
+        if kinds == "source":
+            assert res["sources_added"] == res["added"] == len(CODES)
+    out = CliRunner().invoke(bank_cli, ["create", str(tmp_path / "x.ikv"), "--bundle", str(device_bundle), "--budget",
+                                        "1MiB", "--slot-share", "0.3"])
+    assert out.exit_code != 0 and "add --kinds tiered" in out.output and not (tmp_path / "x.ikv").exists()
+    with Bank.open(tmp_path / "source.ikv") as b:
+        assert {e.kind for e in b.entries()} == {"source"}
