@@ -49,7 +49,7 @@ class Timings:
     prefill_ms: float = 0.0        # the prompt through the decoder
     ttft_ms: float = 0.0           # call start to first token chosen
     decode_ms: float = 0.0         # all tokens after the first
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0         # tokens prefilled by this call (a cached prefix's are not counted)
     new_tokens: int = 0
 
     @property

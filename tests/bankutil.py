@@ -1,6 +1,10 @@
 """Helpers shared by the bank tests: a toy geometry and deterministic entries."""
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 
 from inducekv.kernels import kvquant
@@ -53,3 +57,20 @@ def kill_at_write(bank: Bank, n: int) -> None:
         real(data, off)
 
     bank.write_at = hooked
+
+
+def wait_or_kill(pid: int, timeout_s: float = 60.0) -> bool:
+    """Wait for a forked writer; one that has not exited after ``timeout_s`` is killed with
+    SIGKILL (a crash at whatever point it reached). A child forked from this multi-threaded
+    test process can hang on a lock another thread held at the fork (seen once, at
+    ``Bank.open`` before any write); the tests' assertions hold for a kill at any point.
+    Returns True when the child had to be killed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return True

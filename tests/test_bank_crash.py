@@ -11,7 +11,7 @@ from inducekv.kernels import kvquant
 from inducekv.memory.bank import Bank
 from inducekv.memory.txn import Added
 from inducekv.memory.verify import verify
-from bankutil import entry, kill_at_write as kill_at_write_, make_bank, seed_of, slot_of
+from bankutil import entry, kill_at_write as kill_at_write_, make_bank, seed_of, slot_of, wait_or_kill
 
 N_LIVE = 6
 CAP = 160_000
@@ -109,7 +109,7 @@ def _run_and_kill(path, delay_s=None, kill_at_write=None):
     if delay_s is not None:
         time.sleep(delay_s)
         os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    wait_or_kill(pid)
     log = b""
     while chunk := os.read(r, 1 << 16):
         log += chunk

@@ -11,7 +11,7 @@ import numpy as np
 from inducekv.learn.commit import fits_now, pending, write
 from inducekv.memory.bank import Bank
 from inducekv.memory.verify import verify
-from bankutil import entry, kill_at_write, make_bank, seed_of
+from bankutil import entry, kill_at_write, make_bank, seed_of, wait_or_kill
 
 N = 6          # entries per group; the bank holds two groups and no more
 TOKENS = 20
@@ -92,7 +92,7 @@ def test_a_full_bank_learns_in_two_commits_and_every_kill_point_is_documented(tm
                     write(b, _plan(b, 3))
             finally:
                 os._exit(0)
-        os.waitpid(pid, 0)
+        wait_or_kill(pid)
         groups, mark = _groups(trial)
         state = {(1, 2): "before", (2, 3): "after"}.get(tuple(groups), "evicted")
         assert _state(groups, mark) == ("evicted" if state == "evicted" else "complete")

@@ -12,7 +12,7 @@ from inducekv.memory.bank import Bank
 from inducekv.learn import absorb, read_examples
 from inducekv.learn.calibrate import fit_calibration, retrieval_loss
 from inducekv.memory.verify import verify
-from bankutil import kill_at_write
+from bankutil import kill_at_write, wait_or_kill
 from inducekv.learn.commit import pending
 from inducekv.runtime.api import Runtime
 from inducekv.learn.cli import cli
@@ -117,7 +117,7 @@ def test_killed_learn_leaves_the_bank_before_evicted_or_after(tiny_rt, tmp_path)
                     absorb(tiny_rt, bank, examples, "beta", n_anchors=2)
             finally:
                 os._exit(0)
-        os.waitpid(pid, 0)
+        wait_or_kill(pid)
         assert verify(p)["ok"]
         with Bank.open(p) as bank:
             state, mark = (bank.gen, bank.tasks()), pending(bank)

@@ -10,7 +10,7 @@ from inducekv.memory import format as fmt
 from inducekv.memory.bank import Bank, NewEntry
 from inducekv.memory.source import pack_source, unpack_source
 from inducekv.memory.verify import verify
-from bankutil import TOY, entry, kill_at_write, make_bank
+from bankutil import TOY, entry, kill_at_write, make_bank, wait_or_kill
 
 TIERED = dict(key_dtype="f16", inline_bytes=256, slot_share=0.5)
 
@@ -126,7 +126,7 @@ def _writer(path, k):
                 tx.remove(live[2])
         finally:
             os._exit(0)
-    os.waitpid(pid, 0)
+    wait_or_kill(pid)
 
 
 def test_kill_at_every_write_of_a_mixed_swap(tmp_path):
