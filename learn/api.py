@@ -46,6 +46,7 @@ class LearnResult:
     tasks_after: dict | None       # task -> live entries, after (None for a dry run)
     entries: int                   # live entries in the bank now
     bytes_used: int                # payload bytes in use now (``ikv-bank info``'s bytes_used)
+    slot_bytes_used: int           # bytes of the live entries' slot records (a source entry lives there)
     cap: int                       # the bank's byte cap
     calibration_kept: bool         # the fitted retrieval calibration lowered held-out loss and was stored
     calibration: dict              # its report (losses before/after, or why it was not fitted)
@@ -175,7 +176,7 @@ def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reser
         task=tname, examples=len(examples), added=len(p.add) + len(p.sources), evicted=len(p.evict), kept_old=len(p.keep_old),
         new_ids=tuple(ids), evicted_per_task=dict(p.evicted_per_task), bytes_per_entry=round(p.bytes_per_entry),
         dry_run=dry_run, tasks_before=before, tasks_after=None if dry_run else bank.tasks(), entries=usage["entries"],
-        bytes_used=usage["bytes_used"], cap=usage["cap"], calibration_kept=p.calibration.accepted,
+        bytes_used=usage["bytes_used"], slot_bytes_used=usage["slot_bytes_used"], cap=usage["cap"], calibration_kept=p.calibration.accepted,
         calibration=p.calibration.as_dict(), weighting_kept=p.injection.accepted, weighting=p.injection.as_dict(), gate=p.gate.as_dict(),
         compact=p.compaction.as_dict(), commits=p.commits, sources_added=len(p.sources),
         tiers=tiers, timings_s={k: round(v, 2) for k, v in p.timings.items()},

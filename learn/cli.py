@@ -90,7 +90,12 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         click.echo(json.dumps(out))
         return
     verb = "would add" if dry_run else "added"
-    click.echo(f"{res.task}: {verb} {out['added']} of {out['examples']} examples (~{out['bytes_per_entry'] / 1024:.0f} KiB each), "
+    slot = res.slot_bytes_used / res.entries if res.entries else 0
+    each = (f"~{out['bytes_per_entry'] / 1024:.0f} KiB each" if res.tiers is None else
+            f"~{slot / 1024:.1f} KiB each, a slot (images: + pages)" if res.tiers.get("kinds") == "source" else
+            f"a kv entry ~{out['bytes_per_entry'] / 1024 + slot / 1024:.0f} KiB, a source entry ~{slot / 1024:.1f} KiB"
+            " with its slot (images: + pages)")
+    click.echo(f"{res.task}: {verb} {out['added']} of {out['examples']} examples ({each}), "
                f"evict {out['evicted']} old entries"
                + (" (" + ", ".join(f"{k} {v}" for k, v in res.evicted_per_task.items()) + ")" if res.evicted_per_task else "")
                + f", keep {out['kept_old']}")
@@ -107,7 +112,9 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                        f"{sv['ratio']:.2f}x no memory ({sv['t0_ms']:.0f} ms); by top entry: {kinds_}; "
                        + ("within the budget" if sv.get("within") else
                           f"OVER the budget ({sv['limit_ms']:.0f} ms): the next learn plans with these costs"))
-    click.echo(f"bank: {res.bytes_used / 2**20:.2f} MiB used of a {res.cap / 2**20:.2f} MiB cap; tasks "
+    click.echo(f"bank: {res.bytes_used / 2**20:.2f} MiB of pages"
+               + (f" and {res.slot_bytes_used / 2**20:.2f} MiB of slots (source entries live there)" if res.tiers else "")
+               + f" used of a {res.cap / 2**20:.2f} MiB cap; tasks "
                + ", ".join(f"{k}={v}" for k, v in (res.tasks_after or res.tasks_before).items()))
     gate = res.gate.get("margin")
     click.echo("relevance gate: " + (f"entries of {res.task} are injected when their retrieval margin (top-1 minus "

@@ -380,6 +380,7 @@ class Bank:
             "payload_bytes": int(self._recs["nbytes"][live].sum()),
             "bytes_used": pages_used * g.page_bytes, "bytes_free": (g.pages - pages_used) * g.page_bytes,
             "overhead_bytes": g.file_bytes - g.pages * g.page_bytes,
+            "slot_bytes": 2 * g.record_bytes, "slot_bytes_used": int(len(live)) * 2 * g.record_bytes,  # (in the overhead)
         }
 
     def read_payload(self, slot: int, entry_id: int | None = None) -> tuple[bytes, EntryInfo] | None:

@@ -76,14 +76,17 @@ def info(bank, as_json):
                                     "(statements that answer each other's questions)" if obj["twins"] else "none"),
                  f"  cap        {_mib(g.cap)} ({g.cap} B); file {g.file_bytes} B; format overhead {_mib(u['overhead_bytes'])}",
                  f"  used       {_mib(u['bytes_used'])} of {_mib(g.pages * g.page_bytes)} payload space; "
-                 f"free {_mib(u['bytes_free'])}",
+                 f"free {_mib(u['bytes_free'])}"
+                 + (f"; slots {_mib(u['slot_bytes_used'])} of {_mib(g.slots * u['slot_bytes'])} (source entries live "
+                    "in their slot, an image also in pages)" if g.sources else ""),
                  f"  entries    {u['entries']} of {g.slots} slots"
-                 + (f"; mean {_mib(obj['mean_entry_bytes'])} each" if u["entries"] else "")
-                 + (f" ({u['kv_entries']} kv, {u['source_entries']} source)" if g.sources else ""),
-                 "  per entry  " + ", ".join(f"{t} tok = {_mib(n)}" for t, n in per_entry.items())]
+                 + (f"; mean {_mib(obj['mean_entry_bytes'])} of pages each" if u["entries"] else "")
+                 + (f" ({u['kv_entries']} kv, {u['source_entries']} source)" if g.sources else "")]
+        if per_entry:
+            lines.append("  per entry  " + ", ".join(f"{t} tok = {_mib(n)}" for t, n in per_entry.items()))
         if g.sources:
             t = obj["tiers"] or {}
-            lines.insert(-2, "  kinds      " + f"{t.get('kinds', 'tiered')}: source entries (the example's bytes, "
+            lines.insert(len(lines) - (2 if per_entry else 1), "  kinds      " + f"{t.get('kinds', 'tiered')}: source entries (the example's bytes, "
                          f"inline up to {g.inline_capacity} B) beside kv; slot {2 * g.record_bytes} B each"
                          + (f"; latency budget {t['ttft_budget']}, source share <= {t.get('share', 1):.2f}"
                             if t.get("ttft_budget") else "; no latency budget"))
