@@ -123,9 +123,9 @@ class TieredMethod(BankMethod):
     created at the first task as ``ikv-learn --kinds`` creates it (slots sized for the mix)."""
 
     def __init__(self, name: str, bundle: str, path: Path, cap: int, kinds: str, ttft_budget: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, gated: bool = True):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, "full", RESERVE, seed
-        self.gated, self.kinds, self.ttft_budget, self.cap = True, kinds, ttft_budget, cap
+        self.gated, self.kinds, self.ttft_budget, self.cap = gated, kinds, ttft_budget, cap
         self.rt = runtime(bundle)
         self.memory, self.sizing, self.served = None, None, []
 

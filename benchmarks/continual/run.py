@@ -163,7 +163,8 @@ ALL_METHODS = ("unbounded-fp16", "inducekv", "random", "fifo", "prompt-retrieval
 # run unless --methods says otherwise: replay and experts roughly double a run's time (--quick 7.7 -> ~17 min)
 DEFAULT_METHODS = ALL_METHODS[:6]
 TORCH_METHODS = ("lora", "replay", "experts")   # trained with torch + peft (lora.py, lora_plus.py)
-TIERED = {"source": ("source", None), **{f"tiered-{b}": ("tiered", b) for b in ("1.6x", "1.8x", "2.0x")}}
+TIERED = {"source": ("source", None), "source-ungated": ("source", None),
+          **{f"tiered-{b}": ("tiered", b) for b in ("1.6x", "1.8x", "2.0x")}}
 # issue 19's kinds (not run unless named): a source bank, and tiered banks at mean-TTFT budgets (x the
 # no-memory TTFT, whose chat prefix is cached: runtime/prefix.py); any ``tiered-<budget>`` (``1.7x``, ``90ms``)
 # runs. Which budgets tell anything depends on what each kind costs: on text (2-core Xeon), one kv entry
@@ -229,7 +230,8 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
                                                     seed=seed, gated=gated), tasks, cands, log)
         for name in (m for m in methods if tiered_spec(m) is not None):
             kinds, budget = tiered_spec(name)
-            method = M.TieredMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, kinds, budget, seed=seed)
+            method = M.TieredMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, kinds, budget, seed=seed,
+                                    gated=not name.endswith("-ungated"))   # ungated: no relevance gate (an ablation)
             per[name] = run_method(method, tasks, cands, log)
             if method.served:   # the serve check after each learn (learn/tiers.served)
                 per[name]["served"] = method.served
