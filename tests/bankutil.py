@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import warnings
 
 import numpy as np
 
@@ -73,4 +74,5 @@ def wait_or_kill(pid: int, timeout_s: float = 60.0) -> bool:
         time.sleep(0.005)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
+    warnings.warn(f"a forked writer (pid {pid}) was still running after {timeout_s:g} s and was killed")
     return True
