@@ -63,7 +63,7 @@ def kill_at_write(bank: Bank, n: int) -> None:
 def wait_or_kill(pid: int, timeout_s: float = 15.0) -> bool:
     """Wait for a forked writer; one that has not exited after ``timeout_s`` is killed with
     SIGKILL (a crash at whatever point it reached). A child forked from this multi-threaded
-    test process can hang on a lock another thread held at the fork (seen in 2 of 3 full
+    test process can hang on a lock another thread held at the fork (seen in two full
     runs, in ``test_kill_at_every_write_of_a_mixed_swap``, at ``Bank.open`` before any write);
     the tests' assertions hold for a kill at any point. A writer here takes milliseconds.
     Returns True when the child had to be killed."""
