@@ -52,6 +52,8 @@ class LearnResult:
     calibration: dict              # its report (losses before/after, or why it was not fitted)
     weighting_kept: bool           # the fitted injection weighting (tau) beat unweighted and was stored
     weighting: dict                # its report
+    value_gates_kept: bool         # the fitted per-layer value gates beat the bank's (or none) and were stored
+    value_gates: dict              # their report (one gate per layer group, losses before/after)
     gate: dict                     # the task's relevance gate: margin (None: ungated) and its report
     compact: dict                  # entry compaction used
     commits: int                   # commits made: 1, or 2 when evictions went first (learn/commit.py); 0 dry run
@@ -177,7 +179,8 @@ def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reser
         new_ids=tuple(ids), evicted_per_task=dict(p.evicted_per_task), bytes_per_entry=round(p.bytes_per_entry),
         dry_run=dry_run, tasks_before=before, tasks_after=None if dry_run else bank.tasks(), entries=usage["entries"],
         bytes_used=usage["bytes_used"], slot_bytes_used=usage["slot_bytes_used"], cap=usage["cap"], calibration_kept=p.calibration.accepted,
-        calibration=p.calibration.as_dict(), weighting_kept=p.injection.accepted, weighting=p.injection.as_dict(), gate=p.gate.as_dict(),
+        calibration=p.calibration.as_dict(), weighting_kept=p.injection.accepted, weighting=p.injection.as_dict(),
+        value_gates_kept=p.value_gates.accepted, value_gates=p.value_gates.as_dict(), gate=p.gate.as_dict(),
         compact=p.compaction.as_dict(), commits=p.commits, sources_added=len(p.sources),
         tiers=tiers, timings_s={k: round(v, 2) for k, v in p.timings.items()},
         total_s=round(time.perf_counter() - t0, 2))

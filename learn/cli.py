@@ -120,6 +120,11 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
     click.echo("relevance gate: " + (f"entries of {res.task} are injected when their retrieval margin (top-1 minus "
                                      f"the best non-twin score) is >= {gate:g}" if gate is not None
                                      else f"none ({res.gate.get('reason', 'not fitted')})"))
+    vg = res.value_gates
+    if "groups" in vg:
+        click.echo("value gates: " + " / ".join(f"{x:g}" for x in vg["groups"]) + f" over {len(vg['groups'])} layer groups, "
+                   + ("stored" if res.value_gates_kept else "not stored (no better than the bank's)")
+                   + f" (held-out loss {vg['loss_before']:.3f} -> {vg['loss_after']:.3f})")
     click.echo("time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in out["timings_s"].items()) + f"; total {out['total_s']:.1f}s")
 
 

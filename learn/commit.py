@@ -110,8 +110,10 @@ def _add(tx, p) -> list[int]:
     tx.set_extra(TWINS_KEY, {**p.twins, **_new_twins(p, ids)})
     if p.calibration.accepted:
         tx.set_calibration(*p.calibration.arrays)
-    if p.injection.accepted:
-        tx.set_extra(INJECTION_KEY, Injection(p.injection.tau).as_dict())
+    if p.injection.accepted or p.value_gates.accepted:   # the bank-wide weighting: the new parts, else the bank's
+        now = Injection.from_catalog(tx.bank.catalog, tx.bank.geo.num_layers)
+        tx.set_extra(INJECTION_KEY, Injection(p.injection.tau if p.injection.accepted else now.tau,
+                                              p.value_gates.gates if p.value_gates.accepted else now.gates).as_dict())
     gates = {t: m for t, m in relevance_from(tx.bank.catalog).items() if t != p.task}
     if p.gate.margin is not None:
         gates[p.task] = p.gate.margin

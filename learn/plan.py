@@ -8,7 +8,8 @@ written); ``write(bank, plan)`` is phase 5 (``commit.py``); ``absorb`` does both
    other candidates injected, so selection sees what an entry does for other questions.
 2. **calibrate** (``calibrate.py``, outer level): the retrieval key map, kept only when
    held-out retrieval loss drops; then the injection weighting (the temperature of the
-   softmax over the k retrieval scores), kept only when it beats unweighted injection.
+   softmax over the k retrieval scores), kept only when it beats unweighted injection; then
+   one value gate per layer group (``fit_value_gates``), kept only when it beats the bank's.
 3. **retain** (``retain.py``): old tasks' anchors value the old entries.
 4. **select** (``select.py``, inner level): old entries and new candidates compete for
    the same bytes and slots.
@@ -28,7 +29,7 @@ import numpy as np
 
 from inducekv.core.errors import BankError, InduceKVError
 from inducekv.learn import select as sel
-from inducekv.learn.calibrate import Calibration, InjectionFit, calibrate, fit_injection
+from inducekv.learn.calibrate import Calibration, InjectionFit, ValueGates, calibrate, fit_injection, fit_value_gates
 from inducekv.learn.commit import write
 from inducekv.learn.gate import GateFit, fit_gate
 from inducekv.learn.compact import COMPACT_KEY, Compaction, compactor_for, resolve as resolve_compaction
@@ -42,7 +43,7 @@ from inducekv.memory.kinds import bank_kind_layout, tiers_catalog
 from inducekv.learn.retain import retention
 from inducekv.learn.value import neighbour_gains, served, twin_groups
 from inducekv.memory.bank import Bank
-from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Layout,
+from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Injection, Layout,
                                      TIERS_KEY, template_from, tiers_from, twins_from)
 from inducekv.runtime.session import require_memory_support
 from inducekv.runtime.tasks import iter_task
@@ -61,6 +62,7 @@ class Plan:
     gains: dict[str, float]                  # entry id -> gain, for the kept old entries
     calibration: Calibration
     injection: InjectionFit                  # the fitted entry weighting (stored when accepted)
+    value_gates: ValueGates                  # the fitted per-layer value gates (stored when accepted)
     gate: GateFit                            # the task's relevance gate (``gate.py``; margin None: ungated)
     template: dict | None                    # the prompt layout to store (None: the bank has one)
     key_scales: np.ndarray | None            # shared key scales to store (a new bank of a k*v* scheme), else None
@@ -227,8 +229,9 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     if strategy == "all":
         calib = Calibration(False, {"reason": "strategy all"})
         inject = InjectionFit(False, None, {"reason": "strategy all"})
+        vgates = ValueGates(False, None, {"reason": "strategy all"})
         gate = GateFit(None, {"reason": "strategy all"})
-        timings.update(calibrate_s=0.0, weighting_s=0.0, gate_s=0.0)
+        timings.update(calibrate_s=0.0, weighting_s=0.0, value_gates_s=0.0, gate_s=0.0)
     else:
         calib = calibrate(bank, cands, snap.keys, old_kv, scorer, rng, progress, key_scale)
         timings["calibrate_s"] = time.perf_counter() - t
@@ -236,6 +239,12 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         inject = fit_injection(bank, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress=progress,
                                key_scale=key_scale)
         timings["weighting_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        current = Injection.from_catalog(snap.catalog, g.num_layers)
+        vgates = fit_value_gates(bank, cands, snap.keys, old_kv, scorer, np.random.default_rng((seed, 9)), calib.apply(bank),
+                                 inject.tau if inject.accepted else current.tau, current.gates,
+                                 progress=progress, key_scale=key_scale)
+        timings["value_gates_s"] = time.perf_counter() - t
         t = time.perf_counter()
         gate = (fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
                          twins=pool_twins) if gated else GateFit(None, {"reason": "gate off"}))
@@ -301,7 +310,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     picks = (by_gain + [i for i in rng.permutation(len(cands)) if i not in set(add + new_src)])[:n_anchors]
     p = Plan(task=task, keep_old=[old[i].slot for i in range(n_old) if i in chosen], evict=evict, add=add,
              candidates=cands, anchors=[cands[i].example() for i in picks],
-             gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib, injection=inject,
+             gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib, injection=inject, value_gates=vgates,
              twins={str(e): t for e, t in old_twins.items() if str(e) not in evicted_ids},
              twin_group=[int(r) for r in group] if valued else None,
              gate=gate,

@@ -7,7 +7,7 @@ Every step that loops over examples, queries or anchors iterates through ``steps
     progress=None / False               silent
 
 Stages, in order: ``encode`` and ``value`` (one per example), ``calibrate`` and ``weighting`` (held-out
-queries), ``retain`` (old tasks' anchors), then ``select`` and ``write`` (0/1, then 1/1).
+queries), ``value gates`` (gate settings tried), ``gate`` (held-out queries), ``retain`` (old tasks' anchors), then ``select`` and ``write`` (0/1, then 1/1).
 A stage with nothing to do is not reported.
 """
 from __future__ import annotations

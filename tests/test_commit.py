@@ -38,6 +38,7 @@ def _plan(bank: Bank, g: int):
         evict=[e.slot for e in old], gains={}, twins={}, twin_group=None, template=None, key_scales=None, store_compaction=False,
         anchors=[{"prompt": f"q{g}", "answer": f"a{g}"}], timings={}, commits=0,
         calibration=SimpleNamespace(accepted=False), injection=SimpleNamespace(accepted=False),
+        value_gates=SimpleNamespace(accepted=False),
         gate=SimpleNamespace(margin=None))
 
 

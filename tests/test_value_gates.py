@@ -1,0 +1,70 @@
+"""Per-layer value gates: fitted by a learn on the entry's own continuation, stored only when they
+lower held-out loss, applied by the serving path to the injected values of each layer."""
+from __future__ import annotations
+
+import numpy as np
+
+from inducekv.learn.calibrate import GATE_GRID, TIE, continuation, layer_gates
+from inducekv.memory.bank import Bank
+from inducekv.runtime.api import Runtime
+from inducekv.runtime.memory import INJECTION_KEY, TEMPLATES, Injection
+from learnutil import add_all
+
+FACTS = [{"prompt": f"What is the code of item {i}?", "answer": f"code{i}"} for i in range(5)]
+
+
+def test_continuation_is_what_the_entry_says_after_its_prompt():
+    assert continuation(TEMPLATES["facts"], "Morrow") == "The answer is Morrow."
+    assert continuation(TEMPLATES["qa"], "Morrow") == "A: Morrow"
+    assert continuation(TEMPLATES["notes"], "Morrow") == "Morrow"
+
+
+def test_layer_gates_split_the_layers_into_consecutive_groups():
+    assert layer_gates((0.5, 1.0, 2.0), 6) == (0.5, 0.5, 1.0, 1.0, 2.0, 2.0)
+    assert layer_gates((0.5, 1.0, 2.0), 30).count(0.5) == 10
+    g = tuple(np.linspace(0.5, 2, 7))
+    assert layer_gates(g, 7) == g                                         # one group per layer: unchanged
+
+
+def _past(rt, path, gates):
+    with Bank.open(path, writable=True) as b, b.transaction() as tx:
+        tx.set_extra(INJECTION_KEY, Injection(None, gates).as_dict())
+    prep = Runtime.open(rt.bundle_dir, memory=path).prepare("What is the code of item 3?", k=1)
+    return prep, prep.entries[0]["tokens"]
+
+
+def test_the_serving_path_scales_each_layers_injected_values_by_its_gate(rt, tmp_path):
+    path = tmp_path / "b.ikv"
+    with Bank.create_for(path, 1 << 20, rt.manifest, scheme="int8", max_tokens=64) as b:
+        add_all(rt, b, FACTS, "t")
+    L = rt.manifest.num_layers
+    plain, T = _past(rt, path, None)
+    gates = tuple(float(x) for x in np.linspace(0.5, 2.0, L))
+    gated, _ = _past(rt, path, gates)
+    P = plain.cache.length
+    for i in range(L):
+        np.testing.assert_array_equal(gated.cache.keys[i][..., :P, :], plain.cache.keys[i][..., :P, :])
+        np.testing.assert_allclose(gated.cache.values[i][..., P - T:P, :], gates[i] * plain.cache.values[i][..., P - T:P, :],
+                                   rtol=1e-6, atol=1e-7)                                # the entry's slots only
+        np.testing.assert_array_equal(gated.cache.values[i][..., :P - T, :], plain.cache.values[i][..., :P - T, :])
+
+
+def test_learn_stores_the_gates_only_when_held_out_loss_drops(rt, tmp_path):
+    from inducekv.learn import absorb
+
+    facts = [{"prompt": f"Which colour is thing {i}?", "answer": ["red", "blue", "green"][i % 3]} for i in range(10)]
+    with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, scheme="k4v8", max_tokens=64) as b:
+        p = absorb(rt, b, facts, "t", n_anchors=1)
+        vg, r = p.value_gates, p.value_gates.report
+        assert all(x in GATE_GRID for x in r["groups"]) and r["queries"] == len(facts)
+        stored = (b.catalog["extra"].get(INJECTION_KEY) or {}).get("gates")
+        if vg.accepted:
+            assert r["loss_after"] < r["loss_before"] - TIE + 1e-4
+            assert tuple(stored) == layer_gates(tuple(r["groups"]), rt.manifest.num_layers) == vg.gates
+        else:
+            assert r["loss_after"] >= r["loss_before"] - TIE - 1e-4 and stored is None
+        # a second task's fit is judged against the bank's gates, not against none
+        p2 = absorb(rt, b, [{"prompt": f"Which shape is block {i}?", "answer": ["round", "square"][i % 2]}
+                            for i in range(8)], "u", n_anchors=1)
+        now = (b.catalog["extra"].get(INJECTION_KEY) or {}).get("gates")
+        assert now == (list(p2.value_gates.gates) if p2.value_gates.accepted else stored)
