@@ -72,7 +72,7 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
                strategy: str = "full", seed: int = 0, n_anchors: int = N_ANCHORS, reserve: float = RESERVE,
                compact: str | None = None, slots: int | None = None, keep: float | None = None, dry_run: bool = False,
                gated: bool = True, progress: Progress = None, batch: int = SCORE_BATCH, kinds: str = "kv",
-               ttft_budget: str | None = None) -> LearnResult:
+               ttft_budget: str | None = None, value_gates: bool = True) -> LearnResult:
     """Learn ``task`` (a task file path, or a list of examples) into the bank ``memory`` (a path,
     or a ``Bank`` opened writable, which stays open) with the runtime ``rt``.
 
@@ -80,6 +80,7 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
     quantization of a new bank (default: the profile's kv_bits); ``strategy``, ``seed``,
     ``n_anchors``, ``reserve``, ``compact``, ``slots``, ``keep``: as ``ikv-learn``'s options;
     ``dry_run``: plan only, write nothing; ``gated``: fit the task's relevance gate (False: never gated);
+    ``value_gates``: fit the bank's per-layer value gates (False: the bank's stay as they are);
     ``batch``: examples per decoder pass while encoding and scoring (1 uses the least RAM);
     ``kinds``: entry kinds of a new bank (kv, tiered, source; ``learn.tiers``); ``ttft_budget``:
     the mean-TTFT budget of a bank with source entries (``1.5x``, ``120ms``; None: the bank's);
@@ -91,7 +92,7 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
         if not memory.writable:
             raise InduceKVError(f"{memory.path} is open read-only; open it with writable=True to learn into it")
         return _learn(rt, memory, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep,
-                      dry_run, progress, gated, batch, ttft_budget)
+                      dry_run, progress, gated, batch, ttft_budget, value_gates)
     path = Path(memory)
     check_kinds(kinds, ttft_budget, path)
     check_request(rt, compact, slots, path.exists(), keep)  # before a bank is created
@@ -119,7 +120,7 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
                 raise InduceKVError(f"{path} holds kv entries only; --ttft-budget needs a bank created with "
                                     "--kinds tiered")
             return _learn(rt, bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep,
-                          dry_run, progress, gated, batch, ttft_budget)
+                          dry_run, progress, gated, batch, ttft_budget, value_gates)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -153,12 +154,12 @@ def check_kinds(kinds: str, ttft_budget: str | None, path: Path) -> None:
 
 
 def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep, dry_run,
-           progress, gated=True, batch=SCORE_BATCH, ttft_budget=None) -> LearnResult:
+           progress, gated=True, batch=SCORE_BATCH, ttft_budget=None, value_gates=True) -> LearnResult:
     bank.refresh()
     before = bank.tasks()
     p = plan(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
              k=rt.profile.k or 1, progress=progress, gated=gated, compact=compact, slots=slots, keep=keep, batch=batch,
-             ttft_budget=ttft_budget)
+             ttft_budget=ttft_budget, value_gates=value_gates)
     ids: list[int] = []
     tiers = p.tiers.catalog() if p.tiers is not None else None
     if not dry_run:

@@ -49,6 +49,9 @@ from inducekv.learn.select import STRATEGIES
 @click.option("--gate/--no-gate", default=True, show_default=True,
               help="Fit this task's relevance gate: a query whose top-1 entry of this task does not stand out "
                    "from the top-2 (retrieval margin below the fitted one) is answered without memory.")
+@click.option("--value-gates/--no-value-gates", default=True, show_default=True,
+              help="Fit one gate per layer group on the injected values (0.5-2), kept only when it raises the "
+                   "held-out likelihood of the task's answers as its entries word them; bank-wide.")
 @click.option("--kinds", type=click.Choice(("kv", "tiered", "source")), default="kv", show_default=True,
               help="Entry kinds of a new bank: kv (compact K/V, fastest), source (each example's own bytes, "
                    "re-encoded when retrieved: ~20x more examples per byte), or tiered (both, mixed to keep "
@@ -63,7 +66,7 @@ from inducekv.learn.select import STRATEGIES
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, keep, gate,
-        slots, kinds, ttft_budget, batch, dry_run, quiet, as_json):
+        value_gates, slots, kinds, ttft_budget, batch, dry_run, quiet, as_json):
     """Learn the examples of --task into the bank --memory without changing the model.
 
     \b
@@ -84,7 +87,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         res = learn_task(rt, memory, task_path, name=name, budget=budget, scheme=scheme, strategy=strategy, seed=seed,
                          n_anchors=n_anchors, reserve=reserve, compact=compact, slots=slots, keep=keep, dry_run=dry_run,
                          gated=gate, progress=progress_enabled(quiet), batch=batch, kinds=kinds,
-                         ttft_budget=ttft_budget)
+                         ttft_budget=ttft_budget, value_gates=value_gates)
     out = {**res.as_dict(), "total_s": round(time.perf_counter() - t0, 2)}  # with the bundle's load
     if as_json:
         click.echo(json.dumps(out))

@@ -174,10 +174,11 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
          seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress=False,
          candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None,
          compact: str | None = None, slots: int | None = None, keep: float | None = None, gated: bool = True,
-         batch: int = SCORE_BATCH, ttft_budget: str | None = None) -> Plan:
+         batch: int = SCORE_BATCH, ttft_budget: str | None = None, value_gates: bool = True) -> Plan:
     """Phases 1-4 on an open bank: what to keep, evict and add. ``candidates`` skips phase 1
     (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries;
-    ``gated``: fit the task's relevance gate (``gate.py``); ``batch``: examples per decoder
+    ``gated``: fit the task's relevance gate (``gate.py``); ``value_gates``: fit the per-layer
+    value gates (``calibrate.fit_value_gates``; False: the bank's stay); ``batch``: examples per decoder
     pass when encoding and scoring (``candidates.Scorer``); ``ttft_budget``: the latency budget of a
     bank with source entries (``tiers.Budget``; None: the bank's stored one, else none); ``compact``/``slots``/``keep``: entry
     compaction (``learn.compact``; None: the bank's: perlayer
@@ -241,9 +242,9 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         timings["weighting_s"] = time.perf_counter() - t
         t = time.perf_counter()
         current = Injection.from_catalog(snap.catalog, g.num_layers)
-        vgates = fit_value_gates(bank, cands, snap.keys, old_kv, scorer, np.random.default_rng((seed, 9)), calib.apply(bank),
-                                 inject.tau if inject.accepted else current.tau, current.gates,
-                                 progress=progress, key_scale=key_scale)
+        vgates = ValueGates(False, None, {"reason": "value gates off"}) if not value_gates else fit_value_gates(
+            bank, cands, snap.keys, old_kv, scorer, np.random.default_rng((seed, 9)), calib.apply(bank),
+            inject.tau if inject.accepted else current.tau, current.gates, progress=progress, key_scale=key_scale)
         timings["value_gates_s"] = time.perf_counter() - t
         t = time.perf_counter()
         gate = (fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
