@@ -231,8 +231,8 @@ def fit_value_gates(bank, cands: list[Candidate], old_keys: np.ndarray, old_kv, 
     """Choose one value gate per layer group by coordinate descent over ``GATE_GRID`` on half of
     ``n_queries`` of the task's examples (each with its k nearest entries injected as the runtime
     would, weighted by ``tau``), scored by the likelihood of the entry's continuation
-    (``continuation``); kept only if it beats ``current`` (the bank's gates; None: ungated) on
-    the other half."""
+    (``continuation``); kept only if it beats ``current`` (the gates the task's entries have now:
+    the task's own, else the bank's; None: ungated) on the other half."""
     from inducekv.runtime.memory import Injection
 
     L = bank.geo.num_layers

@@ -33,7 +33,8 @@ from inducekv.learn.defaults import GAINS_KEY
 from inducekv.memory.bank import Bank
 from inducekv.memory.format import PENDING_KEY, TWINS_KEY
 from inducekv.learn.tiers import source_entry
-from inducekv.runtime.memory import INJECTION_KEY, RELEVANCE_KEY, TIERS_KEY, Injection, relevance_from
+from inducekv.runtime.memory import (INJECTION_KEY, RELEVANCE_KEY, TIERS_KEY, VALUE_GATES_KEY, Injection, relevance_from,
+                                     value_gates_from)
 
 
 def fits_now(bank: Bank, entry_tokens: list[int], source_bytes: list[int] = ()) -> bool:
@@ -110,10 +111,12 @@ def _add(tx, p) -> list[int]:
     tx.set_extra(TWINS_KEY, {**p.twins, **_new_twins(p, ids)})
     if p.calibration.accepted:
         tx.set_calibration(*p.calibration.arrays)
-    if p.injection.accepted or p.value_gates.accepted:   # the bank-wide weighting: the new parts, else the bank's
+    if p.injection.accepted:   # the bank-wide weighting (its gates: those of tasks without their own)
         now = Injection.from_catalog(tx.bank.catalog, tx.bank.geo.num_layers)
-        tx.set_extra(INJECTION_KEY, Injection(p.injection.tau if p.injection.accepted else now.tau,
-                                              p.value_gates.gates if p.value_gates.accepted else now.gates).as_dict())
+        tx.set_extra(INJECTION_KEY, Injection(p.injection.tau, now.gates).as_dict())
+    if p.value_gates.accepted:   # this task's entries' value gates
+        vg = {t: list(v) for t, v in value_gates_from(tx.bank.catalog, tx.bank.geo.num_layers).items()}
+        tx.set_extra(VALUE_GATES_KEY, {**vg, p.task: list(p.value_gates.gates)})
     gates = {t: m for t, m in relevance_from(tx.bank.catalog).items() if t != p.task}
     if p.gate.margin is not None:
         gates[p.task] = p.gate.margin

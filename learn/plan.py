@@ -9,7 +9,8 @@ written); ``write(bank, plan)`` is phase 5 (``commit.py``); ``absorb`` does both
 2. **calibrate** (``calibrate.py``, outer level): the retrieval key map, kept only when
    held-out retrieval loss drops; then the injection weighting (the temperature of the
    softmax over the k retrieval scores), kept only when it beats unweighted injection; then
-   one value gate per layer group (``fit_value_gates``), kept only when it beats the bank's.
+   one value gate per layer group for this task's entries (``fit_value_gates``), kept only when
+   it beats the gates its entries had.
 3. **retain** (``retain.py``): old tasks' anchors value the old entries.
 4. **select** (``select.py``, inner level): old entries and new candidates compete for
    the same bytes and slots.
@@ -44,7 +45,7 @@ from inducekv.learn.retain import retention
 from inducekv.learn.value import neighbour_gains, served, twin_groups
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Injection, Layout,
-                                     TIERS_KEY, template_from, tiers_from, twins_from)
+                                     TIERS_KEY, template_from, tiers_from, twins_from, value_gates_from)
 from inducekv.runtime.session import require_memory_support
 from inducekv.runtime.tasks import iter_task
 
@@ -241,10 +242,11 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
                                key_scale=key_scale)
         timings["weighting_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        current = Injection.from_catalog(snap.catalog, g.num_layers)
+        current = Injection.from_catalog(snap.catalog, g.num_layers)   # the task's own gates, else the bank's
+        own = value_gates_from(snap.catalog, g.num_layers).get(task, current.gates)
         vgates = ValueGates(False, None, {"reason": "value gates off"}) if not value_gates else fit_value_gates(
             bank, cands, snap.keys, old_kv, scorer, np.random.default_rng((seed, 9)), calib.apply(bank),
-            inject.tau if inject.accepted else current.tau, current.gates, progress=progress, key_scale=key_scale)
+            inject.tau if inject.accepted else current.tau, own, progress=progress, key_scale=key_scale)
         timings["value_gates_s"] = time.perf_counter() - t
         t = time.perf_counter()
         gate = (fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,

@@ -26,6 +26,11 @@ def cli():
     logging.basicConfig(level=logging.WARNING)
 
 
+def _runs(gates: list) -> list:
+    """Per-layer gates as the values of their runs of equal consecutive layers (0.5/1.5/2)."""
+    return [g for i, g in enumerate(gates) if i == 0 or g != gates[i - 1]]
+
+
 def _compact_line(rec, scheme: str) -> str:
     if isinstance(rec, dict) and rec.get("method") == "perlayer":
         return (f"perlayer, keep {rec.get('keep'):g}: each layer stores its own share of an entry's tokens "
@@ -41,7 +46,7 @@ def _compact_line(rec, scheme: str) -> str:
 def info(bank, as_json):
     """Cap, bytes used/free, entries per task, bytes per entry, quantization."""
     from inducekv.memory.bank import Bank
-    from inducekv.memory.format import PENDING_KEY, RELEVANCE_KEY, TIERS_KEY, TWINS_KEY
+    from inducekv.memory.format import PENDING_KEY, RELEVANCE_KEY, TIERS_KEY, TWINS_KEY, VALUE_GATES_KEY
 
     with fail_on_bad_input(), Bank.open(bank) as b:
         g, u = b.geo, b.usage()
@@ -54,6 +59,7 @@ def info(bank, as_json):
                "compact": b.catalog.get("extra", {}).get("compact"),
                "learn_pending": b.catalog.get("extra", {}).get(PENDING_KEY),
                "relevance": b.catalog.get("extra", {}).get(RELEVANCE_KEY) or {},
+               "value_gates": b.catalog.get("extra", {}).get(VALUE_GATES_KEY) or {},
                "twins": b.catalog.get("extra", {}).get(TWINS_KEY) or {},
                "format_version": g.version, "source_capable": g.sources,
                "tiers": b.catalog.get("extra", {}).get(TIERS_KEY),
@@ -72,6 +78,9 @@ def info(bank, as_json):
                                     + " (how far the top-1 retrieval score must stand out from the best"
                                     " entry that is not its twin)"
                                     if obj["relevance"] else "none (every query gets its entries)"),
+                 "  value gates " + (", ".join(f"{t} " + "/".join(f"{x:g}" for x in _runs(v))
+                                              for t, v in obj["value_gates"].items())
+                                     + " (per layer group, on the injected values)" if obj["value_gates"] else "none"),
                  "  twins      " + (f"{len(obj['twins'])} entries in {len(set(obj['twins'].values()))} groups "
                                     "(statements that answer each other's questions)" if obj["twins"] else "none"),
                  f"  cap        {_mib(g.cap)} ({g.cap} B); file {g.file_bytes} B; format overhead {_mib(u['overhead_bytes'])}",

@@ -39,6 +39,8 @@ MAX_HEADER_BYTES = 1 << 20  # a real header is < 2 KB; refuse anything larger
 KEY_SPACES = ("cosine", "ip", "l2")
 PENDING_KEY = "learn_pending"  # catalog extra: a learn committed its evictions, not yet its entries (learn/commit.py)
 RELEVANCE_KEY = "relevance"    # catalog extra: task -> the retrieval margin its entries need (learn/gate.py)
+VALUE_GATES_KEY = "value_gates"  # catalog extra: task -> per-layer gates on its entries' injected values
+                                 # (learn/calibrate.py); a query gets the gates of its top-1 entry's task
 TWINS_KEY = "twins"            # catalog extra: entry id -> its twin group, entries that answer each other's
                                # questions (learn/value.py); the relevance margin skips a top entry's twins
 TIERS_KEY = "tiers"            # catalog extra: a bank with source entries: its kinds, latency budget, source share

@@ -35,7 +35,7 @@ import numpy as np
 from inducekv.kernels import kvquant
 from inducekv.kernels.positions import layer_thetas, rerotate_
 from inducekv.memory.bank import Bank
-from inducekv.memory.format import RELEVANCE_KEY   # catalog extra: task -> the retrieval margin its entries need
+from inducekv.memory.format import RELEVANCE_KEY, VALUE_GATES_KEY   # catalog extras (memory/format.py)
 from inducekv.memory.format import TWINS_KEY       # catalog extra: entry id -> twin group
 from inducekv.memory.format import TIERS_KEY       # catalog extra: kinds of entries, latency budget (learn/tiers.py)
 from inducekv.memory.index import open_index
@@ -93,6 +93,18 @@ def relevance_from(catalog: dict) -> dict[str, float]:
                                             for v in raw.values()):
         raise InduceKVError("the bank's relevance gate is malformed; relearn a task to refit it")
     return {str(k): float(v) for k, v in raw.items()}
+
+
+def value_gates_from(catalog: dict, num_layers: int) -> dict[str, tuple[float, ...]]:
+    """Per task, the gates (one per layer) on its entries' injected values, fitted by ``ikv-learn``
+    on that task's examples (``learn/calibrate.py``); a task without any uses the bank-wide
+    ``Injection.gates`` (None: unscaled)."""
+    raw = (catalog.get("extra") or {}).get(VALUE_GATES_KEY) or {}
+    if not isinstance(raw, dict) or not all(
+            isinstance(g, list) and len(g) == num_layers
+            and all(isinstance(x, (int, float)) and np.isfinite(x) and 0 <= x <= 4 for x in g) for g in raw.values()):
+        raise InduceKVError("the bank's value gates are malformed; relearn a task to refit them")
+    return {str(k): tuple(float(x) for x in g) for k, g in raw.items()}
 
 
 def twins_from(catalog: dict) -> dict[int, int]:
@@ -378,7 +390,7 @@ class Layout:
 class Lookup:
     """What one query reads from a bank, all from the same committed state (``Memory.lookup``)."""
     found: list               # [(info dict, verified payload bytes)], best first
-    injection: Injection      # the bank's weighting at that state
+    injection: Injection      # the bank's weighting at that state, with the top-1 entry's task's value gates
     key_scale: np.ndarray | None  # the bank's shared key scales (L, H_kv, D) float16, or None
     gated: int = 0            # retrieved entries left out by the relevance gate
 
@@ -443,7 +455,11 @@ class Memory:
             q = self.bank.calibrate(key) if k > 0 else None
             t1 = time.perf_counter()
             out, gated = self._search(q, k, margin) if k > 0 else ([], 0)
-            found = Lookup(out, self.injection(), self.bank.key_scales() if out else None, gated)
+            inj = self.injection()
+            if out:   # the value gates of the top-1 entry's task, if it has its own
+                own = value_gates_from(self.bank.catalog, self.bank.geo.num_layers).get(out[0][0]["task"])
+                inj = inj if own is None else Injection(inj.tau, own)
+            found = Lookup(out, inj, self.bank.key_scales() if out else None, gated)
         if timings is not None and k > 0:
             timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         return found

@@ -1,12 +1,15 @@
-"""Per-layer value gates: fitted by a learn on the entry's own continuation, stored only when they
-lower held-out loss, applied by the serving path to the injected values of each layer."""
+"""Per-layer value gates: fitted by a learn per task on the entry's own continuation, stored only
+when they lower held-out loss, applied by the serving path to the injected values of each layer
+(the gates of the top-1 entry's task, else the bank-wide ones)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from inducekv.learn.calibrate import GATE_GRID, TIE, continuation, layer_gates
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
+from inducekv.memory.format import VALUE_GATES_KEY
 from inducekv.runtime.memory import INJECTION_KEY, TEMPLATES, Injection
 from learnutil import add_all
 
@@ -26,9 +29,10 @@ def test_layer_gates_split_the_layers_into_consecutive_groups():
     assert layer_gates(g, 7) == g                                         # one group per layer: unchanged
 
 
-def _past(rt, path, gates):
+def _past(rt, path, bank_gates=None, task_gates=None):
     with Bank.open(path, writable=True) as b, b.transaction() as tx:
-        tx.set_extra(INJECTION_KEY, Injection(None, gates).as_dict())
+        tx.set_extra(INJECTION_KEY, Injection(None, bank_gates).as_dict())
+        tx.set_extra(VALUE_GATES_KEY, task_gates or {})
     prep = Runtime.open(rt.bundle_dir, memory=path).prepare("What is the code of item 3?", k=1)
     return prep, prep.entries[0]["tokens"]
 
@@ -38,15 +42,28 @@ def test_the_serving_path_scales_each_layers_injected_values_by_its_gate(rt, tmp
     with Bank.create_for(path, 1 << 20, rt.manifest, scheme="int8", max_tokens=64) as b:
         add_all(rt, b, FACTS, "t")
     L = rt.manifest.num_layers
-    plain, T = _past(rt, path, None)
+    plain, T = _past(rt, path)
     gates = tuple(float(x) for x in np.linspace(0.5, 2.0, L))
-    gated, _ = _past(rt, path, gates)
+    other = tuple(float(x) for x in np.linspace(2.0, 0.5, L))
     P = plain.cache.length
-    for i in range(L):
-        np.testing.assert_array_equal(gated.cache.keys[i][..., :P, :], plain.cache.keys[i][..., :P, :])
-        np.testing.assert_allclose(gated.cache.values[i][..., P - T:P, :], gates[i] * plain.cache.values[i][..., P - T:P, :],
-                                   rtol=1e-6, atol=1e-7)                                # the entry's slots only
-        np.testing.assert_array_equal(gated.cache.values[i][..., :P - T, :], plain.cache.values[i][..., :P - T, :])
+    for case in ({"bank_gates": gates}, {"task_gates": {"t": list(gates)}},
+                 {"bank_gates": other, "task_gates": {"t": list(gates), "u": list(other)}}):
+        gated, _ = _past(rt, path, **case)     # the top-1 entry's task's gates win over the bank's
+        for i in range(L):
+            np.testing.assert_array_equal(gated.cache.keys[i][..., :P, :], plain.cache.keys[i][..., :P, :])
+            np.testing.assert_allclose(gated.cache.values[i][..., P - T:P, :],
+                                       gates[i] * plain.cache.values[i][..., P - T:P, :], rtol=1e-6, atol=1e-7)
+            np.testing.assert_array_equal(gated.cache.values[i][..., :P - T, :], plain.cache.values[i][..., :P - T, :])
+
+
+def test_malformed_value_gates_are_one_line(rt, tmp_path):
+    from inducekv.core.errors import InduceKVError
+
+    path = tmp_path / "b.ikv"
+    with Bank.create_for(path, 1 << 20, rt.manifest, scheme="int8", max_tokens=64) as b:
+        add_all(rt, b, FACTS[:2], "t")
+    with pytest.raises(InduceKVError, match="value gates are malformed"):
+        _past(rt, path, task_gates={"t": [1.0] * (rt.manifest.num_layers + 1)})   # not one per layer
 
 
 def test_learn_stores_the_gates_only_when_held_out_loss_drops(rt, tmp_path):
@@ -57,14 +74,15 @@ def test_learn_stores_the_gates_only_when_held_out_loss_drops(rt, tmp_path):
         p = absorb(rt, b, facts, "t", n_anchors=1)
         vg, r = p.value_gates, p.value_gates.report
         assert all(x in GATE_GRID for x in r["groups"]) and r["queries"] == len(facts)
-        stored = (b.catalog["extra"].get(INJECTION_KEY) or {}).get("gates")
+        stored = (b.catalog["extra"].get(VALUE_GATES_KEY) or {}).get("t")
         if vg.accepted:
             assert r["loss_after"] < r["loss_before"] - TIE + 1e-4
             assert tuple(stored) == layer_gates(tuple(r["groups"]), rt.manifest.num_layers) == vg.gates
         else:
             assert r["loss_after"] >= r["loss_before"] - TIE - 1e-4 and stored is None
-        # a second task's fit is judged against the bank's gates, not against none
+        assert (b.catalog["extra"].get(INJECTION_KEY) or {}).get("gates") is None     # per task, not bank-wide
+        # a second task's gates are its own: the first task's stay as they were
         p2 = absorb(rt, b, [{"prompt": f"Which shape is block {i}?", "answer": ["round", "square"][i % 2]}
                             for i in range(8)], "u", n_anchors=1)
-        now = (b.catalog["extra"].get(INJECTION_KEY) or {}).get("gates")
-        assert now == (list(p2.value_gates.gates) if p2.value_gates.accepted else stored)
+        now = b.catalog["extra"].get(VALUE_GATES_KEY) or {}
+        assert now.get("t") == stored and now.get("u") == (list(p2.value_gates.gates) if p2.value_gates.accepted else None)

@@ -77,9 +77,9 @@ class ZeroShot:
 
 class BankMethod:
     def __init__(self, name: str, bundle: str, path: Path, cap: int, strategy: str, scheme: str | None = None,
-                 reserve: float = RESERVE, seed: int = 0, gated: bool = True):
+                 reserve: float = RESERVE, seed: int = 0, gated: bool = True, value_gates: bool = True):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, strategy, reserve, seed
-        self.gated = gated
+        self.gated, self.value_gates = gated, value_gates
         self.rt = runtime(bundle)
         if scheme is None:   # ikv-learn's default: the profile's bits, per-layer compacted where the bundle can
             scheme = new_bank_scheme(self.rt, kvquant.scheme_for_bits(self.rt.profile.kv_bits), None)
@@ -101,7 +101,8 @@ class BankMethod:
                     tx.set_key_scales(kvquant.fit_key_scale(sample, g.scheme))
             candidates = repack(candidates, g, bank.key_scales())
             p = L.absorb(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed,
-                         reserve=self.reserve, candidates=candidates, n_anchors=N_ANCHORS, gated=self.gated)
+                         reserve=self.reserve, candidates=candidates, n_anchors=N_ANCHORS, gated=self.gated,
+                         value_gates=self.value_gates)
             if p.tiers is not None and p.tiers.budget is not None:   # as ikv-learn: time the bank as served, refit
                 from inducekv.learn.tiers import serve_check
 
@@ -125,7 +126,7 @@ class TieredMethod(BankMethod):
     def __init__(self, name: str, bundle: str, path: Path, cap: int, kinds: str, ttft_budget: str | None = None,
                  seed: int = 0, gated: bool = True):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, "full", RESERVE, seed
-        self.gated, self.kinds, self.ttft_budget, self.cap = gated, kinds, ttft_budget, cap
+        self.gated, self.kinds, self.ttft_budget, self.cap, self.value_gates = gated, kinds, ttft_budget, cap, True
         self.rt = runtime(bundle)
         self.memory, self.sizing, self.served = None, None, []
 

@@ -61,6 +61,7 @@ BANK_METHODS = {"inducekv": "full", "random": "random", "fifo": "fifo"}
 ABLATIONS = {   # inducekv with one part of the selection or the gate removed (not run unless named)
     "inducekv-no-likelihood": ("no-likelihood", True), "inducekv-no-coverage": ("no-coverage", True),
     "inducekv-no-anchors": ("no-anchors", True), "inducekv-no-gate": ("full", False),
+    "inducekv-no-value-gates": ("full", True),   # the per-layer value gates not fitted (learn/calibrate.py)
 }
 
 
@@ -227,7 +228,8 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
         for name, (strategy, gated) in bank_methods.items():
             if name in methods:
                 per[name] = run_method(M.BankMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, strategy,
-                                                    seed=seed, gated=gated), tasks, cands, log)
+                                                    seed=seed, gated=gated,
+                                                    value_gates=not name.endswith("-no-value-gates")), tasks, cands, log)
         for name in (m for m in methods if tiered_spec(m) is not None):
             kinds, budget = tiered_spec(name)
             method = M.TieredMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, kinds, budget, seed=seed,
