@@ -49,15 +49,16 @@ class GateFit:
 
 def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng, query_map,
              progress=False, key_scale=None, n_queries: int = QUERIES, quantile: float = QUANTILE,
-             twins: dict[int, int] | None = None) -> GateFit:
+             twins: dict[int, int] | None = None, gates_of=None) -> GateFit:
     """Leave-one-out margins and answer-likelihood gains of ``n_queries`` of the task's examples.
     ``twins``: pool index (old entries, then candidates) -> twin group; margins skip the top
-    entry's twins as the runtime's do (``gate_margin``)."""
+    entry's twins as the runtime's do (``gate_margin``); ``gates_of(j)``: the value gates entry
+    j is injected with (None: unscaled), so harm is measured as the runtime would inject."""
     pool = np.concatenate([old_keys, np.stack([c.key for c in cands])]) if cands else old_keys
     if len(pool) < 3:
         return GateFit(None, {"reason": "too few entries"})
     n_old = len(old_keys)
-    margins, asks, bases = [], [], []
+    margins, asks = [], []
     for i in rng.permutation(len(cands))[:n_queries]:
         c = cands[int(i)]
         s = cosine(query_map(c.key), pool)                   # the index's scores
@@ -71,10 +72,10 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
         if not callable(kv):
             kv = [kv]
         margins.append(gate_margin(order[:2 + TWIN_LOOK], s[order[:2 + TWIN_LOOK]], twins or {}))
-        asks.append((c, kv))
-    scored = list(scorer.logp_many(Ask(c.prompt, c.answer, kv, scorer.rt.encode_image(c.image) if c.image else None)
-                                   for c, kv in steps(asks, "gate", "query", progress)))
-    gains = [x - c.base for (c, _), x in zip(asks, scored)]
+        asks.append((c, kv, gates_of(j) if gates_of is not None else None))
+    scored = list(scorer.logp_many(Ask(c.prompt, c.answer, kv, scorer.rt.encode_image(c.image) if c.image else None,
+                                       gates=g) for c, kv, g in steps(asks, "gate", "query", progress)))
+    gains = [x - c.base for (c, _, _), x in zip(asks, scored)]
     margins, gains = np.array(margins), np.array(gains)
     harmful = margins[gains < 0]
     report = {"queries": len(margins), "harmful": int(len(harmful)),

@@ -249,8 +249,11 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
             inject.tau if inject.accepted else current.tau, own, progress=progress, key_scale=key_scale)
         timings["value_gates_s"] = time.perf_counter() - t
         t = time.perf_counter()
+        per_task = value_gates_from(snap.catalog, g.num_layers)
+        new_gates = vgates.gates if vgates.accepted else own
+        gates_of = lambda j: new_gates if j >= len(old) else per_task.get(old[j].task, current.gates)  # noqa: E731
         gate = (fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
-                         twins=pool_twins) if gated else GateFit(None, {"reason": "gate off"}))
+                         twins=pool_twins, gates_of=gates_of) if gated else GateFit(None, {"reason": "gate off"}))
         timings["gate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -86,3 +86,28 @@ def test_learn_stores_the_gates_only_when_held_out_loss_drops(rt, tmp_path):
                             for i in range(8)], "u", n_anchors=1)
         now = b.catalog["extra"].get(VALUE_GATES_KEY) or {}
         assert now.get("t") == stored and now.get("u") == (list(p2.value_gates.gates) if p2.value_gates.accepted else None)
+
+
+def test_the_relevance_gate_measures_harm_with_the_value_gates_entries_get():
+    from types import SimpleNamespace
+
+    from inducekv.learn.gate import fit_gate
+
+    rng = np.random.default_rng(0)
+    cands = [SimpleNamespace(key=rng.normal(size=8).astype(np.float32), payload=b"", tokens=3, prompt=f"q{i}",
+                             answer="a", image=None, base=-1.0) for i in range(6)]
+    old_keys = rng.normal(size=(2, 8)).astype(np.float32)
+    seen = []
+
+    class Scorer:   # records what would be scored; every injected entry "hurts"
+        rt = None
+
+        def logp_many(self, asks):
+            for a in asks:
+                seen.append(a.gates)
+                yield -2.0
+
+    new, old = (0.5, 2.0), (1.0, 1.5)
+    fit = fit_gate(None, cands, old_keys, lambda j: "kv", Scorer(), np.random.default_rng(1), lambda x: x,
+                   gates_of=lambda j: new if j >= 2 else old)
+    assert len(seen) == 6 and set(seen) <= {new, old} and fit.margin is not None
