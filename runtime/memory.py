@@ -145,8 +145,9 @@ def gate_margin(ids, scores, twins: dict[int, int]) -> float:
 class Injection:
     """How k retrieved entries are weighted when injected: entry j's slots get the additive
     attention bias ``log(alpha_j)``, ``alpha = softmax(score / tau)`` over the k retrieval
-    scores, and layer l's injected values are scaled by ``gates[l]``. Fitted on device by ``ikv-learn`` (kept only when it lowers the answer loss
-    of the task's examples) and stored in the bank's catalog."""
+    scores, and layer l's injected values are scaled by ``gates[l]``. Fitted on device by ``ikv-learn``
+    (kept only when it lowers the answer loss of the task's examples) and stored in the bank's
+    catalog: tau bank-wide, gates per task (``value_gates_from``; ``gates`` here: tasks without their own).
     tau: float | None = None                 # None: no bias (every entry at full weight: k=1 behaviour)
     gates: tuple[float, ...] | None = None   # None: values unscaled
 
