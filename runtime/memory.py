@@ -147,7 +147,7 @@ class Injection:
     attention bias ``log(alpha_j)``, ``alpha = softmax(score / tau)`` over the k retrieval
     scores, and layer l's injected values are scaled by ``gates[l]``. Fitted on device by ``ikv-learn``
     (kept only when it lowers the answer loss of the task's examples) and stored in the bank's
-    catalog: tau bank-wide, gates per task (``value_gates_from``; ``gates`` here: tasks without their own).
+    catalog: tau bank-wide, gates per task (``value_gates_from``; ``gates`` here: tasks without their own)."""
     tau: float | None = None                 # None: no bias (every entry at full weight: k=1 behaviour)
     gates: tuple[float, ...] | None = None   # None: values unscaled
 
