@@ -50,8 +50,9 @@ from inducekv.learn.select import STRATEGIES
               help="Fit this task's relevance gate: a query whose top-1 entry of this task does not stand out "
                    "from the top-2 (retrieval margin below the fitted one) is answered without memory.")
 @click.option("--value-gates/--no-value-gates", default=True, show_default=True,
-              help="Fit one gate per layer group on the injected values (0.5-2), kept only when it raises the "
-                   "held-out likelihood of the task's answers as its entries word them; bank-wide.")
+              help="Fit this task's value gates: one scale (0.5-2) per third of the layers on the values injected "
+                   "from its entries, kept only when it raises the held-out likelihood of the task's answers as "
+                   "its entries word them.")
 @click.option("--kinds", type=click.Choice(("kv", "tiered", "source")), default="kv", show_default=True,
               help="Entry kinds of a new bank: kv (compact K/V, fastest), source (each example's own bytes, "
                    "re-encoded when retrieved: ~20x more examples per byte), or tiered (both, mixed to keep "

@@ -26,9 +26,10 @@ def cli():
     logging.basicConfig(level=logging.WARNING)
 
 
-def _runs(gates: list) -> list:
-    """Per-layer gates as the values of their runs of equal consecutive layers (0.5/1.5/2)."""
-    return [g for i, g in enumerate(gates) if i == 0 or g != gates[i - 1]]
+def _runs(gates: list) -> str:
+    """Per-layer gates as runs of equal consecutive layers: ``layers 0-9 x0.5, 10-29 x1.5``."""
+    starts = [i for i in range(len(gates)) if i == 0 or gates[i] != gates[i - 1]] + [len(gates)]
+    return "layers " + ", ".join(f"{a}-{b - 1} x{gates[a]:g}" for a, b in zip(starts, starts[1:]))
 
 
 def _compact_line(rec, scheme: str) -> str:
@@ -78,9 +79,8 @@ def info(bank, as_json):
                                     + " (how far the top-1 retrieval score must stand out from the best"
                                     " entry that is not its twin)"
                                     if obj["relevance"] else "none (every query gets its entries)"),
-                 "  value gates " + (", ".join(f"{t} " + "/".join(f"{x:g}" for x in _runs(v))
-                                              for t, v in obj["value_gates"].items())
-                                     + " (per layer group, on the injected values)" if obj["value_gates"] else "none"),
+                 "  value gates " + ("; ".join(f"{t} {_runs(v)}" for t, v in obj["value_gates"].items())
+                                     + " (scale of the injected values)" if obj["value_gates"] else "none"),
                  "  twins      " + (f"{len(obj['twins'])} entries in {len(set(obj['twins'].values()))} groups "
                                     "(statements that answer each other's questions)" if obj["twins"] else "none"),
                  f"  cap        {_mib(g.cap)} ({g.cap} B); file {g.file_bytes} B; format overhead {_mib(u['overhead_bytes'])}",
