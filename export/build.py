@@ -28,7 +28,21 @@ log = logging.getLogger(__name__)
 
 INLINE_LIMIT = 64 << 20  # larger models keep weights in decoder.onnx.data, which key.onnx shares
 VALIDATION_TEXT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital"
-FP32_TOLERANCE = 1e-3
+# An fp32 export must give the torch model's logits up to summation order: the largest
+# |dlogit| may be this share of the largest |logit| (the default VLM on an AMD EPYC: 1.6e-3 of
+# 31.5, 5e-5, where the earlier absolute limit of 1e-3 failed it; a wrong graph, e.g. the
+# rope_theta trap of notes/feasibility.md, is off by 6.6, about 0.3).
+FP32_TOLERANCE = 5e-4
+
+
+def check_fp32(report: dict, weights: str, where: str = "") -> None:
+    """Raise when an fp32 export's logits are further from torch's than summation order explains."""
+    limit = FP32_TOLERANCE * max(1.0, report["max_abs_logit"])
+    if weights == "fp32" and report["max_abs_logit_diff"] > limit:
+        raise InduceKVError(
+            f"export check failed: ONNX logits differ from the torch model by {report['max_abs_logit_diff']:.3g} "
+            f"(> {limit:.3g}, {FP32_TOLERANCE:g} of the largest logit){where}; the exported graph is wrong, "
+            "please report it")
 
 
 def _tokenizer_json(tokenizer, add_bos: bool) -> str:
@@ -94,12 +108,10 @@ def _validate(model, tokenizer_json: str, decoder: Path, weights: str, threads: 
     report = {
         "tokens": len(ids),
         "max_abs_logit_diff": float(np.abs(got - ref).max()),
+        "max_abs_logit": float(np.abs(ref).max()),
         "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
     }
-    if weights == "fp32" and report["max_abs_logit_diff"] > FP32_TOLERANCE:
-        raise InduceKVError(
-            f"export check failed: ONNX logits differ from the torch model by {report['max_abs_logit_diff']:.3g} "
-            f"(> {FP32_TOLERANCE}); the exported graph is wrong, please report it")
+    check_fp32(report, weights)
     return report
 
 
@@ -305,10 +317,7 @@ def _export(src, out: Path, weights: str, graph: str, bar, step, threads: int, v
             report = {}
         elif multimodal:
             report = vlm.validate(hf_model, processor, stage, weights, threads)
-            if weights == "fp32" and report["max_abs_logit_diff"] > FP32_TOLERANCE:
-                raise InduceKVError(
-                    f"export check failed: ONNX logits differ from the torch model by {report['max_abs_logit_diff']:.3g} "
-                    f"(> {FP32_TOLERANCE}) on an image prompt; the exported graph is wrong, please report it")
+            check_fp32(report, weights, " on an image prompt")
         else:
             report = _validate(hf_model, tok_json, stage / contract.DECODER_FILE, weights, threads)
         bar.update()

@@ -61,7 +61,8 @@ def cli(model, out, weights, graph, force, no_validate, threads, quiet, verbose,
         click.echo(f"wrote {out}: {manifest.architecture}, {manifest.num_layers} layers, weights {weights}, "
                    f"{size / 1e6:.1f} MB")
         if report:
-            click.echo(f"check vs torch on {report['tokens']} tokens: max |dlogit| {report['max_abs_logit_diff']:.2e}, "
+            click.echo(f"check vs torch on {report['tokens']} tokens: max |dlogit| {report['max_abs_logit_diff']:.2e} "
+                       f"(largest |logit| {report['max_abs_logit']:.1f}), "
                        f"argmax agreement {report['argmax_agreement']:.1%}")
 
 

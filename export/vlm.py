@@ -254,6 +254,7 @@ def validate(model, processor, stage: Path, weights: str, threads: int) -> dict:
     return {"tokens": int(len(ids)), "image_tokens": int(feats.shape[0] * feats.shape[1]),
             "vision_tiles": int(px.shape[0]),
             "max_abs_logit_diff": float(np.abs(got - ref).max()),
+            "max_abs_logit": float(np.abs(ref).max()),
             "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
 
 
