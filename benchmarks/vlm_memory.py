@@ -2,7 +2,7 @@
 
     python examples/make_image_tasks.py -o image_tasks
     python benchmarks/vlm_memory.py --bundle bundles/vlm --tasks image_tasks [--families vexcolour,parity] [--json]
-        [--no-value-gates]
+        [--no-value-gates] [--no-gate]
 
 For each task family (default: vexcolour, vexshape, parity, vexcount; none of them trained):
 ``learn_task`` puts its train file into a fresh bank (``--budget``, the learn defaults), then
@@ -43,14 +43,15 @@ def _answers_by_hash(examples) -> dict[bytes, str]:
 
 
 def run_family(bundle: Path, tasks: Path, family: str, ks: list[int], budget: int, n_test: int | None,
-               value_gates: bool = True) -> dict:
+               value_gates: bool = True, gated: bool = True) -> dict:
     train = load_task(tasks / f"{family}.train.jsonl", require_answer=True)
     test = load_task(tasks / f"{family}.test.jsonl", require_answer=True)[:n_test]
     with tempfile.TemporaryDirectory() as tmp:
         bank_path = Path(tmp) / "bank.ikv"
         rt = Runtime.open(bundle)
         t0 = time.perf_counter()
-        res = learn_task(rt, bank_path, tasks / f"{family}.train.jsonl", budget=budget, value_gates=value_gates)
+        res = learn_task(rt, bank_path, tasks / f"{family}.train.jsonl", budget=budget, value_gates=value_gates,
+                         gated=gated)
         learn_s = time.perf_counter() - t0
         rt = Runtime.open(bundle, memory=bank_path)
         bank = Bank.open(bank_path)
@@ -58,7 +59,8 @@ def run_family(bundle: Path, tasks: Path, family: str, ks: list[int], budget: in
         entry_answer = {e.entry_id: answer_of.get(bytes(e.example_hash)) for e in bank.entries()}
         mem = Memory(rt, bank)
         out = {"family": family, "kept": res.added, "learn_s": round(learn_s, 1), "n_test": len(test),
-               "value_gates": res.value_gates.get("groups") if res.value_gates_kept else None}
+               "value_gates": res.value_gates.get("groups") if res.value_gates_kept else None,
+               "gate_margin": res.gate.get("margin"), "gate_harmful": res.gate.get("harmful")}
         hits = {k: [] for k in [0, *ks]}
         top_right, gated, ttft = [], [], {k: [] for k in ks}
         for ex in test:
@@ -93,6 +95,8 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", default="64MiB")
     ap.add_argument("--n-test", type=int, default=None, help="first N test questions (default: all)")
     ap.add_argument("--no-value-gates", action="store_true", help="learn without fitting the per-layer value gates")
+    ap.add_argument("--no-gate", action="store_true",
+                    help="learn without the relevance gate (every query gets memory), to see what the gate costs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     from inducekv.core.cli import parse_bytes
@@ -100,7 +104,8 @@ def main(argv=None) -> None:
     ks = [int(k) for k in args.ks.split(",")]
     rows = []
     for fam in args.families.split(","):
-        row = run_family(args.bundle, args.tasks, fam, ks, parse_bytes(args.budget), args.n_test, not args.no_value_gates)
+        row = run_family(args.bundle, args.tasks, fam, ks, parse_bytes(args.budget), args.n_test, not args.no_value_gates,
+                         not args.no_gate)
         rows.append(row)
         print(json.dumps(row) if args.json else
               f"{fam:10s} kept {row['kept']}  zero-shot {row['zero_shot']:.2f}  "

@@ -53,7 +53,7 @@ def test_weights_are_small_safetensors():
         assert "added_embeddings" in f.keys() and any(k.startswith("model.vision_model.") for k in f.keys())
 
 
-@pytest.mark.parametrize("family,n,threshold", [("colour", 24, 0.8), ("shape", 24, 0.5), ("digit", 24, 0.4)])
+@pytest.mark.parametrize("family,n,threshold", [("colour", 24, 0.8), ("shape", 24, 0.7), ("digit", 24, 0.5)])
 def test_default_vlm_sees_held_out_images(vlm_bundle, family, n, threshold):
     rt = Runtime.open(vlm_bundle)
     rng = np.random.default_rng(12345)  # not the training seed; digits come from the held-out range
@@ -65,11 +65,11 @@ def test_default_vlm_sees_held_out_images(vlm_bundle, family, n, threshold):
     assert np.mean(hits) >= threshold, (family, np.mean(hits))
 
 
-@pytest.mark.parametrize("family,n,threshold", [("colour", 24, 0.75)])
+@pytest.mark.parametrize("family,n,threshold", [("colour", 24, 0.75), ("shape", 24, 0.7)])
 def test_default_vlm_sees_images_of_a_separate_renderer(vlm_bundle, family, n, threshold):
     """Images drawn by ``tests/plainshapes.py`` (Pillow's named colours, axis-aligned shapes on
-    white), code that made none of the training images. Colour only: shape on these images is
-    near chance (README, "The default VLM"), so there is nothing above chance to hold for it."""
+    white), code that made none of the training images (README, "The default VLM": colour 0.90,
+    shape 0.90 on 200 of them; digits are printed there, handwritten in training, and not held)."""
     import plainshapes
 
     rt = Runtime.open(vlm_bundle)
