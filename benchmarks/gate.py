@@ -6,11 +6,13 @@
 Learns the tasks' train files (``examples/tasks``) into one bank with ``ikv-learn``'s
 defaults (the relevance gate fitted per task), then asks each question file: without
 memory, with memory ungated (a copy of the bank without its gate) at k=1 and k=4, and
-gated (an entry is injected only when the query's top-1 minus top-2 retrieval score
-reaches the gate of the top-1 entry's task, ``learn/gate.py``). Question files:
+gated (an entry is injected only when the query's retrieval margin, top-1 minus the best
+entry that is not its twin, reaches the gate of the top-1 entry's task, ``learn/gate.py``). Question files:
 ``--questions`` (real-world facts, not from any task file) and the dev splits
 ``examples/tasks/dev/NAME.dev.jsonl`` (paraphrases of training facts). Reports accuracy,
-and for the real-world file also on the questions the bare model answers.
+and for the real-world file also on the questions the bare model answers. ``--json`` also
+holds each question's margin, top-1 task and answers (``rows``) and each learn's gate fit
+with its leave-one-out asks (``learn.T.fit``), so another gate rule can be scored offline.
 """
 from __future__ import annotations
 
@@ -31,27 +33,31 @@ from inducekv.core.cli import parse_bytes  # noqa: E402
 from inducekv.learn import learn_task  # noqa: E402
 from inducekv.memory.bank import Bank  # noqa: E402
 from inducekv.runtime.api import Runtime  # noqa: E402
-from inducekv.runtime.memory import RELEVANCE_KEY, relevance_from  # noqa: E402
+from inducekv.runtime.memory import RELEVANCE_KEY, TWIN_LOOK, gate_margin, relevance_from, twins_from  # noqa: E402
 from inducekv.runtime.scoring import score  # noqa: E402
 from inducekv.runtime.tasks import load_task  # noqa: E402
 
 
 def ask(rt, mem, gates: dict, examples) -> dict:
     rows = []
+    twins = twins_from(mem.bank.catalog)
     for e in examples:
-        found = mem.lookup(e.prompt, 2).found
-        margin = found[0][0]["score"] - found[1][0]["score"] if len(found) > 1 else float("inf")
-        opened = margin >= gates.get(found[0][0]["task"], 0.0) if found else False
+        ids, scores = mem.index.search(mem.bank.calibrate(mem.query_key(e.prompt)), 2 + TWIN_LOOK)
+        margin = gate_margin(ids, scores, twins)                 # as the runtime measures it
+        task = mem.bank.entry(mem.bank.slot_of()[int(ids[0])]).task
+        opened = margin >= gates.get(task, 0.0)
         right = lambda **kw: float(score(rt.generate(e.prompt, max_new_tokens=16, stop=["\n"], **kw).text,
                                          e.answers)[0])
         zero, k1, k4 = right(k=0, use_memory=False), right(k=1, memory=mem), right(k=4, memory=mem)
         rows.append({"zero": zero, "k1": k1, "k4": k4, "gated_k1": k1 if opened else zero,
-                     "gated_k4": k4 if opened else zero, "open": float(opened), "margin": margin})
+                     "gated_k4": k4 if opened else zero, "open": float(opened), "margin": margin,
+                     "task": task})
     mean = lambda rs, k: float(np.mean([r[k] for r in rs])) if rs else None
     keys = ("zero", "k1", "k4", "gated_k1", "gated_k4", "open")
     out = {"n": len(rows), **{k: mean(rows, k) for k in keys}}
     known = [r for r in rows if r["zero"] == 1.0]
     out["known"] = {"n": len(known), **{k: mean(known, k) for k in keys}}
+    out["rows"] = rows                     # per question: another gate rule can be read off them
     return out
 
 
@@ -71,7 +77,7 @@ def main():
         bank, ungated = Path(tmp) / "bank.ikv", Path(tmp) / "ungated.ikv"
         for t in args.tasks.split(","):
             r = learn_task(rt, bank, TASKS / f"{t}.train.jsonl", budget=parse_bytes(args.budget), seed=args.seed)
-            res["learn"][t] = {"added": r.added, "evicted": r.evicted, "gate": r.gate.get("margin")}
+            res["learn"][t] = {"added": r.added, "evicted": r.evicted, "gate": r.gate.get("margin"), "fit": r.gate}
             print(f"learned {t}: {r.added} added, {r.evicted} evicted, gate {r.gate.get('margin')}", file=sys.stderr)
         shutil.copy(bank, ungated)
         with Bank.open(ungated, writable=True) as b:

@@ -82,7 +82,19 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
               "harmful_margins": sorted(round(float(x), 5) for x in harmful),
               "margin_quartiles": [round(float(x), 5) for x in np.quantile(margins, [0.25, 0.5, 0.75])]
               if len(margins) else [],
-              "gain_quartiles": [round(float(x), 3) for x in np.quantile(gains, [0.25, 0.5, 0.75])] if len(gains) else []}
-    if len(harmful) < MIN_HARMFUL:
+              "gain_quartiles": [round(float(x), 3) for x in np.quantile(gains, [0.25, 0.5, 0.75])] if len(gains) else [],
+              "asks": [[round(float(m), 5), round(float(g), 3)] for m, g in zip(margins, gains)]}   # [margin, gain]
+    margin = gate_from(margins, gains, quantile)
+    if margin is None:
         return GateFit(None, {**report, "reason": "leaving an example out rarely hurts: no gate"})
-    return GateFit(round(float(np.quantile(harmful, quantile)), 6), report)
+    return GateFit(margin, report)
+
+
+def gate_from(margins: np.ndarray, gains: np.ndarray, quantile: float = QUANTILE) -> float | None:
+    """The gate for leave-one-out asks with these margins and gains: the ``quantile`` of the
+    harmful asks' margins (None, no gate: fewer than ``MIN_HARMFUL`` harmful)."""
+    margins, gains = np.asarray(margins, np.float64), np.asarray(gains, np.float64)
+    harmful = margins[gains < 0]
+    if len(harmful) < MIN_HARMFUL:
+        return None
+    return round(float(np.quantile(harmful, quantile)), 6)
