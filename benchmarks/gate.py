@@ -1,7 +1,8 @@
 """Do no harm: what a bank of made-up facts does to questions the bare model already answers.
 
     python benchmarks/gate.py --bundle bundles/default/fp32 [--tasks capitals,inventors,planets,foods,colours]
-        [--budget 64MiB] [--questions examples/known_facts.jsonl] [--dev capitals,colours] [--seed 0] [--json]
+        [--budget 64MiB] [--questions examples/known_facts.jsonl] [--dev capitals,colours,known] [--seed 0]
+        [--read-off 0.5,0.75,0.9] [--json]
 
 Learns the tasks' train files (``examples/tasks``) into one bank with ``ikv-learn``'s
 defaults (the relevance gate fitted per task), then asks each question file: without
@@ -12,7 +13,8 @@ entry that is not its twin, reaches the gate of the top-1 entry's task, ``learn/
 ``examples/tasks/dev/NAME.dev.jsonl`` (paraphrases of training facts). Reports accuracy,
 and for the real-world file also on the questions the bare model answers. ``--json`` also
 holds each question's margin, top-1 task and answers (``rows``) and each learn's gate fit
-with its leave-one-out asks (``learn.T.fit``), so another gate rule can be scored offline.
+with its leave-one-out asks (``learn.T.fit``); ``--read-off`` scores other quantiles' gates
+from them (``read_off``: the gates refitted from the same asks, applied to the same margins).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ sys.path.insert(0, str(HERE))
 from facts import TASKS  # noqa: E402
 from inducekv.core.cli import parse_bytes  # noqa: E402
 from inducekv.learn import learn_task  # noqa: E402
+from inducekv.learn.gate import gate_from  # noqa: E402
 from inducekv.memory.bank import Bank  # noqa: E402
 from inducekv.runtime.api import Runtime  # noqa: E402
 from inducekv.runtime.memory import RELEVANCE_KEY, TWIN_LOOK, gate_margin, relevance_from, twins_from  # noqa: E402
@@ -61,14 +64,37 @@ def ask(rt, mem, gates: dict, examples) -> dict:
     return out
 
 
+def read_off(res: dict, quantiles: list[float]) -> dict:
+    """What each quantile's gates would have done, from one run: the gates refitted from each
+    learn's leave-one-out asks (``gate_from``), applied to the stored per-question margins.
+    quantile -> {"gates": {task: margin}, question file -> {k1, open, known_k1}}."""
+    out = {}
+    for qt in quantiles:
+        gates = {}
+        for t, learned in res["learn"].items():
+            asks = np.array(learned["fit"].get("asks") or np.zeros((0, 2)))
+            gates[t] = gate_from(asks[:, 0], asks[:, 1], qt)[0] if len(asks) else None
+        row = {"gates": gates}
+        for name, q in res["questions"].items():
+            opened = [r["margin"] >= (gates.get(r["task"]) or 0.0) for r in q["rows"]]
+            got = [r["k1"] if o else r["zero"] for r, o in zip(q["rows"], opened)]
+            known = [g for g, r in zip(got, q["rows"]) if r["zero"] == 1.0]
+            row[name] = {"k1": float(np.mean(got)), "open": float(np.mean(opened)),
+                         "known_k1": float(np.mean(known)) if known else None, "known_n": len(known)}
+        out[str(qt)] = row
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--tasks", default="capitals,inventors,planets,foods,colours")
     ap.add_argument("--budget", default="64MiB")
     ap.add_argument("--questions", default=str(HERE.parent / "examples" / "known_facts.jsonl"))
-    ap.add_argument("--dev", default="capitals,colours")
+    ap.add_argument("--dev", default="capitals,colours,known")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--read-off", default="0.5,0.75,0.9",
+                    help="quantiles whose gates are also scored, read off this run's margins (read_off)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rt = Runtime.open(args.bundle)
@@ -95,6 +121,11 @@ def main():
                       f"bare model answers: ungated k1 {q['known']['k1'] or 0:.3f}, gated {q['known']['gated_k1'] or 0:.3f}",
                       file=sys.stderr)
     res["gates"] = gates
+    res["read_off"] = read_off(res, [float(x) for x in args.read_off.split(",") if x])
+    for qt, row in res["read_off"].items():
+        print(f"quantile {qt}: " + "; ".join(f"{name} k1 {v['k1']:.3f} (open {v['open']:.2f}"
+                                            + (f", known {v['known_k1']:.3f} of {v['known_n']})" if v["known_n"] else ")")
+                                            for name, v in row.items() if name != "gates"), file=sys.stderr)
     if args.json:
         print(json.dumps(res))
 

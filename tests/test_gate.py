@@ -125,3 +125,24 @@ def test_the_margin_skips_the_top_entrys_twins(rt, bank_path):
         tx.set_extra(TWINS_KEY, {"x": "y"})
     with pytest.raises(InduceKVError, match="twin groups are malformed"):
         rt.open_memory(bank_path).lookup(QUERY, 2)
+
+
+def test_the_gate_benchmark_reads_other_quantiles_off_one_run():
+    """benchmarks/gate.py --read-off: gates refitted from the stored asks, applied to the stored
+    margins; a question keeps its memory answer only where its margin reaches its task's gate."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("gate_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "gate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    asks = [[m, g] for m, g in zip([0.001, 0.002, 0.003, 0.004, 0.005, 0.006], [-1, -1, -1, -1, 0.5, 0.5])]
+    res = {"learn": {"t": {"fit": {"asks": asks}}, "u": {"fit": {"asks": []}}},
+           "questions": {"real": {"rows": [
+               {"task": "t", "margin": 0.0035, "zero": 1.0, "k1": 0.0},    # memory would override it
+               {"task": "t", "margin": 0.0100, "zero": 0.0, "k1": 1.0},    # stands out: memory answers
+               {"task": "u", "margin": 0.0000, "zero": 0.0, "k1": 1.0}]}}}  # an ungated task
+    got = bench.read_off(res, [0.25, 1.0])
+    assert got["0.25"]["gates"] == {"t": pytest.approx(0.00175), "u": None}
+    assert got["0.25"]["real"] == {"k1": pytest.approx(2 / 3), "open": 1.0, "known_k1": 0.0, "known_n": 1}
+    assert got["1.0"]["gates"]["t"] == pytest.approx(0.004)
+    assert got["1.0"]["real"] == {"k1": 1.0, "open": pytest.approx(2 / 3), "known_k1": 1.0, "known_n": 1}
