@@ -49,8 +49,8 @@ from inducekv.learn.select import STRATEGIES
 @click.option("--gate/--no-gate", default=True, show_default=True,
               help="Fit this task's relevance gate: a query whose top-1 entry of this task does not stand out "
                    "from the top-2 (retrieval margin below the fitted one) is answered without memory. Not fitted "
-                   "when leaving an example out rarely hurts, or when the task's examples answer each other's "
-                   "questions (shared answers, e.g. even/odd).")
+                   "when leaving an example out rarely hurts. --no-gate suits a bank that serves only this "
+                   "task's kind of question: ungated entries are also injected into unrelated questions.")
 @click.option("--value-gates/--no-value-gates", default=True, show_default=True,
               help="Fit this task's value gates: one scale (0.5-2) per third of the layers on the values injected "
                    "from its entries, kept only when it raises the held-out likelihood of the task's answers as "

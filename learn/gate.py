@@ -16,11 +16,9 @@ likelihood (a neighbour with the same answer: a colour task) or lowers it (anoth
 fact). (A margin is measured to the best entry that is not the top one's twin: two
 statements of one fact are not a near-tie.) The gate's margin for the task is the
 ``QUANTILE`` of the margins of the harmful
-ones (fewer than ``MIN_HARMFUL`` harmful: no gate). A task whose left-out examples typically
-*gain* from their neighbour (median over ``SHARED_GAIN`` nats: its examples share answers, as
-digit parity's "even"/"odd" do) is not gated either: there a left-out example is what a new
-question of the task looks like, not a question memory has no answer to, and a gate fitted to
-its few harmful asks closed for 45 of 50 parity test questions (README). At inference, a query whose top-1 entry belongs to the
+ones (fewer than ``MIN_HARMFUL`` harmful: no gate). The gate also keeps a task's entries out
+of unrelated questions: a digit-parity bank with no gate turned the default VLM's colour
+answers from 0.98 to 0.00 ("even"/"odd"; README). At inference, a query whose top-1 entry belongs to the
 task is answered with memory only when its margin reaches the gate; otherwise without
 memory, as the bare model would (``runtime.memory.Memory``).
 """
@@ -41,9 +39,6 @@ QUANTILE = 0.75   # of the harmful queries' margins; chosen on dev splits (READM
                   # keeps the real-world facts of examples/tasks/dev/known.dev.jsonl the bare model answers
                   # within 2 points (1.00; 0.93 at 0.5, 0.15 ungated)
 MIN_HARMFUL = 3   # fewer harmful queries than this: no gate
-SHARED_GAIN = 1.0  # nats: left-out queries gaining more than this (median) mean the task's entries answer
-                   # its new questions (shared answers: digit parity, made-up colour names): no gate.
-                   # Dev medians: text fact tasks -0.34 to +0.35, image label tasks +3.4 and +6.4
 
 
 @dataclass
@@ -99,13 +94,9 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
 
 def gate_from(margins: np.ndarray, gains: np.ndarray, quantile: float = QUANTILE) -> tuple[float | None, str | None]:
     """The gate for leave-one-out asks with these margins and gains, and why there is none:
-    the ``quantile`` of the harmful asks' margins, unless fewer than ``MIN_HARMFUL`` were
-    harmful or the median ask gained more than ``SHARED_GAIN`` nats."""
+    the ``quantile`` of the harmful asks' margins, unless fewer than ``MIN_HARMFUL`` were harmful."""
     margins, gains = np.asarray(margins, np.float64), np.asarray(gains, np.float64)
     harmful = margins[gains < 0]
     if len(harmful) < MIN_HARMFUL:
         return None, "leaving an example out rarely hurts: no gate"
-    if float(np.median(gains)) > SHARED_GAIN:
-        return None, (f"a left-out example gains {float(np.median(gains)):.1f} nats (median) from its neighbour: "
-                      "the task's entries answer its new questions, no gate")
     return round(float(np.quantile(harmful, quantile)), 6), None
