@@ -73,7 +73,7 @@ def read_off(res: dict, quantiles: list[float]) -> dict:
         gates = {}
         for t, learned in res["learn"].items():
             asks = np.array(learned["fit"].get("asks") or np.zeros((0, 2)))
-            gates[t] = gate_from(asks[:, 0], asks[:, 1], qt)[0] if len(asks) else None
+            gates[t] = gate_from(asks[:, 0], asks[:, 1], qt) if len(asks) else None
         row = {"gates": gates}
         for name, q in res["questions"].items():
             opened = [r["margin"] >= (gates.get(r["task"]) or 0.0) for r in q["rows"]]

@@ -88,15 +88,17 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
               if len(margins) else [],
               "gain_quartiles": [round(float(x), 3) for x in np.quantile(gains, [0.25, 0.5, 0.75])] if len(gains) else [],
               "asks": [[round(float(m), 5), round(float(g), 3)] for m, g in zip(margins, gains)]}   # [margin, gain]
-    margin, why = gate_from(margins, gains, quantile)
-    return GateFit(margin, report if why is None else {**report, "reason": why})
+    margin = gate_from(margins, gains, quantile)
+    if margin is None:
+        return GateFit(None, {**report, "reason": "leaving an example out rarely hurts: no gate"})
+    return GateFit(margin, report)
 
 
-def gate_from(margins: np.ndarray, gains: np.ndarray, quantile: float = QUANTILE) -> tuple[float | None, str | None]:
-    """The gate for leave-one-out asks with these margins and gains, and why there is none:
-    the ``quantile`` of the harmful asks' margins, unless fewer than ``MIN_HARMFUL`` were harmful."""
+def gate_from(margins: np.ndarray, gains: np.ndarray, quantile: float = QUANTILE) -> float | None:
+    """The gate for leave-one-out asks with these margins and gains: the ``quantile`` of the
+    harmful asks' margins (None, no gate: fewer than ``MIN_HARMFUL`` harmful)."""
     margins, gains = np.asarray(margins, np.float64), np.asarray(gains, np.float64)
     harmful = margins[gains < 0]
     if len(harmful) < MIN_HARMFUL:
-        return None, "leaving an example out rarely hurts: no gate"
-    return round(float(np.quantile(harmful, quantile)), 6), None
+        return None
+    return round(float(np.quantile(harmful, quantile)), 6)

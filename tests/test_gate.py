@@ -78,7 +78,7 @@ def test_learn_fits_the_gate_from_harmful_leave_one_out_queries(rt, tmp_path):
             assert "codes" not in b.catalog["extra"][RELEVANCE_KEY]
         else:
             m, g = np.array(rep["asks"]).T
-            assert p.gate.margin == pytest.approx(gate_from(m, g)[0], abs=2e-5)
+            assert p.gate.margin == pytest.approx(gate_from(m, g), abs=2e-5)
             assert p.gate.margin == pytest.approx(np.quantile(rep["harmful_margins"], QUANTILE), abs=2e-5)
             assert b.catalog["extra"][RELEVANCE_KEY]["codes"] == p.gate.margin
         # the same fit, called directly, is deterministic for a seed
@@ -96,14 +96,13 @@ def test_the_gate_is_a_quantile_of_the_harmful_asks_margins():
     """Only the harmful asks' margins set it; fewer than MIN_HARMFUL of them: no gate."""
     margins = np.r_[np.linspace(0.0001, 0.0040, 21), [0.0045, 0.0050, 0.0060]]
     gains = np.r_[np.full(21, 0.5), [-1.0, -1.0, -1.0]]
-    assert gate_from(margins, gains, quantile=0.5) == (pytest.approx(0.005), None)
-    assert gate_from(margins, gains)[0] == pytest.approx(np.quantile([0.0045, 0.005, 0.006], QUANTILE))
-    assert gate_from(margins, gains, quantile=1.0)[0] == pytest.approx(0.006)
-    assert gate_from(margins, np.r_[np.full(22, 0.5), [-1.0, -1.0]])[0] is None
-    assert gate_from(margins, np.r_[np.full(22, 0.5), [-1.0, 0.0]])[0] is None      # no change is no harm
-    none, why = gate_from(margins, np.r_[np.full(22, 5.0), [-1.0, -1.0]])
-    assert none is None and "no gate" in why
-    assert gate_from(margins, np.r_[np.full(21, 5.0), [-1.0, -1.0, -1.0]])[0] is not None   # gains elsewhere do not count
+    assert gate_from(margins, gains, quantile=0.5) == pytest.approx(0.005)
+    assert gate_from(margins, gains) == pytest.approx(np.quantile([0.0045, 0.005, 0.006], QUANTILE))
+    assert gate_from(margins, gains, quantile=1.0) == pytest.approx(0.006)
+    assert gate_from(margins, np.r_[np.full(22, 0.5), [-1.0, -1.0]]) is None
+    assert gate_from(margins, np.r_[np.full(22, 0.5), [-1.0, 0.0]]) is None      # no change is no harm
+    assert gate_from(margins, np.r_[np.full(22, 5.0), [-1.0, -1.0]]) is None
+    assert gate_from(margins, np.r_[np.full(21, 5.0), [-1.0, -1.0, -1.0]]) is not None   # gains elsewhere do not count
 
 
 def test_the_margin_skips_the_top_entrys_twins(rt, bank_path):
