@@ -2,7 +2,7 @@
 
     python examples/make_image_tasks.py -o image_tasks
     python benchmarks/vlm_memory.py --bundle bundles/vlm --tasks image_tasks [--families vexcolour,parity] [--json]
-        [--no-value-gates] [--no-gate]
+        [--no-value-gates] [--no-gate] [--others colour,shape,count,digit]
 
 For each task family (default: vexcolour, vexshape, parity, vexcount; none of them trained):
 ``learn_task`` puts its train file into a fresh bank (``--budget``, the learn defaults), then
@@ -12,7 +12,13 @@ every test question is answered zero-shot (k=0) and with memory at each ``--ks``
 - ``retrieval@1``: the share of test questions whose top-1 entry (plain search, before the
   relevance gate) has the question's answer, i.e. shares the attribute asked about;
 - ``gated``: the share answered without memory because the relevance gate closed;
-- ``oracle_k1``: accuracy when the top-1 entry has the right answer (copying, apart from retrieval).
+- ``oracle_k1``: accuracy when the top-1 entry has the right answer (copying, apart from retrieval);
+- ``reworded``: the task's test questions asked in other words (``REWORDED``, written by hand,
+  not by the task generator), zero-shot and at k=1, and the share of them that got memory;
+- ``others`` (``--others``, default the families the tower was trained on): with the task's bank
+  open, each other family's test questions zero-shot and at k=1 (as asked, and reworded), and
+  the share that got one of the task's entries: what the task's memory does to questions it
+  does not answer (the do-no-harm check).
 """
 from __future__ import annotations
 
@@ -32,6 +38,22 @@ from inducekv.runtime.scoring import score
 from inducekv.runtime.tasks import load_task
 
 FAMILIES = ("vexcolour", "vexshape", "parity", "vexcount")
+OTHERS = ("colour", "shape", "count", "digit")
+# each family's question in other words, written by hand (not the generator's phrasing); the
+# i-th test question is asked with the (i mod n)-th
+REWORDED = {
+    "vexcolour": ("Tell me the Vexish word for this colour.", "In the Vexish language, which colour is this?",
+                  "How do you say this colour in Vexish?"),
+    "vexshape": ("Tell me the Vexish word for this shape.", "In the Vexish language, what is this shape?",
+                 "How do you say this shape in Vexish?"),
+    "parity": ("Is the number in the picture odd or even?", "Even or odd?", "Tell me whether this digit is odd or even."),
+    "vexcount": ("Using Vexish, say how many shapes you see.", "In Vexish, what is the number of shapes here?",
+                 "How many figures are in the picture? Answer in Vexish."),
+    "colour": ("Which colour does this figure have?", "Name the colour of the shape.", "What colour do you see?"),
+    "shape": ("What is the shape in the picture?", "Which figure is drawn here?", "Name this shape."),
+    "count": ("How many figures do you see?", "Count the shapes in the picture.", "What number of shapes is shown?"),
+    "digit": ("Which digit is written here?", "What number do you see?", "Read this digit."),
+}
 
 
 def _answers_by_hash(examples) -> dict[bytes, str]:
@@ -42,8 +64,36 @@ def _answers_by_hash(examples) -> dict[bytes, str]:
     return out
 
 
+def _ask(rt, examples, k: int, reworded: tuple | None = None) -> tuple[float, float]:
+    """(accuracy, share answered with memory) of ``examples`` at k (k=0: zero-shot)."""
+    hits, used = [], []
+    for i, ex in enumerate(examples):
+        prompt = reworded[i % len(reworded)] if reworded else ex.prompt
+        r = rt.generate(prompt, image=ex.image, max_new_tokens=8, k=k, stop=["\n"])
+        hits.append(score(r.text, ex.answers)[0])
+        used.append(bool(r.entries))
+    return round(statistics.mean(hits), 3), round(statistics.mean(used), 3)
+
+
+def others_check(rt, tasks: Path, others: list[str], n_test: int | None) -> dict:
+    """Other families' test questions with the task's bank open: zero-shot vs k=1, as asked and
+    reworded, and the share of them that got memory."""
+    out = {}
+    for fam in others:
+        test = load_task(tasks / f"{fam}.test.jsonl", require_answer=True)[:n_test]
+        row = {}
+        for tag, words in (("asked", None), ("reworded", REWORDED.get(fam))):
+            if tag == "reworded" and not words:
+                continue
+            zero, _ = _ask(rt, test, 0, words)
+            k1, used = _ask(rt, test, 1, words)
+            row[tag] = {"zero_shot": zero, "k1": k1, "got_memory": used}
+        out[fam] = row
+    return out
+
+
 def run_family(bundle: Path, tasks: Path, family: str, ks: list[int], budget: int, n_test: int | None,
-               value_gates: bool = True, gated: bool = True) -> dict:
+               value_gates: bool = True, gated: bool = True, others: list[str] = ()) -> dict:
     train = load_task(tasks / f"{family}.train.jsonl", require_answer=True)
     test = load_task(tasks / f"{family}.test.jsonl", require_answer=True)[:n_test]
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,6 +132,12 @@ def run_family(bundle: Path, tasks: Path, family: str, ks: list[int], budget: in
         out["gated"] = statistics.mean(gated)
         if 1 in ks and any(top_right):
             out["oracle_k1"] = statistics.mean(h for h, t in zip(hits[1], top_right) if t)
+        if REWORDED.get(family):
+            zero, _ = _ask(rt, test, 0, REWORDED[family])
+            k1, used = _ask(rt, test, 1, REWORDED[family])
+            out["reworded"] = {"zero_shot": zero, "k1": k1, "got_memory": used}
+        if others:
+            out["others"] = others_check(rt, tasks, [f for f in others if f != family], n_test)
         mem.close()
         return out
 
@@ -97,6 +153,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-value-gates", action="store_true", help="learn without fitting the per-layer value gates")
     ap.add_argument("--no-gate", action="store_true",
                     help="learn without the relevance gate (every query gets memory), to see what the gate costs")
+    ap.add_argument("--others", default=",".join(OTHERS),
+                    help="families asked with each task's bank open, to see what its memory does to them ('' for none)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     from inducekv.core.cli import parse_bytes
@@ -105,14 +163,18 @@ def main(argv=None) -> None:
     rows = []
     for fam in args.families.split(","):
         row = run_family(args.bundle, args.tasks, fam, ks, parse_bytes(args.budget), args.n_test, not args.no_value_gates,
-                         not args.no_gate)
+                         not args.no_gate, [f for f in args.others.split(",") if f])
         rows.append(row)
         print(json.dumps(row) if args.json else
               f"{fam:10s} kept {row['kept']}  zero-shot {row['zero_shot']:.2f}  "
               + "  ".join(f"k={k} {row[f'k{k}']:.2f}" for k in ks)
               + f"  retrieval@1 {row['retrieval@1']:.2f}  gated {row['gated']:.2f}"
               + (f"  copy when top-1 right {row['oracle_k1']:.2f}" if "oracle_k1" in row else "")
-              + f"  value gates {row['value_gates']}", flush=True)
+              + f"  value gates {row['value_gates']}"
+              + (f"\n  reworded: zero-shot {row['reworded']['zero_shot']:.2f}  k=1 {row['reworded']['k1']:.2f}  "
+                 f"got memory {row['reworded']['got_memory']:.2f}" if "reworded" in row else "")
+              + "".join(f"\n  {f} {tag}: zero-shot {v['zero_shot']:.2f}  k=1 {v['k1']:.2f}  got memory {v['got_memory']:.2f}"
+                        for f, r in row.get("others", {}).items() for tag, v in r.items()), flush=True)
     if not args.json:
         print(f"{len(rows)} families, bundle {args.bundle}", file=sys.stderr)
 

@@ -49,7 +49,9 @@ from inducekv.learn.select import STRATEGIES
 @click.option("--gate/--no-gate", default=True, show_default=True,
               help="Fit this task's relevance gate: a query whose top-1 entry of this task does not stand out "
                    "from the top-2 (retrieval margin below the fitted one) is answered without memory. Not fitted "
-                   "when leaving an example out rarely hurts. --no-gate suits a bank that serves only this "
+                   "when leaving an example out rarely hurts. For an image task the gate tests the question "
+                   "instead: its entries are injected only when the question is nearer to the task's own "
+                   "than to other tasks' and everyday questions. --no-gate suits a bank that serves only this "
                    "task's kind of question: ungated entries are also injected into unrelated questions.")
 @click.option("--value-gates/--no-value-gates", default=True, show_default=True,
               help="Fit this task's value gates: one scale (0.5-2) per third of the layers on the values injected "
@@ -123,9 +125,13 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                + f" used of a {res.cap / 2**20:.2f} MiB cap; tasks "
                + ", ".join(f"{k}={v}" for k, v in (res.tasks_after or res.tasks_before).items()))
     gate = res.gate.get("margin")
-    click.echo("relevance gate: " + (f"entries of {res.task} are injected when their retrieval margin (top-1 minus "
-                                     f"the best non-twin score) is >= {gate:g}" if gate is not None
-                                     else f"none ({res.gate.get('reason', 'not fitted')})"))
+    if res.gate.get("questions"):
+        click.echo(f"question gate: entries of {res.task} are injected when the question is nearer to its "
+                   f"{res.gate['questions']} stored question key(s) than to other tasks' and everyday questions")
+    else:
+        click.echo("relevance gate: " + (f"entries of {res.task} are injected when their retrieval margin (top-1 minus "
+                                         f"the best non-twin score) is >= {gate:g}" if gate is not None
+                                         else f"none ({res.gate.get('reason', 'not fitted')})"))
     vg = res.value_gates
     if "groups" in vg:
         click.echo("value gates: " + " / ".join(f"{x:g}" for x in vg["groups"]) + f" over {len(vg['groups'])} layer groups, "

@@ -31,8 +31,9 @@ from inducekv.core.errors import BankError
 from inducekv.learn.compact import COMPACT_KEY
 from inducekv.learn.defaults import GAINS_KEY
 from inducekv.memory.bank import Bank
-from inducekv.memory.format import PENDING_KEY, TWINS_KEY
+from inducekv.memory.format import PENDING_KEY, QUESTIONS_KEY, TWINS_KEY
 from inducekv.learn.tiers import source_entry
+from inducekv.runtime import questions as qgate
 from inducekv.runtime.memory import (INJECTION_KEY, RELEVANCE_KEY, TIERS_KEY, VALUE_GATES_KEY, Injection, relevance_from,
                                      value_gates_from)
 
@@ -121,6 +122,15 @@ def _add(tx, p) -> list[int]:
     if p.gate.margin is not None:
         gates[p.task] = p.gate.margin
     tx.set_extra(RELEVANCE_KEY, gates)
+    now = (tx.bank.catalog.get("extra") or {}).get(QUESTIONS_KEY) or {}
+    asked = dict(now.get("tasks") or {}) if now.get("version") == qgate.VERSION else {}   # (another version: refitted)
+    asked.pop(p.task, None)
+    if p.gate.questions:
+        asked[p.task] = p.gate.questions
+    if asked:
+        tx.set_extra(QUESTIONS_KEY, {"version": qgate.VERSION, "tasks": asked})
+    else:
+        tx.drop_extra(QUESTIONS_KEY)
     return ids
 
 

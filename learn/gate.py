@@ -21,6 +21,9 @@ of unrelated questions: a digit-parity bank with no gate turned the default VLM'
 answers from 0.98 to 0.00 ("even"/"odd"; README). At inference, a query whose top-1 entry belongs to the
 task is answered with memory only when its margin reaches the gate; otherwise without
 memory, as the bare model would (``runtime.memory.Memory``).
+
+An image task gets a question gate instead (``fit_questions``, ``runtime/questions.py``): the
+text keys of its prompts, against which a query's question is tested at serve time.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import numpy as np
 from inducekv.learn.calibrate import cosine
 from inducekv.learn.candidates import Ask, Candidate, Scorer, unpack
 from inducekv.learn.progress import steps
+from inducekv.runtime import questions as qgate
 from inducekv.runtime.memory import TWIN_LOOK, gate_margin
 
 QUERIES = 24      # leave-one-out queries per learn
@@ -43,12 +47,28 @@ MIN_HARMFUL = 3   # fewer harmful queries than this: no gate
 
 @dataclass
 class GateFit:
-    """The fitted margin for the task (None: the task is not gated) and the report."""
+    """The fitted margin for the task (None: no margin gate), the task's question keys (an image
+    task's question gate, ``runtime/questions.py``; None: none) and the report."""
     margin: float | None
     report: dict = field(default_factory=dict)
+    questions: list[str] | None = None   # packed (``questions.pack``)
 
     def as_dict(self) -> dict:
-        return {"margin": self.margin, **self.report}
+        return {"margin": self.margin, **({"questions": len(self.questions)} if self.questions else {}), **self.report}
+
+
+def fit_questions(rt, keys, cands: list[Candidate]) -> GateFit:
+    """An image task's question gate: the text keys of its distinct prompts (at most
+    ``questions.MAX_KEYS``, farthest-first). It replaces the margin gate for such a task: on
+    images the leave-one-out margins measure how alike the task's pictures are, not whether a
+    question is the task's (README "Do no harm": the margin gate closed for 90% of a parity
+    task's own questions and still let colour questions through)."""
+    prompts = list(dict.fromkeys(c.prompt for c in cands))
+    text = np.concatenate([keys.batch([rt.tokenizer.encode(p) for p in prompts[i:i + 32]])
+                           for i in range(0, len(prompts), 32)])
+    picked = qgate.farthest(text)
+    return GateFit(None, {"reason": "image task: the question gate decides", "prompts": len(prompts)},
+                   questions=qgate.pack(picked))
 
 
 def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng, query_map,

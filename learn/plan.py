@@ -32,7 +32,7 @@ from inducekv.core.errors import BankError, InduceKVError
 from inducekv.learn import select as sel
 from inducekv.learn.calibrate import Calibration, InjectionFit, ValueGates, calibrate, fit_injection, fit_value_gates
 from inducekv.learn.commit import write
-from inducekv.learn.gate import GateFit, fit_gate
+from inducekv.learn.gate import GateFit, fit_gate, fit_questions
 from inducekv.learn.compact import COMPACT_KEY, Compaction, compactor_for, resolve as resolve_compaction
 from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE, SCORE_BATCH
 from inducekv.kernels import kvquant
@@ -252,8 +252,13 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         per_task = value_gates_from(snap.catalog, g.num_layers)
         new_gates = vgates.gates if vgates.accepted else own
         gates_of = lambda j: new_gates if j >= len(old) else per_task.get(old[j].task, current.gates)  # noqa: E731
-        gate = (fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
-                         twins=pool_twins, gates_of=gates_of) if gated else GateFit(None, {"reason": "gate off"}))
+        if not gated:
+            gate = GateFit(None, {"reason": "gate off"})
+        elif any(c.image for c in cands):   # an image task: the question gate (runtime/questions.py)
+            gate = fit_questions(rt, keys, cands)
+        else:
+            gate = fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
+                            twins=pool_twins, gates_of=gates_of)
         timings["gate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -47,7 +47,7 @@ def _compact_line(rec, scheme: str) -> str:
 def info(bank, as_json):
     """Cap, bytes used/free, entries per task, bytes per entry, quantization."""
     from inducekv.memory.bank import Bank
-    from inducekv.memory.format import PENDING_KEY, RELEVANCE_KEY, TIERS_KEY, TWINS_KEY, VALUE_GATES_KEY
+    from inducekv.memory.format import PENDING_KEY, QUESTIONS_KEY, RELEVANCE_KEY, TIERS_KEY, TWINS_KEY, VALUE_GATES_KEY
 
     with fail_on_bad_input(), Bank.open(bank) as b:
         g, u = b.geo, b.usage()
@@ -60,6 +60,8 @@ def info(bank, as_json):
                "compact": b.catalog.get("extra", {}).get("compact"),
                "learn_pending": b.catalog.get("extra", {}).get(PENDING_KEY),
                "relevance": b.catalog.get("extra", {}).get(RELEVANCE_KEY) or {},
+               "question_gates": {t: len(v) for t, v in
+                                  ((b.catalog.get("extra", {}).get(QUESTIONS_KEY) or {}).get("tasks") or {}).items()},
                "value_gates": b.catalog.get("extra", {}).get(VALUE_GATES_KEY) or {},
                "twins": b.catalog.get("extra", {}).get(TWINS_KEY) or {},
                "format_version": g.version, "source_capable": g.sources,
@@ -78,7 +80,10 @@ def info(bank, as_json):
                  "  gate       " + (", ".join(f"{t} >= {m:g}" for t, m in obj["relevance"].items())
                                     + " (how far the top-1 retrieval score must stand out from the best"
                                     " entry that is not its twin)"
-                                    if obj["relevance"] else "none (every query gets its entries)"),
+                                    if obj["relevance"] else "none" if obj["question_gates"] else "none (every query gets its entries)"),
+                 "  questions  " + (", ".join(f"{t} ({n} key{'s' * (n > 1)})" for t, n in obj["question_gates"].items())
+                                    + " (image tasks: injected only for questions nearer to theirs than to others)"
+                                    if obj["question_gates"] else "none"),
                  "  value gates " + ("; ".join(f"{t} {_runs(v)}" for t, v in obj["value_gates"].items())
                                      + " (scale of the injected values)" if obj["value_gates"] else "none"),
                  "  twins      " + (f"{len(obj['twins'])} entries in {len(set(obj['twins'].values()))} groups "

@@ -43,6 +43,8 @@ VALUE_GATES_KEY = "value_gates"  # catalog extra: task -> per-layer gates on its
                                  # (learn/calibrate.py); a query gets the gates of its top-1 entry's task
 TWINS_KEY = "twins"            # catalog extra: entry id -> its twin group, entries that answer each other's
                                # questions (learn/value.py); the relevance margin skips a top entry's twins
+QUESTIONS_KEY = "questions"    # catalog extra: per image task, the text keys of its prompts: the question gate
+                               # (runtime/questions.py)
 TIERS_KEY = "tiers"            # catalog extra: a bank with source entries: its kinds, latency budget, source share
                                # and the costs measured on the device (learn/tiers.py)
 SECTIONS = ("superblock", "calibration", "scales", "catalog", "records", "pages")

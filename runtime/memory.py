@@ -37,10 +37,12 @@ from inducekv.kernels.positions import layer_thetas, rerotate_
 from inducekv.memory.bank import Bank
 from inducekv.memory.format import RELEVANCE_KEY, VALUE_GATES_KEY   # catalog extras (memory/format.py)
 from inducekv.memory.format import TWINS_KEY       # catalog extra: entry id -> twin group
+from inducekv.memory.format import QUESTIONS_KEY   # catalog extra: per image task, its question keys (runtime/questions.py)
 from inducekv.memory.format import TIERS_KEY       # catalog extra: kinds of entries, latency budget (learn/tiers.py)
 from inducekv.memory.index import open_index
 from inducekv.memory.source import unpack_source
 from inducekv.core.errors import InduceKVError
+from inducekv.runtime import questions as qgate
 from inducekv.runtime.session import shared_past, KVCache, KeyEncoder, require_memory_support
 from inducekv.runtime.vision import with_image
 
@@ -409,6 +411,7 @@ class Memory:
         self._layouts: dict = {}
         self._lock = threading.Lock()          # the bank state and the index (see the module docstring)
         self._layouts_lock = threading.Lock()  # building a layout (one prefix prefill each)
+        self._reference = None                 # the question gate's reference keys, on first need
 
     def close(self) -> None:
         self.bank.close()
@@ -434,6 +437,12 @@ class Memory:
                     got = self._layouts[key] = Layout(self.rt, template, policy, system)
         return got
 
+    def reference(self) -> np.ndarray:
+        """The question gate's reference keys (``questions.REFERENCE``), computed on first need."""
+        if self._reference is None:
+            self._reference = qgate.unit(self.keys.batch([self.rt.tokenizer.encode(t) for t in qgate.REFERENCE]))
+        return self._reference
+
     def query_key(self, prompt: str, image=None) -> np.ndarray:
         return key_of(self.rt, self.keys, prompt, image)
 
@@ -450,12 +459,17 @@ class Memory:
         one are kept (a lone clear winner comes alone; near-ties come together)."""
         t0 = time.perf_counter()
         key = self.query_key(prompt, image) if k > 0 else None   # the key pass needs no bank state
+        # the question gate's text key (runtime/questions.py): the key itself for a text query; an
+        # image query's bare question costs one more short key pass, only in a bank with such gates
+        text_key = key if image is None else (
+            self.query_key(prompt) if k > 0 and QUESTIONS_KEY in (self.bank.catalog.get("extra") or {}) else None)
         with self._lock:
             if self.bank.refresh():  # a writer committed: follow it
                 self.index.sync(self.bank)
             q = self.bank.calibrate(key) if k > 0 else None
             t1 = time.perf_counter()
-            out, gated = self._search(q, k, margin) if k > 0 else ([], 0)
+            out, gated = self._search(q, k, margin, lambda: text_key if text_key is not None else
+                                      self.query_key(prompt)) if k > 0 else ([], 0)
             inj = self.injection()
             if out:   # the value gates of the top-1 entry's task, if it has its own
                 own = value_gates_from(self.bank.catalog, self.bank.geo.num_layers).get(out[0][0]["task"])
@@ -465,19 +479,23 @@ class Memory:
             timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         return found
 
-    def _search(self, q: np.ndarray, k: int, margin: float | None) -> tuple[list[tuple[dict, bytes]], int]:
-        """Search with the calibrated query key and read the payloads, unless the relevance gate
-        closes (the top-1 entry does not stand out enough from the best entry that is not its
-        twin, ``gate_margin``: then nothing); returns
-        the entries and how many the gate left out (the caller holds the lock)."""
+    def _search(self, q: np.ndarray, k: int, margin: float | None, text_key) -> tuple[list[tuple[dict, bytes]], int]:
+        """Search with the calibrated query key and read the payloads, unless a gate of the top-1
+        entry's task closes: the relevance gate (the top-1 entry does not stand out enough from
+        the best entry that is not its twin, ``gate_margin``) or the question gate of an image
+        task (``questions.is_open`` on ``text_key()``, the query's text key); then nothing.
+        Returns the entries and how many the gates left out (the caller holds the lock)."""
         floor = relevance_from(self.bank.catalog)
+        asked = qgate.questions_from(self.bank.catalog, self.bank.geo.key_dim)
         twins = twins_from(self.bank.catalog) if floor else {}
         ids, scores = self.index.search(q, max(k, 2) + (TWIN_LOOK if twins else 0))
         slot_of = self.bank.slot_of()
-        if floor and len(ids) >= 2 and ids[0] in slot_of:
-            need = floor.get(self.bank.entry(slot_of[int(ids[0])]).task, 0.0)
-            if gate_margin(ids, scores, twins) < need:
+        top = self.bank.entry(slot_of[int(ids[0])]).task if len(ids) and int(ids[0]) in slot_of else None
+        if floor and len(ids) >= 2 and top is not None:
+            if gate_margin(ids, scores, twins) < floor.get(top, 0.0):
                 return [], min(k, len(ids))
+        if top in asked and not qgate.is_open(text_key(), top, asked, self.reference()):
+            return [], min(k, len(ids))
         ids, scores = ids[:k], scores[:k]
         if margin is not None and len(scores):
             keep = scores >= scores[0] - margin

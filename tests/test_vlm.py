@@ -196,3 +196,88 @@ def test_image_path_runs_without_torch(vlm_bundles, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"tokens": 3, "added": 3, "heavy": []}
+
+
+def _set_questions(path, value):
+    from inducekv.memory.format import QUESTIONS_KEY
+
+    with Bank.open(path, writable=True) as b, b.transaction() as tx:
+        tx.set_extra(QUESTIONS_KEY, value)
+
+
+def test_an_image_task_gets_a_question_gate_that_decides_by_the_question(vlm_bundles, tmp_path):
+    """The learn stores the task's question key (one: every prompt is the same) and no margin
+    gate; a query is answered with memory only when its question is nearer to the task's than
+    to the reference questions, and a closed gate answers exactly as without memory."""
+    from inducekv.learn.cli import cli
+    from inducekv.runtime import questions as qgate
+    from inducekv.runtime.memory import RELEVANCE_KEY, key_of
+
+    task, bank = _image_task(tmp_path), tmp_path / "bank.ikv"
+    r = CliRunner().invoke(cli, ["--bundle", str(vlm_bundles["idefics3"]), "--memory", str(bank), "--task", str(task),
+                                 "--budget", "8MiB", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "question gate: entries of codes" in r.output
+    rt = Runtime.open(vlm_bundles["idefics3"])
+    keys = rt.key_encoder()
+    prompt = "What is the code word?"
+    with Bank.open(bank) as b:
+        asked = qgate.questions_from(b.catalog, b.geo.key_dim)
+        assert "codes" not in (b.catalog["extra"].get(RELEVANCE_KEY) or {})
+    text = qgate.unit(key_of(rt, keys, prompt))
+    assert list(asked) == ["codes"] and asked["codes"].shape == (1, keys.dim)
+    np.testing.assert_allclose(asked["codes"][0], text, atol=2e-3)            # the prompt's own text key (fp16)
+    img = str(tmp_path / "img2.png")
+    assert rt.generate(prompt, image=img, k=1, max_new_tokens=2, memory=rt.open_memory(bank)).entries
+    plain = rt.generate(prompt, image=img, max_new_tokens=4, use_memory=False)
+    _set_questions(bank, {"version": qgate.VERSION, "tasks": {"codes": qgate.pack(-text)}})   # farthest possible
+    mem = rt.open_memory(bank)
+    look = mem.lookup(prompt, 1, image=rt.encode_image(img))
+    assert look.found == [] and look.gated == 1
+    closed = rt.generate(prompt, image=img, k=1, max_new_tokens=4, memory=mem)
+    assert closed.entries == [] and closed.token_ids == plain.token_ids
+    # another image task's nearer questions close it too; a reference question is never this task's
+    _set_questions(bank, {"version": qgate.VERSION, "tasks": {"codes": qgate.pack(text + 0.2 * mem.reference()[0]),
+                                                              "other": qgate.pack(text)}})
+    assert rt.open_memory(bank).lookup(prompt, 1, image=rt.encode_image(img)).found == []
+    ref = qgate.REFERENCE[3]
+    _set_questions(bank, {"version": qgate.VERSION, "tasks": {"codes": qgate.pack(key_of(rt, keys, ref) * 2.0)}})
+    assert rt.open_memory(bank).lookup(ref, 1, image=rt.encode_image(img)).found    # a tie opens it
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"version": 1, "tasks": {"codes": ["not base64!"]}}, "question gates are malformed"),
+    ({"version": 1, "tasks": {"codes": []}}, "question gates are malformed"),
+    ({"version": 1, "tasks": ["codes"]}, "question gates are malformed"),
+    ({"version": 1, "tasks": {"codes": ["AAAA"]}}, "question gates are malformed"),      # wrong length
+    ({"version": 99, "tasks": {}}, "question gates are version 99"),
+])
+def test_a_malformed_question_gate_is_refused_in_one_line(vlm_bundles, tmp_path, bad, match):
+    task, bank = _image_task(tmp_path, n=3), tmp_path / "bank.ikv"
+    rt = Runtime.open(vlm_bundles["idefics3"])
+    with Bank.create_for(bank, 4 << 20, rt.manifest, scheme="int8", max_tokens=128) as b:
+        add_all(rt, b, [json.loads(x) | {"image": str(tmp_path / json.loads(x)["image"])}
+                        for x in task.read_text().splitlines()], "codes")
+    _set_questions(bank, bad)
+    with pytest.raises(InduceKVError, match=match):
+        rt.generate("What is the code word?", image=str(tmp_path / "img0.png"), k=1, max_new_tokens=2,
+                    memory=rt.open_memory(bank))
+
+
+def test_question_gate_rule_and_farthest_first_keys():
+    from inducekv.runtime import questions as qgate
+
+    e = np.eye(4, dtype=np.float32)
+    tasks = {"a": e[:1], "b": e[1:2]}
+    ref = e[2:3]
+    assert qgate.is_open(e[0] + 0.1 * e[2], "a", tasks, ref)
+    assert not qgate.is_open(e[0] + 0.1 * e[2], "b", tasks, ref)      # nearer to task a's question
+    assert not qgate.is_open(e[2] + 0.5 * e[0], "a", tasks, ref)      # nearer to a reference question
+    assert qgate.is_open(e[0] + e[2], "a", tasks, ref)                # a tie opens
+    many = np.stack([e[0], e[0] * 3, e[1], e[0] + 1e-4 * e[3], e[2], e[3], e[0] + e[1]])
+    picked = qgate.farthest(many, 4)
+    assert picked.shape == (4, 4)
+    np.testing.assert_allclose(np.sort(np.abs(picked).argmax(1)), [0, 1, 2, 3])
+    assert qgate.farthest(np.stack([e[0], 2 * e[0]])).shape == (1, 4)   # copies: one key
+    back = qgate.questions_from({"extra": {"questions": {"version": qgate.VERSION, "tasks": {"a": qgate.pack(picked)}}}}, 4)
+    np.testing.assert_allclose(back["a"], picked, atol=1e-3)
