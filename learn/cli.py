@@ -128,7 +128,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
     if res.gate.get("questions"):
         click.echo(f"question gate: entries of {res.task} are injected when the question is nearer to its "
                    f"{res.gate['questions']} stored question key(s) than to other tasks' and everyday questions")
-    else:
+    if gate is not None or not res.gate.get("questions"):
         click.echo("relevance gate: " + (f"entries of {res.task} are injected when their retrieval margin (top-1 minus "
                                          f"the best non-twin score) is >= {gate:g}" if gate is not None
                                          else f"none ({res.gate.get('reason', 'not fitted')})"))

@@ -23,7 +23,8 @@ task is answered with memory only when its margin reaches the gate; otherwise wi
 memory, as the bare model would (``runtime.memory.Memory``).
 
 An image task gets a question gate instead (``fit_questions``, ``runtime/questions.py``): the
-text keys of its prompts, against which a query's question is tested at serve time.
+text keys of its prompts, against which a query's question is tested at serve time; one whose
+answers the bare model already gives (``knows``) gets both.
 """
 from __future__ import annotations
 
@@ -57,6 +58,17 @@ class GateFit:
         return {"margin": self.margin, **({"questions": len(self.questions)} if self.questions else {}), **self.report}
 
 
+KNOWN = 0.5       # the bare model "knows" a task when the median example's answer has at least this
+                  # probability without memory (geometric mean over its tokens; not tuned)
+
+
+def knows(cands: list[Candidate]) -> bool:
+    """Whether the bare model already answers this task's examples (``KNOWN``): an image task
+    that it does keeps the margin gate as well, so memory cannot override what it sees (the
+    domain sequence: colour questions on clean images, README "Do no harm")."""
+    return bool(cands) and float(np.median([c.base for c in cands])) >= np.log(KNOWN)
+
+
 def fit_questions(rt, keys, cands: list[Candidate]) -> GateFit:
     """An image task's question gate: the text keys of its distinct prompts (at most
     ``questions.MAX_KEYS``, farthest-first). It replaces the margin gate for such a task: on
@@ -67,8 +79,9 @@ def fit_questions(rt, keys, cands: list[Candidate]) -> GateFit:
     text = np.concatenate([keys.batch([rt.tokenizer.encode(p) for p in prompts[i:i + 32]])
                            for i in range(0, len(prompts), 32)])
     picked = qgate.farthest(text)
-    return GateFit(None, {"reason": "image task: the question gate decides", "prompts": len(prompts)},
-                   questions=qgate.pack(picked))
+    base = float(np.median([c.base for c in cands])) if cands else 0.0
+    return GateFit(None, {"reason": "image task: the question gate decides", "prompts": len(prompts),
+                          "median_base_logp": round(base, 3)}, questions=qgate.pack(picked))
 
 
 def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng, query_map,

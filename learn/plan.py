@@ -32,7 +32,7 @@ from inducekv.core.errors import BankError, InduceKVError
 from inducekv.learn import select as sel
 from inducekv.learn.calibrate import Calibration, InjectionFit, ValueGates, calibrate, fit_injection, fit_value_gates
 from inducekv.learn.commit import write
-from inducekv.learn.gate import GateFit, fit_gate, fit_questions
+from inducekv.learn.gate import GateFit, fit_gate, fit_questions, knows
 from inducekv.learn.compact import COMPACT_KEY, Compaction, compactor_for, resolve as resolve_compaction
 from inducekv.learn.defaults import GAINS_KEY, MAX_ENTRY_TOKENS, N_ANCHORS, RESERVE, SCORE_BATCH
 from inducekv.kernels import kvquant
@@ -254,8 +254,12 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         gates_of = lambda j: new_gates if j >= len(old) else per_task.get(old[j].task, current.gates)  # noqa: E731
         if not gated:
             gate = GateFit(None, {"reason": "gate off"})
-        elif any(c.image for c in cands):   # an image task: the question gate (runtime/questions.py)
+        elif any(c.image for c in cands):   # an image task: the question gate (runtime/questions.py) ...
             gate = fit_questions(rt, keys, cands)
+            if knows(cands):                 # ... and the margin gate too, where the bare model knows the answers
+                fit = fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
+                               twins=pool_twins, gates_of=gates_of)
+                gate = GateFit(fit.margin, {**fit.report, "known": True}, questions=gate.questions)
         else:
             gate = fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
                             twins=pool_twins, gates_of=gates_of)

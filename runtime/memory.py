@@ -47,6 +47,7 @@ from inducekv.runtime.session import shared_past, KVCache, KeyEncoder, require_m
 from inducekv.runtime.vision import with_image
 
 POLICIES = ("rerotate", "parallel")
+TEXT_KEYS = 256   # prompts whose text keys a Memory remembers (the question gate's)
 _ENTRIES, _USER = "\x00IKV-ENTRIES\x00", "\x00IKV-USER\x00"
 
 
@@ -412,6 +413,8 @@ class Memory:
         self._lock = threading.Lock()          # the bank state and the index (see the module docstring)
         self._layouts_lock = threading.Lock()  # building a layout (one prefix prefill each)
         self._reference = None                 # the question gate's reference keys, on first need
+        self._text_keys: dict = {}             # prompt -> its text key (``text_key``)
+        self._text_lock = threading.Lock()
 
     def close(self) -> None:
         self.bank.close()
@@ -443,6 +446,18 @@ class Memory:
             self._reference = qgate.unit(self.keys.batch([self.rt.tokenizer.encode(t) for t in qgate.REFERENCE]))
         return self._reference
 
+    def text_key(self, prompt: str) -> np.ndarray:
+        """The key of the prompt text alone (the question gate's), remembered for the last
+        ``TEXT_KEYS`` prompts: an app asks the same few questions of many images."""
+        got = self._text_keys.get(prompt)
+        if got is None:
+            got = self.query_key(prompt)
+            with self._text_lock:
+                self._text_keys[prompt] = got
+                while len(self._text_keys) > TEXT_KEYS:
+                    del self._text_keys[next(iter(self._text_keys))]   # the oldest
+        return got
+
     def query_key(self, prompt: str, image=None) -> np.ndarray:
         return key_of(self.rt, self.keys, prompt, image)
 
@@ -461,15 +476,17 @@ class Memory:
         key = self.query_key(prompt, image) if k > 0 else None   # the key pass needs no bank state
         # the question gate's text key (runtime/questions.py): the key itself for a text query; an
         # image query's bare question costs one more short key pass, only in a bank with such gates
-        text_key = key if image is None else (
-            self.query_key(prompt) if k > 0 and QUESTIONS_KEY in (self.bank.catalog.get("extra") or {}) else None)
+        asks = k > 0 and QUESTIONS_KEY in (self.bank.catalog.get("extra") or {})
+        if asks:
+            self.reference()   # (computed once, outside the lock)
+        text_key = key if image is None else (self.text_key(prompt) if asks else None)
         with self._lock:
             if self.bank.refresh():  # a writer committed: follow it
                 self.index.sync(self.bank)
             q = self.bank.calibrate(key) if k > 0 else None
             t1 = time.perf_counter()
             out, gated = self._search(q, k, margin, lambda: text_key if text_key is not None else
-                                      self.query_key(prompt)) if k > 0 else ([], 0)
+                                      self.text_key(prompt)) if k > 0 else ([], 0)
             inj = self.injection()
             if out:   # the value gates of the top-1 entry's task, if it has its own
                 own = value_gates_from(self.bank.catalog, self.bank.geo.num_layers).get(out[0][0]["task"])

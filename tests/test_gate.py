@@ -143,3 +143,29 @@ def test_the_gate_benchmark_reads_other_quantiles_off_one_run():
     assert got["0.25"]["real"] == {"k1": pytest.approx(2 / 3), "open": 1.0, "known_k1": 0.0, "known_n": 1}
     assert got["1.0"]["gates"]["t"] == pytest.approx(0.004)
     assert got["1.0"]["real"] == {"k1": 1.0, "open": pytest.approx(2 / 3), "known_k1": 1.0, "known_n": 1}
+
+
+def test_an_image_task_keeps_the_margin_gate_only_where_the_bare_model_knows_its_answers():
+    from types import SimpleNamespace
+
+    from inducekv.learn.gate import KNOWN, knows
+
+    def cands(*probs):
+        return [SimpleNamespace(base=float(np.log(p))) for p in probs]
+
+    assert knows(cands(0.9, 0.8, 0.2))                 # the median example: 0.8
+    assert not knows(cands(0.9, 0.3, 0.2))             # 0.3
+    assert knows(cands(KNOWN, KNOWN)) and not knows(cands(KNOWN - 1e-3, 0.9, 0.1)) and not knows([])
+
+
+def test_text_keys_are_remembered_for_the_last_prompts(rt, bank_path, monkeypatch):
+    import inducekv.runtime.memory as memory
+
+    monkeypatch.setattr(memory, "TEXT_KEYS", 3)
+    with rt.open_memory(bank_path) as mem:
+        a = mem.text_key(QUERY)
+        np.testing.assert_array_equal(a, mem.query_key(QUERY))
+        assert mem.text_key(QUERY) is a                        # remembered
+        for i in range(4):
+            mem.text_key(f"question {i}?")
+        assert len(mem._text_keys) == 3 and QUERY not in mem._text_keys   # the oldest went first
