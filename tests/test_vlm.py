@@ -218,6 +218,9 @@ def test_an_image_task_gets_a_question_gate_that_decides_by_the_question(vlm_bun
                                  "--budget", "8MiB", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "question gate: entries of codes" in r.output
+    from inducekv.memory.cli import cli as bank_cli
+    info = CliRunner().invoke(bank_cli, ["info", str(bank)])
+    assert info.exit_code == 0 and "questions  codes (1 key)" in info.output, info.output
     rt = Runtime.open(vlm_bundles["idefics3"])
     keys = rt.key_encoder()
     prompt = "What is the code word?"
