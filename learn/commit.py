@@ -125,7 +125,7 @@ def _add(tx, p) -> list[int]:
     now = (tx.bank.catalog.get("extra") or {}).get(QUESTIONS_KEY) or {}
     asked = dict(now.get("tasks") or {}) if now.get("version") == qgate.VERSION else {}   # (another version: refitted)
     asked.pop(p.task, None)
-    if p.gate.questions:
+    if getattr(p.gate, "questions", None):
         asked[p.task] = p.gate.questions
     if asked:
         tx.set_extra(QUESTIONS_KEY, {"version": qgate.VERSION, "tasks": asked})
