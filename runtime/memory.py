@@ -476,10 +476,10 @@ class Memory:
         key = self.query_key(prompt, image) if k > 0 else None   # the key pass needs no bank state
         # the question gate's text key (runtime/questions.py): the key itself for a text query; an
         # image query's bare question costs one more short key pass, only in a bank with such gates
-        asks = k > 0 and QUESTIONS_KEY in (self.bank.catalog.get("extra") or {})
-        if asks:
+        by_question = k > 0 and QUESTIONS_KEY in (self.bank.catalog.get("extra") or {})
+        if by_question:
             self.reference()   # (computed once, outside the lock)
-        text_key = key if image is None else (self.text_key(prompt) if asks else None)
+        text_key = key if image is None else (self.text_key(prompt) if by_question else None)
         with self._lock:
             if self.bank.refresh():  # a writer committed: follow it
                 self.index.sync(self.bank)
