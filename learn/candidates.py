@@ -30,7 +30,7 @@ from inducekv.core.errors import InduceKVError
 from inducekv.kernels import kvquant
 from inducekv.memory.bank import NewEntry, example_hash
 from inducekv.memory.source import pack_source
-from inducekv.runtime.memory import Layout, entry_bias, image_of, key_of
+from inducekv.runtime.memory import Layout, entry_bias, image_of
 from inducekv.runtime.vision import with_image
 from inducekv.runtime.session import KeyEncoder
 from inducekv.runtime.tasks import Example

@@ -112,7 +112,9 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         click.echo(f"kinds: {res.added - res.sources_added} kv + {res.sources_added} source entries {verb}; source share "
                    f"<= {t['share']:.2f} of stored examples"
                    + (f" (budget {t['ttft_budget']}: TTFT no memory {c['t0_ms']:.0f} ms, kv {c['kv_ms']:.0f} ms, "
-                      f"source {c['src_ms']:.0f} ms)" if c and t.get("ttft_budget") else " (no latency budget)"))
+                      f"source {c['src_ms']:.0f} ms"
+                      + (f", gated out {c['closed_ms']:.0f} ms for {t.get('gated_out', 0.0):.0%} of queries" if "closed_ms" in c else "")
+                      + ")" if c and t.get("ttft_budget") else " (no latency budget)"))
         sv = t.get("served")
         if sv:
             kinds_ = ", ".join(f"{k} {v['median_ms']:.0f} ms x{v['n']}" for k, v in sv["by_kind"].items())

@@ -309,7 +309,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     tier, new_src = None, []
     if g.sources:
         tier, chosen, new_src = _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, ttft_budget,
-                                       k, rng)
+                                       k, rng, task, gate)
     else:
         chosen = kv_select()
     add = [i - n_old for i in sorted(chosen) if i >= n_old]
@@ -342,10 +342,10 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     return p
 
 
-def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, ttft_budget, k, rng):
-    """For a bank with source entries: the latency costs, the source share, then which new
-    candidates are source and which entries are kv (``tiers.py``). Returns (TierPlan, the kv
-    selection's pool indices, new candidates kept as source)."""
+def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, ttft_budget, k, rng, task, gate):
+    """For a bank with source entries: the latency costs, the share of queries gated out, the
+    source share, then which new candidates are source and which entries are kv (``tiers.py``).
+    Returns (TierPlan, the kv selection's pool indices, new candidates kept as source)."""
     g = bank.geo
     stored = tiers_from(bank.catalog)
     kinds = stored.get("kinds") or ("source" if g.pages * g.page_bytes < 0.2 * g.cap else "tiered")
@@ -356,7 +356,13 @@ def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, t
     if budget is not None and (costs is None or (ttft_budget is not None and ttft_budget != stored.get("ttft_budget"))):
         costs, costs_from = tiers_.measure(rt, layout, cands, g, key_scale, k), "learn"
 
-    share = 1.0 if kinds == "source" else tiers_.source_share(costs, budget)
+    raw = stored.get("closed")
+    closed = {t: float(v) for t, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
+    closed[task] = tiers_.closed_share(gate.margin, gate.report.get("asks", []))
+    names = {tt["name"] for tt in bank.catalog["tasks"].values()} | {task}
+    closed = {t: v for t, v in closed.items() if t in names}
+    gated_out = tiers_.bank_closed_share(closed, names)
+    share = 1.0 if kinds == "source" else tiers_.source_share(costs, budget, gated_out)
     order = [int(i) for i in rng.permutation(len(cands))]
     old_src_slots = [old[i].slot for i in src_old]
     pass1 = set() if kinds == "source" else kv_select()   # pass 1: how many kv entries the pages hold
@@ -381,7 +387,8 @@ def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, t
             else:
                 evict_src.append(kept_old.pop())
     max_source = 0 if share <= 0 else max(k, 1)
-    tier = TierPlan(new_src, evict_src, share, str(budget) if budget else None, costs, max_source, kinds, costs_from)
+    tier = TierPlan(new_src, evict_src, share, str(budget) if budget else None, costs, max_source, kinds, costs_from,
+                    closed, gated_out)
     return tier, chosen, new_src
 
 

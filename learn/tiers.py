@@ -14,9 +14,15 @@ over its tokens (and the vision graph for an image) on every query that retrieve
 The latency budget (``--ttft-budget``: ``1.5x`` of the no-memory TTFT, or ``120ms``) is a
 bound on the **mean** time to first token over queries. With ``k`` entries per query and
 the costs measured on this device at learn time (``measure``), a query that retrieves a
-source entry costs ``src_ms`` and one that retrieves a kv entry ``kv_ms``; so at most a share
-``f = (budget - kv_ms) / (src_ms - kv_ms)`` of what is stored may be source (``source_share``),
-taking every stored example as equally likely to be retrieved. ``f = 0``: the runtime
+source entry costs ``src_ms``, one that retrieves a kv entry ``kv_ms``, and one that no entry
+passes the gate for ``closed_ms`` (the key pass, then the plain prompt). A share ``q`` of
+queries is gated out (``closed_share``: per task, its leave-one-out queries that its margin
+gate closes, averaged over the bank's tasks as if each were asked equally often), so
+
+    mean = q * closed_ms + (1 - q) * ((1 - f) * kv_ms + f * src_ms) <= budget
+
+and at most a share ``f`` of what is stored may be source (``source_share``), taking every
+stored example as equally likely to be retrieved. ``f = 0``: the runtime
 re-encodes nothing (``max_source = 0`` in the bank); no budget: every example that has a
 slot is kept as source, the most faithful kind.
 
@@ -31,7 +37,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,18 +93,25 @@ class Costs:
     t0_ms: float    # no memory
     kv_ms: float    # with k kv entries (dequantized)
     src_ms: float   # with k source entries (re-encoded)
+    closed_ms: float | None = None   # no entry passes the gate: key pass + plain prompt (None: not
+                                     # measured; priced as kv_ms, the cost model before gates counted)
 
 
-def _ttft(rt, layout, ex, items: list, scheme: str, key_scale, started: float, source: bytes | None = None) -> float:
+def _ttft(rt, layout, ex, items: list, scheme: str, key_scale, started: float, source: bytes | None = None,
+          closed: bool = False) -> float:
     """Time to first token of ``ex`` (a Candidate or Example) with ``items`` injected
     (``Layout.assemble_mixed`` items), or one ``source`` entry prefilled with the query as the
     runtime does at k=1 (``Runtime._one_source``), or neither (the plain prompt, as served), from
     ``started``. With memory, the query's retrieval-key pass runs first, inside the clock: right
-    before the decoder, as when serving (on a small CPU it is slower there than alone)."""
-    if not items and source is None:
+    before the decoder, as when serving (on a small CPU it is slower there than alone).
+    ``closed``: the key pass, then the plain prompt (no entry passed the gate)."""
+    if not items and source is None and not closed:
         return rt.generate(ex.prompt, image=ex.image, max_new_tokens=1, use_memory=False).timings.ttft_ms
     img = image_of(rt, ex)
     key_of(rt, rt.key_encoder(), ex.prompt, img)
+    if closed:
+        key_ms = (time.perf_counter() - started) * 1000.0
+        return key_ms + rt.generate(ex.prompt, image=ex.image, max_new_tokens=1, use_memory=False).timings.ttft_ms
     res = Result("", [], "length")
     if source is not None:
         ids, feats = layout.source_ids(source)
@@ -117,7 +130,7 @@ def _ttft(rt, layout, ex, items: list, scheme: str, key_scale, started: float, s
 
 def _median_costs(rt, run, prompts: list, n: int) -> Costs:
     """``run(i, kind)`` -> ms for prompts 1..n (prompt 0 warms each kind up first)."""
-    kinds = ("none", "kv", "source")
+    kinds = ("none", "kv", "source", "closed")
     for kind in kinds:
         run(0, kind)
     times = {kind: [] for kind in kinds}
@@ -125,12 +138,12 @@ def _median_costs(rt, run, prompts: list, n: int) -> Costs:
         for kind in kinds:
             times[kind].append(run(i, kind))
     out = {kind: statistics.median(v) for kind, v in times.items()}
-    return Costs(out["none"], out["kv"], out["source"])
+    return Costs(out["none"], out["kv"], out["source"], out["closed"])
 
 
 def measure(rt, layout, cands: list[Candidate], geo, key_scale, k: int = 1) -> Costs:
-    """Time the three ways a query can be answered on this device, on a few of the task's own
-    prompts: no memory, ``k`` kv entries (dequantized), ``k`` source entries (re-encoded)."""
+    """Time the ways a query can be answered on this device, on a few of the task's own prompts:
+    no memory, ``k`` kv entries (dequantized), ``k`` source entries (re-encoded), gated out."""
     n = max(1, min(MEASURE_PROMPTS, len(cands) - 1))
     k = max(1, k)
 
@@ -138,8 +151,8 @@ def measure(rt, layout, cands: list[Candidate], geo, key_scale, k: int = 1) -> C
         c = cands[i % len(cands)]
         others = [cands[(i + 1 + j) % len(cands)] for j in range(k)]
         t = time.perf_counter()
-        if kind == "none":
-            return _ttft(rt, layout, c, [], geo.scheme, key_scale, t)
+        if kind in ("none", "closed"):
+            return _ttft(rt, layout, c, [], geo.scheme, key_scale, t, closed=kind == "closed")
         if kind == "kv":
             return _ttft(rt, layout, c, [(x.payload, x.tokens) for x in others], geo.scheme, key_scale, t)
         if k == 1:
@@ -170,9 +183,9 @@ def estimate(rt, layout, examples, k: int = 1) -> tuple[Costs, float]:
         if kind == "kv":
             items = [kv_of(x) for x in others]   # encoded before the clock starts
         t = time.perf_counter()
-        if kind == "none":
-            items = []
-        elif kind == "source":
+        if kind in ("none", "closed"):
+            return _ttft(rt, layout, ex, [], "fp16", None, t, closed=kind == "closed")
+        if kind == "source":
             if k == 1:
                 raw = pack_source(others[0].prompt, others[0].answers[0],
                                   Path(others[0].image).read_bytes() if others[0].image else None)
@@ -211,7 +224,8 @@ def new_bank_share(rt, examples, scheme: str, keep: float | None, budget_text: s
     kept = int(np.ceil(tokens * (keep or 1.0))) if scheme in kvquant.SPARSE else int(round(tokens))
     share = slot_share_for(f, slot, src_bytes, trial.entry_bytes(max(kept, 1)))
     return share, {**report_, "share": round(f, 4), "slot_share": round(share, 4), "entry_tokens": round(tokens, 1),
-                   "ttft_budget": str(budget), "costs_ms": {kk: round(v, 2) for kk, v in asdict(costs).items()}}
+                   "ttft_budget": str(budget),
+                   "costs_ms": {kk: round(v, 2) for kk, v in asdict(costs).items() if v is not None}}
 
 
 SERVE_PROMPTS = 10    # prompts served after a commit to check the budget (``served``)
@@ -250,7 +264,9 @@ def served(rt, path, examples: list, budget: "Budget | None", seed: int = 0, n: 
         out["limit_ms"] = round(budget.limit_ms(t0), 2)
         out["within"] = bool(mean <= budget.limit_ms(t0))
     both = all(len(by_kind.get(k, [])) >= 2 for k in ("kv", "source"))
-    out["costs"] = Costs(t0, statistics.median(by_kind["kv"]), statistics.median(by_kind["source"])) if both else None
+    gated = statistics.median(by_kind["none"]) if len(by_kind.get("none", [])) >= 2 else None
+    out["costs"] = Costs(t0, statistics.median(by_kind["kv"]), statistics.median(by_kind["source"]),
+                         gated) if both else None
     return out
 
 
@@ -275,19 +291,46 @@ def stored_costs(tiers: dict) -> Costs | None:
     """The costs a bank's tier settings recorded (measured when it was created or last re-budgeted)."""
     c = tiers.get("costs_ms")
     try:
-        return Costs(float(c["t0_ms"]), float(c["kv_ms"]), float(c["src_ms"])) if isinstance(c, dict) else None
+        if not isinstance(c, dict):
+            return None
+        closed = c.get("closed_ms")
+        return Costs(float(c["t0_ms"]), float(c["kv_ms"]), float(c["src_ms"]),
+                     float(closed) if closed is not None else None)
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def source_share(costs: Costs | None, budget: Budget | None) -> float:
-    """The largest share of stored examples that may be source within ``budget`` (mean TTFT)."""
+def closed_share(margin: float | None, asks: list) -> float:
+    """The share of a task's leave-one-out queries (``gate.fit_gate``'s ``asks``: [margin, gain])
+    that its margin gate sends to the plain prompt; 0 without a margin gate (an image task's
+    question gate opens for the task's own questions)."""
+    if margin is None or not asks:
+        return 0.0
+    return float(np.mean([float(m) < margin for m, _ in asks]))
+
+
+def bank_closed_share(shares: dict, tasks) -> float:
+    """The gated-out share of queries for a bank holding ``tasks``, each asked equally often
+    (a task without a recorded share counts as never gated out)."""
+    tasks = list(tasks)
+    if not tasks:
+        return 0.0
+    return float(np.mean([float(shares.get(t, 0.0)) for t in tasks]))
+
+
+def source_share(costs: Costs | None, budget: Budget | None, closed: float = 0.0) -> float:
+    """The largest share of stored examples that may be source within ``budget`` (mean TTFT),
+    when a share ``closed`` of queries passes no gate (costing ``costs.closed_ms``)."""
     if budget is None:
         return 1.0
     limit = budget.limit_ms(costs.t0_ms)
+    q = float(np.clip(closed, 0.0, 1.0)) if costs.closed_ms is not None else 0.0
+    if q >= 1.0:
+        return 1.0 if costs.closed_ms <= limit else 0.0
+    served = (limit - q * (costs.closed_ms or 0.0)) / (1.0 - q)   # what the queries with memory may cost
     if costs.src_ms <= costs.kv_ms:
-        return 1.0 if limit >= costs.src_ms else 0.0
-    return float(np.clip((limit - costs.kv_ms) / (costs.src_ms - costs.kv_ms), 0.0, 1.0))
+        return 1.0 if served >= costs.src_ms else 0.0
+    return float(np.clip((served - costs.kv_ms) / (costs.src_ms - costs.kv_ms), 0.0, 1.0))
 
 
 def source_entry(c: Candidate, task: str, tokens: int) -> NewEntry:
@@ -314,11 +357,15 @@ class TierPlan:
     kinds: str = "tiered"        # "tiered" or "source" (the bank's, fixed when it was created)
 
     costs_from: str = "learn"    # "learn": timed by ``measure``/``estimate``; "served": by ``served`` after a commit
+    closed: dict = field(default_factory=dict)   # task -> share of its queries gated out (``closed_share``)
+    gated_out: float = 0.0       # the bank's share of queries gated out, as priced (``bank_closed_share``)
 
     def catalog(self) -> dict:
+        costs = {k: round(v, 2) for k, v in asdict(self.costs).items() if v is not None} if self.costs else None
         return {"kinds": self.kinds, "max_source": self.max_source, "share": round(self.share, 4), "ttft_budget": self.budget,
-                "costs_ms": {k: round(v, 2) for k, v in asdict(self.costs).items()} if self.costs else None,
-                "costs_from": self.costs_from}
+                "costs_ms": costs, "costs_from": self.costs_from,
+                **({"closed": {t: round(v, 4) for t, v in sorted(self.closed.items())},
+                    "gated_out": round(self.gated_out, 4)} if self.closed else {})}
 
 
 def mix(share: float, slots: int, kv_fit: int, old_kv: int, new: int, old_src: int) -> tuple[int, int]:

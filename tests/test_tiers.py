@@ -12,7 +12,8 @@ from inducekv.learn import learn_task
 from inducekv.learn import tiers
 from inducekv.learn.cli import cli as learn_cli
 from inducekv.learn.candidates import as_example as tiers_example
-from inducekv.learn.tiers import Budget, Costs, TierPlan, mix, pick_sources, slot_share_for, source_share
+from inducekv.learn.tiers import (Budget, Costs, TierPlan, bank_closed_share, closed_share, mix, pick_sources,
+                                  slot_share_for, source_share)
 from inducekv.memory.bank import Bank
 from inducekv.memory.cli import cli as bank_cli
 from inducekv.memory.format import TIERS_KEY
@@ -40,6 +41,28 @@ def test_source_share_is_what_the_mean_ttft_budget_allows():
     assert source_share(c, Budget(ms=200.0)) == 1.0
     f = source_share(c, Budget(factor=1.1))
     assert (1 - f) * c.kv_ms + f * c.src_ms == pytest.approx(110.0)   # the mix's mean TTFT is the budget
+
+
+def test_source_share_prices_the_queries_the_gate_sends_to_the_plain_prompt():
+    c = Costs(t0_ms=100.0, kv_ms=80.0, src_ms=140.0, closed_ms=60.0)
+    assert source_share(c, Budget(factor=1.1), closed=0.0) == pytest.approx(0.5)
+    f = source_share(c, Budget(factor=1.1), closed=0.5)              # half the queries cost 60 ms
+    assert f == pytest.approx(1.0)                                    # 0.5 * 60 + 0.5 * 140 = 100 <= 110
+    f = source_share(c, Budget(factor=0.9), closed=0.5)
+    assert 0.5 * 60 + 0.5 * ((1 - f) * 80 + f * 140) == pytest.approx(90.0)
+    assert source_share(c, Budget(factor=0.5), closed=1.0) == 0.0    # even gated out it costs more
+    assert source_share(c, Budget(factor=0.7), closed=1.0) == 1.0
+    old = Costs(t0_ms=100.0, kv_ms=80.0, src_ms=140.0)                # costs stored before gates were priced
+    assert source_share(old, Budget(factor=1.1), closed=0.9) == pytest.approx(0.5)
+
+
+def test_closed_share_counts_the_leave_one_out_queries_under_the_margin():
+    asks = [[0.001, -1.0], [0.004, 0.5], [0.0005, -0.2], [0.01, 2.0]]
+    assert closed_share(None, asks) == 0.0                            # no margin gate: every query served
+    assert closed_share(0.002, asks) == pytest.approx(0.5)
+    assert closed_share(0.002, []) == 0.0
+    assert bank_closed_share({"a": 0.5, "b": 1.0}, ["a", "b", "c"]) == pytest.approx(0.5)
+    assert bank_closed_share({}, []) == 0.0
 
 
 @pytest.mark.parametrize("share,slots,kv_fit,old_kv,new,old_src", [
