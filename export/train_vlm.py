@@ -22,7 +22,9 @@ connector and the rows of the added special tokens train. Recipe:
 
 Half the images of stage 1 and of the direct batches are ``varied`` renderings
 (``imagedata``: backgrounds, outlines, sizes, resolutions, anti-aliasing), so seeing holds
-on images drawn by other code. The defaults are the shipped recipe (one run, seed 0).
+on images drawn by other code. ``--named-colours S`` also colours a share S of the varied
+shapes anywhere in the colour name's range (``imagedata.NAMED_RANGES``; 0 in the shipped
+recipe). The defaults are the shipped recipe (one run, seed 0).
 
 Pixels are made by the runtime's own preprocessing (``runtime/images.py``), so training
 and inference see the same numbers. Everything is seeded; the data is
@@ -291,6 +293,8 @@ def main(argv=None):
     ap.add_argument("--steps2", type=int, default=900, help="alignment steps through the frozen LM")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--episodes", type=float, default=0.35, help="share of stage-2 steps that are in-context episodes")
+    ap.add_argument("--named-colours", type=float, default=0.0,
+                    help="share of varied shapes coloured anywhere in their colour name's range (imagedata.NAMED_RANGES)")
     ap.add_argument("--varied", type=float, default=0.5, help="share of images drawn as varied renderings (stage 1, and stage 2's direct batches)")
     ap.add_argument("--lr", type=float, default=1.0, help="stage-2 learning rates, as a factor of 3e-4 / 1e-3")
     ap.add_argument("--tower-lr", type=float, default=0.33,
@@ -301,6 +305,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
+    data.NAMED_SHARE = args.named_colours
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     log_lines = []

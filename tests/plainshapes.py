@@ -6,7 +6,7 @@ background: Pillow's named colours (not the training palette), axis-aligned squa
 upright triangles and five-pointed stars, printed digits in Pillow's default font (the
 training digits are handwritten), 96x96 canvas, no noise, no jitter.
 
-    sample(family, rng) -> (image uint8 (96, 96, 3), question, answer)
+    sample(family, rng, palette=None) -> (image uint8 (96, 96, 3), question, answer)
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 96
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")   # Pillow's named colours
+# The same names as the xkcd colour survey's most-named RGB values (a second naming source,
+# for colour: ``sample(..., palette=SURVEY)``)
+SURVEY = {"red": "#e50000", "green": "#15b01a", "blue": "#0343df", "yellow": "#ffff14", "purple": "#7e1e9c",
+          "orange": "#f97306"}
 SHAPES = ("circle", "square", "triangle", "star")
 NUMBERS = ("one", "two", "three", "four")
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is this?",
@@ -39,8 +43,9 @@ def _shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float
         draw.polygon(pts, fill=colour)
 
 
-def shapes(rng: np.random.Generator, n: int = 1) -> tuple[np.ndarray, dict]:
+def shapes(rng: np.random.Generator, n: int = 1, palette: dict | None = None) -> tuple[np.ndarray, dict]:
     colour, shape = str(rng.choice(COLOURS)), str(rng.choice(SHAPES))
+    fill = palette[colour] if palette else colour
     img = Image.new("RGB", (SIZE, SIZE), "white")
     draw = ImageDraw.Draw(img)
     r = float(rng.uniform(18, 34)) if n == 1 else float(rng.uniform(9, 13))
@@ -50,7 +55,7 @@ def shapes(rng: np.random.Generator, n: int = 1) -> tuple[np.ndarray, dict]:
         if all(math.dist(c, d) > 2.4 * r for d in centres):
             centres.append(c)
     for cx, cy in centres:
-        _shape(draw, shape, cx, cy, r, colour)
+        _shape(draw, shape, cx, cy, r, fill)
     return np.asarray(img), {"colour": colour, "shape": shape, "count": NUMBERS[n - 1]}
 
 
@@ -64,9 +69,10 @@ def printed_digit(rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     return np.asarray(img), {"digit": str(d)}
 
 
-def sample(family: str, rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
+def sample(family: str, rng: np.random.Generator, palette: dict | None = None) -> tuple[np.ndarray, str, str]:
+    """``palette``: name -> fill for the shapes (default: Pillow's colour of that name)."""
     if family == "digit":
         img, facts = printed_digit(rng)
     else:
-        img, facts = shapes(rng, n=int(rng.integers(1, 5)) if family == "count" else 1)
+        img, facts = shapes(rng, n=int(rng.integers(1, 5)) if family == "count" else 1, palette=palette)
     return img, QUESTIONS[family], facts[family]

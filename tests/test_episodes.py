@@ -97,3 +97,27 @@ def test_batch_equals_entries_encoded_alone_then_injected():
             np.testing.assert_allclose(joint[b, at:at + len(q + a)].numpy(), ref[0].numpy(), atol=1e-4)
             sel = target[b] != -100
             assert target[b][sel].tolist() == a                  # the loss is on the answer + end only
+
+
+def test_varied_colours_stay_inside_their_names_range():
+    """Varied renderings draw a colour anywhere in its name's range; the ranges must not
+    overlap (a label would then be wrong) and must hold the palette's own colour."""
+    import colorsys
+
+    def hue(rgb):
+        h, s, v = colorsys.rgb_to_hsv(*[c / 255 for c in rgb])
+        return h * 360, s, v
+
+    def inside(h, name):
+        lo, hi = imagedata.NAMED_RANGES[name][0]
+        return lo <= h <= hi or lo <= h - 360 <= hi
+
+    rng = np.random.default_rng(0)
+    for name, ((h0, h1), (s0, s1), (v0, v1)) in imagedata.NAMED_RANGES.items():
+        for rgb in [imagedata.COLOURS[name]] + [imagedata._named_fill(name, rng) for _ in range(50)]:
+            h, s, v = hue(rgb)
+            h = h - 360 if h > h1 + 1 else h
+            assert h0 - 1 <= h <= h1 + 1 and s0 - 0.02 <= s <= s1 + 0.02 and v0 - 0.02 <= v <= v1 + 0.02, (name, rgb)
+            assert not any(inside(h % 360, other) for other in imagedata.NAMED_RANGES if other != name), (name, rgb)
+    s = imagedata.shapes(np.random.default_rng(1), varied=True)
+    assert s.image.dtype == np.uint8 and s.facts["colour"] in imagedata.COLOURS
