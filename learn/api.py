@@ -25,7 +25,8 @@ from inducekv.kernels.kvquant import SPARSE, scheme_for_bits
 from inducekv.learn.candidates import as_example
 from inducekv.learn.compact import check_request, new_bank_scheme
 from inducekv.learn.defaults import N_ANCHORS, RESERVE, SCORE_BATCH
-from inducekv.learn.plan import open_or_create, plan, read_examples, task_name, write
+from inducekv.learn.plan import create_bank, open_or_create, plan, read_examples, task_name, write
+from inducekv.learn.tiers import resized_share
 from inducekv.learn.progress import Progress, report
 from inducekv.memory.bank import Bank
 
@@ -113,14 +114,29 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
         tmp = tempfile.TemporaryDirectory()
         path = Path(tmp.name) / "plan.ikv"
     try:
-        with open_or_create(path, rt, budget if budget is not None else rt.profile.default_budget_bytes,
-                            scheme or scheme_for_bits(rt.profile.kv_bits), kinds=kinds, slot_share=slot_share,
-                            sizing=sizing) as bank:
+        cap = budget if budget is not None else rt.profile.default_budget_bytes
+        scheme = scheme or scheme_for_bits(rt.profile.kv_bits)
+        bank = open_or_create(path, rt, cap, scheme, kinds=kinds, slot_share=slot_share, sizing=sizing)
+        try:
             if ttft_budget is not None and not bank.geo.sources:
                 raise InduceKVError(f"{path} holds kv entries only; --ttft-budget needs a bank created with "
                                     "--kinds tiered")
+            first = None
+            if sizing is not None and sizing.get("ttft_budget") is not None:   # a new tiered bank
+                first = _plan(rt, bank, examples, tname, strategy, seed, n_anchors, reserve, compact, slots, keep,
+                              progress, gated, batch, ttft_budget, value_gates)
+                share = resized_share(sizing, first.tiers.share) if first.tiers is not None else None
+                if share is not None:   # split it for the gated-out queries the first plan priced; plan again
+                    bank.close()
+                    sizing = {**sizing, "slot_share": round(share, 4), "share": round(first.tiers.share, 4),
+                              "resized_from": sizing["slot_share"]}
+                    bank = create_bank(path, cap, rt.manifest, scheme, kinds=kinds, slot_share=share, force=True,
+                                       sizing=sizing)
+                    first = None
             return _learn(rt, bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep,
-                          dry_run, progress, gated, batch, ttft_budget, value_gates)
+                          dry_run, progress, gated, batch, ttft_budget, value_gates, first=first)
+        finally:
+            bank.close()
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -153,13 +169,20 @@ def check_kinds(kinds: str, ttft_budget: str | None, path: Path) -> None:
         raise InduceKVError("--ttft-budget chooses between kv and source entries; it needs --kinds tiered")
 
 
-def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep, dry_run,
-           progress, gated=True, batch=SCORE_BATCH, ttft_budget=None, value_gates=True) -> LearnResult:
+def _plan(rt, bank: Bank, examples, tname, strategy, seed, n_anchors, reserve, compact, slots, keep, progress,
+          gated=True, batch=SCORE_BATCH, ttft_budget=None, value_gates=True):
     bank.refresh()
+    return plan(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
+                k=rt.profile.k or 1, progress=progress, gated=gated, compact=compact, slots=slots, keep=keep,
+                batch=batch, ttft_budget=ttft_budget, value_gates=value_gates)
+
+
+def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep, dry_run,
+           progress, gated=True, batch=SCORE_BATCH, ttft_budget=None, value_gates=True, first=None) -> LearnResult:
+    """Plan (or take ``first``, a plan already made on this bank) and write, unless ``dry_run``."""
+    p = first or _plan(rt, bank, examples, tname, strategy, seed, n_anchors, reserve, compact, slots, keep, progress,
+                       gated, batch, ttft_budget, value_gates)
     before = bank.tasks()
-    p = plan(rt, bank, examples, tname, strategy=strategy, seed=seed, n_anchors=n_anchors, reserve=reserve,
-             k=rt.profile.k or 1, progress=progress, gated=gated, compact=compact, slots=slots, keep=keep, batch=batch,
-             ttft_budget=ttft_budget, value_gates=value_gates)
     ids: list[int] = []
     tiers = p.tiers.catalog() if p.tiers is not None else None
     if not dry_run:

@@ -29,7 +29,12 @@ slot is kept as source, the most faithful kind.
 Which examples become source: this task's candidates first (in a seeded random order),
 up to the share and the free slots; the rest compete for kv pages in the usual selection.
 Old source entries are kept while slots and the share allow, else evicted at random (as
-a reservoir would). Evicted kv entries are not demoted to source (their example text is
+a reservoir would).
+
+A new bank's split between slots and pages is sized before any gate is fitted
+(``new_bank_share``, q = 0); the first learn then plans once, and when the share it priced
+with the task's gated-out queries calls for a split more than 10% away (``resized_share``),
+the still-empty bank is created again with that split and the task planned again. Evicted kv entries are not demoted to source (their example text is
 not kept).
 """
 from __future__ import annotations
@@ -222,10 +227,23 @@ def new_bank_share(rt, examples, scheme: str, keep: float | None, budget_text: s
     costs, tokens = estimate(rt, layout, examples, k)
     f = source_share(costs, budget)
     kept = int(np.ceil(tokens * (keep or 1.0))) if scheme in kvquant.SPARSE else int(round(tokens))
-    share = slot_share_for(f, slot, src_bytes, trial.entry_bytes(max(kept, 1)))
-    return share, {**report_, "share": round(f, 4), "slot_share": round(share, 4), "entry_tokens": round(tokens, 1),
+    kv_bytes = trial.entry_bytes(max(kept, 1))
+    share = slot_share_for(f, slot, src_bytes, kv_bytes)
+    return share, {**report_, "kv_bytes": int(kv_bytes), "share": round(f, 4), "slot_share": round(share, 4),
+                   "entry_tokens": round(tokens, 1),
                    "ttft_budget": str(budget),
                    "costs_ms": {kk: round(v, 2) for kk, v in asdict(costs).items() if v is not None}}
+
+
+def resized_share(sizing: dict | None, share: float, tol: float = 0.1) -> float | None:
+    """The slot share a new tiered bank should have, now that the first task's plan priced its
+    source ``share`` with the queries its gates send to the plain prompt (``new_bank_share``
+    sized the bank before any gate was fitted, as if none were); None when the bank as sized
+    is within ``tol`` (relative) of it, or was not sized for a latency budget."""
+    if not sizing or sizing.get("ttft_budget") is None or "kv_bytes" not in sizing:
+        return None
+    want = slot_share_for(share, sizing["slot_bytes"], sizing["source_bytes"], sizing["kv_bytes"])
+    return want if abs(want - sizing["slot_share"]) > tol * sizing["slot_share"] else None
 
 
 SERVE_PROMPTS = 10    # prompts served after a commit to check the budget (``served``)

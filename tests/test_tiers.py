@@ -245,3 +245,35 @@ def test_ikv_bank_create_makes_source_and_tiered_banks_that_ikv_learn_fills(devi
     assert out.exit_code != 0 and "add --kinds tiered" in out.output and not (tmp_path / "x.ikv").exists()
     with Bank.open(tmp_path / "source.ikv") as b:
         assert {e.kind for e in b.entries()} == {"source"}
+
+
+def test_resized_share_only_when_the_first_plan_moves_the_split():
+    sizing = {"ttft_budget": "1x", "slot_bytes": 3000, "source_bytes": 3000, "kv_bytes": 60000,
+              "slot_share": round(slot_share_for(1 / 3, 3000, 3000, 60000), 4)}
+    assert tiers.resized_share(sizing, 1 / 3) is None                                  # as sized
+    assert tiers.resized_share(sizing, 0.5) == pytest.approx(slot_share_for(0.5, 3000, 3000, 60000))
+    assert tiers.resized_share({**sizing, "ttft_budget": None}, 0.5) is None           # no budget: sized for all source
+    assert tiers.resized_share({k: v for k, v in sizing.items() if k != "kv_bytes"}, 0.5) is None   # an older report
+
+
+def test_a_new_tiered_bank_is_split_for_the_queries_its_first_gate_sends_away(rt, tmp_path, monkeypatch):
+    """Sized before any gate exists, then split again once the first plan prices the gated-out
+    queries: half gated out at 9 ms lets half the stored examples be source (1/3 without), so
+    the bank gets more slots than one sized as if no query were gated out."""
+    fixed = Costs(t0_ms=10.0, kv_ms=8.0, src_ms=14.0, closed_ms=9.0)
+    monkeypatch.setattr(tiers, "estimate", lambda *a, **k: (fixed, 12.0))
+    monkeypatch.setattr(tiers, "measure", lambda *a, **k: fixed)
+    monkeypatch.setattr(tiers, "served", lambda *a, **k: {"prompts": 1, "t0_ms": 10.0, "mean_ms": 9.0, "ratio": 0.9,
+                                                          "by_kind": {}, "limit_ms": 10.0, "within": True,
+                                                          "costs": fixed})
+    slots = {}
+    for q in (0.0, 0.5):
+        monkeypatch.setattr(tiers, "closed_share", lambda margin, asks, q=q: q)
+        bank = tmp_path / f"q{q}.ikv"
+        res = learn_task(rt, bank, CODES, name="codes", budget=1 << 20, kinds="tiered", ttft_budget="1.0x",
+                         n_anchors=2, scheme="int8", compact="none")
+        assert res.tiers["share"] == pytest.approx(1 / 3 if q == 0 else 0.5, abs=1e-3)
+        with Bank.open(bank) as b:
+            slots[q] = b.geo.slots
+            assert b.usage()["entries"] == res.added > 0
+    assert slots[0.5] > slots[0.0]

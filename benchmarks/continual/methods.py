@@ -88,21 +88,25 @@ class BankMethod:
         self.memory = None
         self.served = []   # tiered banks with a latency budget: the serve check after each learn
 
+    def absorb(self, bank, task, examples, candidates, dry_run: bool = False):
+        """``learn.plan.absorb`` with the shared candidates, repacked for ``bank``."""
+        g = bank.geo
+        candidates = candidates[CAND_SCHEME[g.scheme in kvquant.SPARSE]]
+        if g.scheme in kvquant.SHARED_KEY_SCALE and bank.key_scales() is None:  # as ikv-learn fits them
+            sample = [kvquant.unpack(c.payload, candidates_scheme(c), g.num_layers, g.kv_heads, c.tokens,
+                                     g.head_dim)[0] for c in candidates[:16]]
+            with bank.transaction() as tx:
+                tx.set_key_scales(kvquant.fit_key_scale(sample, g.scheme))
+        candidates = repack(candidates, g, bank.key_scales())
+        return L.absorb(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed, reserve=self.reserve,
+                        candidates=candidates, n_anchors=N_ANCHORS, gated=self.gated, value_gates=self.value_gates,
+                        dry_run=dry_run)
+
     def learn(self, task, examples, candidates):
         if self.memory is not None:
             self.memory.close()
         with Bank.open(self.path, writable=True) as bank:
-            g = bank.geo
-            candidates = candidates[CAND_SCHEME[g.scheme in kvquant.SPARSE]]
-            if g.scheme in kvquant.SHARED_KEY_SCALE and bank.key_scales() is None:  # as ikv-learn fits them
-                sample = [kvquant.unpack(c.payload, candidates_scheme(c), g.num_layers, g.kv_heads, c.tokens,
-                                         g.head_dim)[0] for c in candidates[:16]]
-                with bank.transaction() as tx:
-                    tx.set_key_scales(kvquant.fit_key_scale(sample, g.scheme))
-            candidates = repack(candidates, g, bank.key_scales())
-            p = L.absorb(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed,
-                         reserve=self.reserve, candidates=candidates, n_anchors=N_ANCHORS, gated=self.gated,
-                         value_gates=self.value_gates)
+            p = self.absorb(bank, task, examples, candidates)
             if p.tiers is not None and p.tiers.budget is not None:   # as ikv-learn: time the bank as served, refit
                 from inducekv.learn.tiers import serve_check
 
@@ -140,6 +144,17 @@ class TieredMethod(BankMethod):
                                                 self.cap, 1, self.kinds)
             create_bank(self.path, self.cap, self.rt.manifest, scheme, 192, self.kinds, share, force=True,
                         sizing=self.sizing).close()
+            if self.ttft_budget is not None:   # as ikv-learn: resplit for the gated-out queries the first plan prices
+                from inducekv.learn.tiers import resized_share
+
+                with Bank.open(self.path, writable=True) as bank:
+                    first = self.absorb(bank, task, examples, candidates, dry_run=True)
+                share = resized_share(self.sizing, first.tiers.share) if first.tiers is not None else None
+                if share is not None:
+                    self.sizing = {**self.sizing, "slot_share": round(share, 4), "share": round(first.tiers.share, 4),
+                                   "resized_from": self.sizing["slot_share"]}
+                    create_bank(self.path, self.cap, self.rt.manifest, scheme, 192, self.kinds, share, force=True,
+                                sizing=self.sizing).close()
         super().learn(task, examples, candidates)
 
     def entries(self) -> dict:
