@@ -61,7 +61,10 @@ def markdown(results: dict) -> str:
              "k=1, greedy. Forgetting: mean drop from a task's best to its final accuracy; BWT: final minus "
              "just-learned accuracy.", ""]
     for seq, r in results["sequences"].items():
-        lines += [f"## {seq}: {', '.join(r['tasks'])} ({r['n_train']} train / {r['n_test']} test per task)", "",
+        sizes = {tuple(v) for v in r.get("sizes", {}).values()} or {(r["n_train"], r["n_test"])}
+        per_task = (f"up to {r['n_train']} train / {r['n_test']} test per task" if len(sizes) != 1
+                    else "{} train / {} test per task".format(*sizes.pop()))
+        lines += [f"## {seq}: {', '.join(r['tasks'])} ({per_task})", "",
                   "| method | cap | final avg acc | known | avg incremental | forgetting | BWT | median TTFT ms |",
                   "|---|---|---|---|---|---|---|---|"]
         for m in (m for m in ONCE if m in r):

@@ -208,7 +208,8 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
     t0 = time.perf_counter()
     tasks = build_tasks(seq, bundle, n_train, n_test, seed, work)
     log(f"[{seq}] {len(tasks)} tasks: " + ", ".join(f"{n} ({len(a)} train / {len(b)} test)" for n, (a, b) in tasks.items()))
-    res = {"tasks": list(tasks), "encode_s": 0.0, "caps": {}, "n_train": n_train, "n_test": n_test}
+    res = {"tasks": list(tasks), "encode_s": 0.0, "caps": {}, "n_train": n_train, "n_test": n_test,
+           "sizes": {n: [len(a), len(b)] for n, (a, b) in tasks.items()}}   # as built (a task file may hold fewer)
     cands = {n: None for n in tasks}
     if set(methods) - set(TORCH_METHODS):   # the bank methods and prompt retrieval use the candidates
         t = time.perf_counter()
