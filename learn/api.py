@@ -26,7 +26,7 @@ from inducekv.learn.candidates import as_example
 from inducekv.learn.compact import check_request, new_bank_scheme
 from inducekv.learn.defaults import N_ANCHORS, RESERVE, SCORE_BATCH
 from inducekv.learn.plan import create_bank, open_or_create, plan, read_examples, task_name, write
-from inducekv.learn.tiers import resized_share
+from inducekv.learn.tiers import resplit
 from inducekv.learn.progress import Progress, report
 from inducekv.memory.bank import Bank
 
@@ -125,11 +125,10 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
             if sizing is not None and sizing.get("ttft_budget") is not None:   # a new tiered bank
                 first = _plan(rt, bank, examples, tname, strategy, seed, n_anchors, reserve, compact, slots, keep,
                               progress, gated, batch, ttft_budget, value_gates)
-                share = resized_share(sizing, first.tiers.share) if first.tiers is not None else None
-                if share is not None:   # split it for the gated-out queries the first plan priced; plan again
+                split = resplit(sizing, first.tiers.share) if first.tiers is not None else None
+                if split is not None:   # split it for the gated-out queries the first plan priced; plan again
                     bank.close()
-                    sizing = {**sizing, "slot_share": round(share, 4), "share": round(first.tiers.share, 4),
-                              "resized_from": sizing["slot_share"]}
+                    share, sizing = split
                     bank = create_bank(path, cap, rt.manifest, scheme, kinds=kinds, slot_share=share, force=True,
                                        sizing=sizing)
                     first = None

@@ -246,6 +246,16 @@ def resized_share(sizing: dict | None, share: float, tol: float = 0.1) -> float 
     return want if abs(want - sizing["slot_share"]) > tol * sizing["slot_share"] else None
 
 
+def resplit(sizing: dict | None, share: float) -> tuple[float, dict] | None:
+    """(slot share, updated sizing report) for a new tiered bank whose first plan priced source
+    ``share`` (``resized_share``), or None when the split it has is kept."""
+    slot_share = resized_share(sizing, share)
+    if slot_share is None:
+        return None
+    return slot_share, {**sizing, "slot_share": round(slot_share, 4), "share": round(share, 4),
+                        "resized_from": sizing["slot_share"]}
+
+
 SERVE_PROMPTS = 10    # prompts served after a commit to check the budget (``served``)
 
 

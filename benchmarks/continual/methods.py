@@ -145,14 +145,13 @@ class TieredMethod(BankMethod):
             create_bank(self.path, self.cap, self.rt.manifest, scheme, 192, self.kinds, share, force=True,
                         sizing=self.sizing).close()
             if self.ttft_budget is not None:   # as ikv-learn: resplit for the gated-out queries the first plan prices
-                from inducekv.learn.tiers import resized_share
+                from inducekv.learn.tiers import resplit
 
                 with Bank.open(self.path, writable=True) as bank:
                     first = self.absorb(bank, task, examples, candidates, dry_run=True)
-                share = resized_share(self.sizing, first.tiers.share) if first.tiers is not None else None
-                if share is not None:
-                    self.sizing = {**self.sizing, "slot_share": round(share, 4), "share": round(first.tiers.share, 4),
-                                   "resized_from": self.sizing["slot_share"]}
+                split = resplit(self.sizing, first.tiers.share) if first.tiers is not None else None
+                if split is not None:
+                    share, self.sizing = split
                     create_bank(self.path, self.cap, self.rt.manifest, scheme, 192, self.kinds, share, force=True,
                                 sizing=self.sizing).close()
         super().learn(task, examples, candidates)
