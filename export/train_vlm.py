@@ -24,7 +24,7 @@ Half the images of stage 1 and of the direct batches are ``varied`` renderings
 (``imagedata``: backgrounds, outlines, sizes, resolutions, anti-aliasing), so seeing holds
 on images drawn by other code. ``--named-colours S`` also colours a share S of the varied
 shapes anywhere in the colour name's range (``imagedata.NAMED_RANGES``; 0 in the shipped
-recipe). The defaults are the shipped recipe (one run, seed 0).
+recipe), in both stages or, with ``--named-in``, in one. The defaults are the shipped recipe (one run, seed 0).
 
 Pixels are made by the runtime's own preprocessing (``runtime/images.py``), so training
 and inference see the same numbers. Everything is seeded; the data is
@@ -295,6 +295,8 @@ def main(argv=None):
     ap.add_argument("--episodes", type=float, default=0.35, help="share of stage-2 steps that are in-context episodes")
     ap.add_argument("--named-colours", type=float, default=0.0,
                     help="share of varied shapes coloured anywhere in their colour name's range (imagedata.NAMED_RANGES)")
+    ap.add_argument("--named-in", choices=("both", "stage1", "stage2"), default="both",
+                    help="the stages whose varied shapes --named-colours applies to")
     ap.add_argument("--varied", type=float, default=0.5, help="share of images drawn as varied renderings (stage 1, and stage 2's direct batches)")
     ap.add_argument("--lr", type=float, default=1.0, help="stage-2 learning rates, as a factor of 3e-4 / 1e-3")
     ap.add_argument("--tower-lr", type=float, default=0.33,
@@ -305,7 +307,6 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
-    data.NAMED_SHARE = args.named_colours
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     log_lines = []
@@ -331,9 +332,11 @@ def main(argv=None):
         before = float(earlier.get("train_minutes", 0.0))
         log(f"started from {args.init} ({before:.1f} min of training, recipe {earlier.get('recipe')})")
     log(f"loaded backbone in {time.time() - t0:.0f} s; tower {sum(p.numel() for p in tower.parameters()):,} params")
+    data.NAMED_SHARE = args.named_colours if args.named_in in ("both", "stage1") else 0.0
     if args.steps1:
         stage1(tower, settings, args.steps1, args.batch1, rng, log, varied=args.varied)
     t1 = time.time()
+    data.NAMED_SHARE = args.named_colours if args.named_in in ("both", "stage2") else 0.0
     stage2(tower, lm, tok, settings, args.steps2, args.batch, rng, log, image_id, new_ids,
            episodes_share=args.episodes, episode_batch=args.episode_batch, varied=args.varied, lr=args.lr,
            tower_lr=args.tower_lr)

@@ -120,6 +120,9 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
             kinds_ = ", ".join(f"{k} {v['median_ms']:.0f} ms x{v['n']}" for k, v in sv["by_kind"].items())
             click.echo(f"served {sv['prompts']} of the task's prompts from the bank: mean TTFT {sv['mean_ms']:.0f} ms = "
                        f"{sv['ratio']:.2f}x no memory ({sv['t0_ms']:.0f} ms); by top entry: {kinds_}; "
+                       + (f"with the {sv['gated_out']:.0%} of queries the gates send to the plain prompt "
+                          f"({sv['closed_ms']:.0f} ms each): {sv['priced_ms']:.0f} ms = {sv['priced_ratio']:.2f}x; "
+                          if "priced_ms" in sv else "")
                        + ("within the budget" if sv.get("within") else
                           f"OVER the budget ({sv['limit_ms']:.0f} ms): the next learn plans with these costs"))
     click.echo(f"bank: {res.bytes_used / 2**20:.2f} MiB of pages"

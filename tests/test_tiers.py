@@ -147,7 +147,7 @@ def test_a_tiered_bank_mixes_kinds_within_the_budget_it_measured(rt, tmp_path, m
     monkeypatch.setattr(tiers, "measure", lambda *a, **k: fixed)
     checked = []
 
-    def served(rt_, path, examples, budget, seed=0):   # the serve check after the commit (tested below on its own)
+    def served(rt_, path, examples, budget, seed=0, **priced):   # the serve check after the commit (tested below)
         checked.append(str(budget))
         return {"prompts": 4, "t0_ms": 10.0, "mean_ms": 9.5, "ratio": 0.95, "by_kind": {}, "limit_ms": 10.0,
                 "within": True, "costs": fixed}
@@ -194,6 +194,16 @@ def test_the_serve_check_times_the_bank_as_served_and_the_next_learn_plans_with_
         assert got["limit_ms"] == pytest.approx(1.5 * got["t0_ms"], abs=0.02)
         if abs(got["mean_ms"] - got["limit_ms"]) > 0.05:
             assert got["within"] == (got["mean_ms"] <= got["limit_ms"])
+        # the task's own prompts always pass the gate: the check prices the planner's gated-out share
+        half = tiers.served(rt, b.path, [tiers_example(e) for e in CODES], tiers.Budget.parse("1.5x"), n=6,
+                            gated_out=0.5, closed_ms=1.0)
+        none = half["by_kind"].get("none", {"n": 0})
+        closed = none["median_ms"] if none["n"] >= 2 else 1.0
+        assert half["gated_out"] == 0.5 and half["closed_ms"] == pytest.approx(closed, abs=0.01)
+        assert half["priced_ms"] == pytest.approx(0.5 * closed + 0.5 * half["mean_ms"], abs=0.02)
+        if abs(half["priced_ms"] - half["limit_ms"]) > 0.05:
+            assert half["within"] == (half["priced_ms"] <= half["limit_ms"])
+        assert "priced_ms" not in got                      # nothing gated out: the plain mean is the check
         # served costs replace the planned ones (a commit of their own), and the next learn plans with them
         slow = Costs(t0_ms=10.0, kv_ms=9.0, src_ms=11.0)          # 1.0x -> share (10 - 9) / (11 - 9) = 1/2
         monkeypatch.setattr(tiers, "served", lambda *a, **k: {**got, "costs": slow})
