@@ -121,7 +121,7 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
             if ttft_budget is not None and not bank.geo.sources:
                 raise InduceKVError(f"{path} holds kv entries only; --ttft-budget needs a bank created with "
                                     "--kinds tiered")
-            first = None
+            first, extra = None, {}
             if sizing is not None and sizing.get("ttft_budget") is not None:   # a new tiered bank
                 first = _plan(rt, bank, examples, tname, strategy, seed, n_anchors, reserve, compact, slots, keep,
                               progress, gated, batch, ttft_budget, value_gates)
@@ -131,9 +131,10 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
                     share, sizing = split
                     bank = create_bank(path, cap, rt.manifest, scheme, kinds=kinds, slot_share=share, force=True,
                                        sizing=sizing)
+                    extra = {"resplit_plan_s": sum(first.timings.values())}   # the first plan's phases, summed
                     first = None
             return _learn(rt, bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep,
-                          dry_run, progress, gated, batch, ttft_budget, value_gates, first=first)
+                          dry_run, progress, gated, batch, ttft_budget, value_gates, first=first, extra_timings=extra)
         finally:
             bank.close()
     finally:
@@ -177,10 +178,14 @@ def _plan(rt, bank: Bank, examples, tname, strategy, seed, n_anchors, reserve, c
 
 
 def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reserve, compact, slots, keep, dry_run,
-           progress, gated=True, batch=SCORE_BATCH, ttft_budget=None, value_gates=True, first=None) -> LearnResult:
-    """Plan (or take ``first``, a plan already made on this bank) and write, unless ``dry_run``."""
+           progress, gated=True, batch=SCORE_BATCH, ttft_budget=None, value_gates=True, first=None,
+           extra_timings=None) -> LearnResult:
+    """Plan (or take ``first``, a plan already made on this bank) and write, unless ``dry_run``.
+    ``extra_timings``: phases before this plan (a new tiered bank's first plan, when it was
+    re-split) reported with its own."""
     p = first or _plan(rt, bank, examples, tname, strategy, seed, n_anchors, reserve, compact, slots, keep, progress,
                        gated, batch, ttft_budget, value_gates)
+    p.timings.update(extra_timings or {})
     before = bank.tasks()
     ids: list[int] = []
     tiers = p.tiers.catalog() if p.tiers is not None else None

@@ -283,6 +283,7 @@ def test_a_new_tiered_bank_is_split_for_the_queries_its_first_gate_sends_away(rt
         res = learn_task(rt, bank, CODES, name="codes", budget=1 << 20, kinds="tiered", ttft_budget="1.0x",
                          n_anchors=2, scheme="int8", compact="none")
         assert res.tiers["share"] == pytest.approx(1 / 3 if q == 0 else 0.5, abs=1e-3)
+        assert ("resplit_plan_s" in res.timings_s) == (q > 0)     # the first plan's time is reported too
         with Bank.open(bank) as b:
             slots[q] = b.geo.slots
             assert b.usage()["entries"] == res.added > 0
