@@ -31,8 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 
 COVER_POINTS = 1024   # keys coverage is measured on (a seeded sample above this): RAM O(n * 1024), not O(n^2)
-STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "no-likelihood", "no-coverage", "random", "fifo", "all")
+STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "no-likelihood", "no-coverage", "no-per-byte", "random",
+              "fifo", "all")
 # "all": keep every old entry, add new ones in order while they fit (no selection; for building test banks)
+# "no-per-byte": the full objective, greedy on marginal value per entry instead of per byte (an ablation)
 
 
 @dataclass(frozen=True)
@@ -120,14 +122,15 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
 
     chosen, used, used_new = [], 0, 0
     alive = np.ones(n, bool)
-    bound = np.array([value(i) for i in range(n)]) / pool.nbytes              # lazy greedy: values only shrink
+    cost = np.ones(n) if strategy == "no-per-byte" else pool.nbytes.astype(np.float64)   # what a unit of value pays
+    bound = np.array([value(i) for i in range(n)]) / cost                     # lazy greedy: values only shrink
     while alive.any() and len(chosen) < cap:
         i = int(np.argmax(np.where(alive, bound, -np.inf)))
         v = value(i)
         others = np.where(alive, bound, -np.inf)
         others[i] = -np.inf
-        if v / pool.nbytes[i] < others.max() - 1e-12:  # stale bound: refresh and retry
-            bound[i] = v / pool.nbytes[i]
+        if v / cost[i] < others.max() - 1e-12:  # stale bound: refresh and retry
+            bound[i] = v / cost[i]
             continue
         alive[i] = False
         if v <= 0:

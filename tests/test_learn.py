@@ -43,6 +43,9 @@ def test_greedy_prefers_value_per_byte_and_fifo_keeps_newest(rng):
     assert sel.select(p, 2000, 10000, "likelihood").tolist() == [0, 1]  # 1.0/1000 and 0.1/1000 beat 2.0/4000 ... and fit
     assert sel.select(p, 5000, 10000, "likelihood").tolist() == [0, 2]
     assert sel.select(p, 5000, 10000, "fifo").tolist() == [1, 2]  # newest first: the new item, then age 1
+    no_cov = sel.Weights(cov=0.0)
+    assert sel.select(p, 4000, 10000, "full", no_cov).tolist() == [0, 1]          # per byte: two small ones
+    assert sel.select(p, 4000, 10000, "no-per-byte", no_cov).tolist() == [2]      # per entry: the most valuable
 
 
 def test_calibration_fit_reduces_heldout_retrieval_loss(rng):

@@ -61,6 +61,7 @@ BANK_METHODS = {"inducekv": "full", "random": "random", "fifo": "fifo"}
 ABLATIONS = {   # inducekv with one part of the selection or the gate removed (not run unless named)
     "inducekv-no-likelihood": ("no-likelihood", True), "inducekv-no-coverage": ("no-coverage", True),
     "inducekv-no-anchors": ("no-anchors", True), "inducekv-no-gate": ("full", False),
+    "inducekv-no-per-byte": ("no-per-byte", True),   # greedy on value per entry, not per byte
     "inducekv-no-value-gates": ("full", True),   # the per-layer value gates not fitted (learn/calibrate.py)
 }
 
