@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 
 COVER_POINTS = 1024   # keys coverage is measured on (a seeded sample above this): RAM O(n * 1024), not O(n^2)
-STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "no-likelihood", "no-coverage", "no-per-byte", "random",
-              "fifo", "all")
+STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "no-likelihood", "no-coverage", "no-per-byte", "balanced",
+              "random", "fifo", "all")
 # "all": keep every old entry, add new ones in order while they fit (no selection; for building test banks)
 # "no-per-byte": the full objective, greedy on marginal value per entry instead of per byte (an ablation)
+# "balanced": the full objective with every task's attainable value scaled to the tasks' mean (a trial)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,22 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
         m = task == t
         if use[m].sum() > 0 and w.lik > 0:
             use[m] *= (w.lik * gain[m]).sum() / use[m].sum()
+
+    if strategy == "balanced":   # each task worth the same: its attainable value scaled to the tasks' mean
+        worth = {int(t): float(use[task == t].sum()) for t in np.unique(task)}
+        if fl is not None:      # a task's served queries: each worth its best server's weighted gain
+            best_q: dict[tuple[int, int], float] = {}
+            for q, s_, g, wt in zip(fq, fs, fg, fw):
+                k_ = (int(task[s_]), int(q))
+                best_q[k_] = max(best_q.get(k_, 0.0), float(wt * g))
+            for (t, _), v in best_q.items():
+                worth[t] += v
+        pos = [v for v in worth.values() if v > 0]
+        if pos:
+            scale = np.array([np.mean(pos) / worth[int(t)] if worth[int(t)] > 0 else 1.0 for t in task])
+            use = use * scale
+            if fl is not None:
+                fg = fg * scale[fs]
 
     def value(i: int) -> float:
         t = int(task[i])

@@ -48,6 +48,19 @@ def test_greedy_prefers_value_per_byte_and_fifo_keeps_newest(rng):
     assert sel.select(p, 4000, 10000, "no-per-byte", no_cov).tolist() == [2]      # per entry: the most valuable
 
 
+def test_balanced_selection_gives_each_task_the_same_worth(rng):
+    """Task 0's entries gain 10x task 1's: full selection gives task 0 most of the room, the
+    balanced trial scales both tasks to the same attainable value and splits it evenly."""
+    task = np.r_[np.zeros(4, int), np.ones(4, int)]
+    p = sel.Pool(nbytes=np.full(8, 1000.0), gain=np.r_[np.full(4, 5.0), np.full(4, 0.5)], retention=np.zeros(8),
+                 keys=rng.standard_normal((8, 6)), is_new=np.ones(8, bool), age=np.zeros(8), task=task)
+    no_cov = sel.Weights(cov=0.0)
+    full = sel.select(p, 4000, 4000, "full", no_cov)
+    balanced = sel.select(p, 4000, 4000, "balanced", no_cov)
+    assert np.bincount(task[full], minlength=2).tolist() == [3, 1]
+    assert np.bincount(task[balanced], minlength=2).tolist() == [2, 2]
+
+
 def test_calibration_fit_reduces_heldout_retrieval_loss(rng):
     K, n = 32, 400
     keys = rng.standard_normal((60, K))

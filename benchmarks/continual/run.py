@@ -62,6 +62,7 @@ ABLATIONS = {   # inducekv with one part of the selection or the gate removed (n
     "inducekv-no-likelihood": ("no-likelihood", True), "inducekv-no-coverage": ("no-coverage", True),
     "inducekv-no-anchors": ("no-anchors", True), "inducekv-no-gate": ("full", False),
     "inducekv-no-per-byte": ("no-per-byte", True),   # greedy on value per entry, not per byte
+    "inducekv-balanced": ("balanced", True),         # every task's attainable value scaled to the same
     "inducekv-no-value-gates": ("full", True),   # the per-layer value gates not fitted (learn/calibrate.py)
 }
 
