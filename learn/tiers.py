@@ -298,8 +298,9 @@ def served(rt, path, examples: list, budget: "Budget | None", seed: int = 0, n: 
     gated = statistics.median(by_kind["none"]) if len(by_kind.get("none", [])) >= 2 else None
     q = float(np.clip(gated_out, 0.0, 1.0))
     closed = gated if gated is not None else closed_ms
-    priced = mean if q == 0.0 or closed is None else q * closed + (1.0 - q) * mean
-    if priced != mean:
+    priced = mean
+    if q > 0.0 and closed is not None:
+        priced = q * closed + (1.0 - q) * mean
         out.update(gated_out=round(q, 4), closed_ms=round(closed, 2), priced_ms=round(priced, 2),
                    priced_ratio=round(priced / t0, 3))
     if budget is not None:
