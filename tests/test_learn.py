@@ -44,21 +44,40 @@ def test_greedy_prefers_value_per_byte_and_fifo_keeps_newest(rng):
     assert sel.select(p, 5000, 10000, "likelihood").tolist() == [0, 2]
     assert sel.select(p, 5000, 10000, "fifo").tolist() == [1, 2]  # newest first: the new item, then age 1
     no_cov = sel.Weights(cov=0.0)
+    p = sel.Pool(nbytes=np.array([1000.0, 1000, 4000, 4000]), gain=np.array([0.4, 0.1, 2.0, 2.0]),
+                 retention=np.zeros(4), keys=rng.standard_normal((4, 8)), is_new=np.ones(4, bool), age=np.zeros(4))
     assert sel.select(p, 4000, 10000, "full", no_cov).tolist() == [0, 1]          # per byte: two small ones
     assert sel.select(p, 4000, 10000, "no-per-byte", no_cov).tolist() == [2]      # per entry: the most valuable
 
 
-def test_balanced_selection_gives_each_task_the_same_worth(rng):
-    """Task 0's entries gain 10x task 1's: full selection gives task 0 most of the room, the
-    balanced trial scales both tasks to the same attainable value and splits it evenly."""
+def test_each_task_counts_its_gains_in_its_own_unit(rng):
+    """Task 0's entries gain 10x task 1's (a made-up name vs a common word: the answer's
+    surprisal bounds its gain, not how often it is copied). Full selection counts each task's
+    gains in units of its own typical gain and splits the room evenly, as does the balanced
+    trial; with one unit for all tasks (global-scale, before 2026-12) task 0 takes most."""
     task = np.r_[np.zeros(4, int), np.ones(4, int)]
     p = sel.Pool(nbytes=np.full(8, 1000.0), gain=np.r_[np.full(4, 5.0), np.full(4, 0.5)], retention=np.zeros(8),
                  keys=rng.standard_normal((8, 6)), is_new=np.ones(8, bool), age=np.zeros(8), task=task)
     no_cov = sel.Weights(cov=0.0)
     full = sel.select(p, 4000, 4000, "full", no_cov)
     balanced = sel.select(p, 4000, 4000, "balanced", no_cov)
-    assert np.bincount(task[full], minlength=2).tolist() == [3, 1]
+    one_unit = sel.select(p, 4000, 4000, "global-scale", no_cov)
+    assert np.bincount(task[full], minlength=2).tolist() == [2, 2]
     assert np.bincount(task[balanced], minlength=2).tolist() == [2, 2]
+    assert np.bincount(task[one_unit], minlength=2).tolist() == [3, 1]
+
+
+def test_a_gain_above_its_tasks_typical_gain_counts_as_one_copy(rng):
+    """Within a task, gains above the task's typical gain (TASK_SCALE quantile) count the same
+    (SATURATE): an entry with an outsized gain does not crowd out two facts of its task in the
+    same bytes (counted by its gain, 9/2000 per byte would beat 1/1000)."""
+    gain = np.array([9.0, 1.0, 1.0, 1.0, 0.2])
+    p = sel.Pool(nbytes=np.array([2000.0, 1000, 1000, 1000, 1000]), gain=gain, retention=np.zeros(5),
+                 keys=rng.standard_normal((5, 6)), is_new=np.ones(5, bool), age=np.zeros(5), task=np.zeros(5, int))
+    assert np.allclose(sel._scales(gain, np.zeros(5, int)), 1.0)  # the 0.75 quantile of the positive gains
+    no_cov = sel.Weights(cov=0.0)
+    assert sel.select(p, 2000, 2000, "full", no_cov).tolist() == [1, 2]      # two facts, not the one big gain
+    assert sel.select(p, 5000, 5000, "full", no_cov).tolist() == [0, 1, 2, 3]   # the four that answer, not the 0.2
 
 
 def test_calibration_fit_reduces_heldout_retrieval_loss(rng):

@@ -63,6 +63,7 @@ ABLATIONS = {   # inducekv with one part of the selection or the gate removed (n
     "inducekv-no-anchors": ("no-anchors", True), "inducekv-no-gate": ("full", False),
     "inducekv-no-per-byte": ("no-per-byte", True),   # greedy on value per entry, not per byte
     "inducekv-balanced": ("balanced", True),         # every task's attainable value scaled to the same
+    "inducekv-global-scale": ("global-scale", True),  # every task's gains in one unit (the default before 2026-12)
     "inducekv-no-value-gates": ("full", True),   # the per-layer value gates not fitted (learn/calibrate.py)
 }
 
