@@ -113,9 +113,9 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
     total = {int(t): 0.0 for t in np.unique(task)}                            # sum of kept gains per task
 
     fl = pool.served if pool.served is not None and w.lik > 0 else None
-    if fl is not None:          # servers of the facility location: their own gain is one of its terms
-        fq, fs, fg, fw = fl
-        gain = np.where(np.isin(np.arange(n), fs), 0.0, gain)
+    if fl is not None:          # servers of the facility location: their own gain is one of its terms; a new
+        fq, fs, fg, fw = fl     # candidate that serves nothing there (``value.contradicted``) is worth nothing
+        gain = np.where(np.isin(np.arange(n), fs) | pool.is_new, 0.0, gain)
         order = np.argsort(fs, kind="stable")
         fq, fs, fg, fw = fq[order], fs[order], np.clip(fg[order] / g0[fs[order]], 0.0, top) * w.lik, fw[order]
         lo, hi = np.searchsorted(fs, np.arange(n)), np.searchsorted(fs, np.arange(n), side="right")

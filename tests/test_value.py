@@ -5,7 +5,7 @@ import numpy as np
 
 from inducekv.learn import select as sel
 from inducekv.learn.candidates import Candidate
-from inducekv.learn.value import TWIN, served
+from inducekv.learn.value import TWIN, contradicted, served
 
 
 def _cand(gain, neighbours=(), gains=()):
@@ -93,3 +93,31 @@ def test_a_learn_stores_twin_groups_of_the_entries_it_keeps(tmp_path, tiny_bundl
         for ci, e in by_cand.items():
             mates = [by_cand[cj] for cj in by_cand if group[cj] == group[ci]]
             assert (e in twins) == (len(mates) > 1) and (len(mates) < 2 or twins[e] == min(mates))
+
+
+def _noisy():
+    """Fact A stated three times: 0 and 1 agree (each serves the other), 2 says otherwise (it
+    serves neither well, neither serves it) and has the largest own gain; fact B (3, 4) twice,
+    agreeing; fact C (5) once, its nearest B's pair, which have A's statements nearer than C."""
+    return [_cand(3.0, (1, 2), (2.6, 0.9)), _cand(3.0, (0, 2), (2.5, 1.0)), _cand(3.5, (0, 1), (0.2, 0.3)),
+            _cand(3.0, (4, 0), (2.7, 0.1)), _cand(3.0, (3, 1), (2.8, 0.0)), _cand(3.0, (3, 4), (0.1, 0.2))]
+
+
+def test_a_statement_outvoted_by_its_neighbours_is_contradicted():
+    cands = _noisy()
+    # 2: its neighbours 0 and 1 are twins, both list 2, it is no twin of theirs, nor they of it.
+    # 5 (a lone fact beside B's pair) has the same gains, but B's pair do not list it: kept.
+    assert contradicted(cands) == {2}
+    q, s, g, w = served(cands)
+    assert 2 not in q.tolist() and 2 not in s.tolist()
+    agree = [_cand(3.0, (1, 2), (2.6, 2.0)), _cand(3.0, (0, 2), (2.5, 2.2)), _cand(3.0, (0, 1), (2.0, 2.1))]
+    assert contradicted(agree) == set()                                      # three statements that agree
+    lone = [_cand(3.0, (1,), (0.1,)), _cand(3.0, (0,), (0.1,))]
+    assert contradicted(lone) == set()                                       # fewer than two neighbours
+
+
+def test_selection_leaves_out_the_contradicted_statement():
+    cands = _noisy()[:3] + [_cand(2.0, (0, 1), (0.1, 0.1))]                  # A's three statements and a fact D
+    assert contradicted(cands) == {2}
+    kept = sel.select(_pool(cands, served(cands)), 2000, 2000, "likelihood")
+    assert 2 not in kept.tolist() and 3 in kept.tolist()                     # one of A's agreeing pair, and D
