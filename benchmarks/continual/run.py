@@ -259,9 +259,11 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
 
 def merge(old: dict, new: dict) -> dict:
     """``new``'s methods laid over an earlier results.json of the same settings."""
-    for k in ("seed", "quick", "caps"):
+    for k in ("seed", "quick"):
         if old.get(k) != new.get(k):
             raise SystemExit(f"--merge: the earlier results have {k}={old.get(k)!r}, this run {new.get(k)!r}")
+    if not set(new.get("caps", [])) <= set(old.get("caps", [])):   # a rerun of some of the caps is fine
+        raise SystemExit(f"--merge: the earlier results have caps {old.get('caps')!r}, this run {new.get('caps')!r}")
     for seq, r in new["sequences"].items():
         o = old["sequences"].setdefault(seq, r)
         if o is r:
@@ -296,7 +298,8 @@ def main(argv=None):
                     help=f"comma-separated methods to run (zero-shot always runs), of {', '.join(KNOWN_METHODS)}; "
                          "lora, replay and experts need torch + peft")
     ap.add_argument("--merge", action="store_true",
-                    help="lay this run's methods over --out/results.json from an earlier run of the same settings")
+                    help="lay this run's methods over --out/results.json from an earlier run of the same seed and sizes "
+                         "(this run's --caps may be some of the earlier ones)")
     ap.add_argument("--lora-epochs", type=int, default=None, help="LoRA epochs per task (default 12; --quick 3)")
     args = ap.parse_args(argv)
     caps = [parse_bytes(c) for c in (args.caps or ("2MiB,8MiB" if args.quick else "4MiB,16MiB,64MiB")).split(",")]
