@@ -107,6 +107,9 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                f"evict {out['evicted']} old entries"
                + (" (" + ", ".join(f"{k} {v}" for k, v in res.evicted_per_task.items()) + ")" if res.evicted_per_task else "")
                + f", keep {out['kept_old']}")
+    if res.outvoted:
+        click.echo(f"left out {res.outvoted} example(s) that their two nearest, agreeing examples contradict "
+                   "(likely wrong labels)")
     if res.tiers is not None:
         t, c = res.tiers, res.tiers.get("costs_ms")
         click.echo(f"kinds: {res.added - res.sources_added} kv + {res.sources_added} source entries {verb}; source share "

@@ -42,7 +42,7 @@ from inducekv.learn import tiers as tiers_
 from inducekv.learn.tiers import TierPlan
 from inducekv.memory.kinds import bank_kind_layout, tiers_catalog
 from inducekv.learn.retain import retention
-from inducekv.learn.value import neighbour_gains, served, twin_groups
+from inducekv.learn.value import contradicted, neighbour_gains, served, twin_groups
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Injection, Layout,
                                      TIERS_KEY, template_from, tiers_from, twins_from, value_gates_from)
@@ -71,6 +71,7 @@ class Plan:
     bytes_per_entry: float
     timings: dict = field(default_factory=dict)
     evicted_per_task: dict = field(default_factory=dict)
+    outvoted: int = 0                        # candidates their nearest agreeing statements contradict (value.py)
     compaction: Compaction = Compaction()    # how the new entries were compacted (``learn.compact``)
     store_compaction: bool = False           # the bank's record of it changes
     commits: int = 0                         # commits ``write`` made (2: evictions first; 0: not written)
@@ -332,7 +333,8 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
              template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
              bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings,
              sources=new_src, source_tokens={i: tiers_.span(g, cands[i]) for i in new_src}, tiers=tier,
-             compaction=compaction, store_compaction=(compaction != Compaction.from_catalog(bank.catalog, g.scheme)
+             compaction=compaction, outvoted=len(contradicted(cands)) if valued else 0,
+             store_compaction=(compaction != Compaction.from_catalog(bank.catalog, g.scheme)
                                or (compaction.enabled and COMPACT_KEY not in (bank.catalog.get("extra") or {}))))
     for i in range(n_old):
         if i not in chosen:

@@ -177,6 +177,7 @@ def test_cli_dry_run_and_bad_input(tiny_bundles, tmp_path):
     assert out.exit_code == 0, out.output
     plan = json.loads(out.output)
     assert plan["dry_run"] and plan["added"] > 0 and not bank.exists()
+    assert isinstance(plan["outvoted"], int) and 0 <= plan["outvoted"] <= plan["examples"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "answer": "a"}\n{"prompt": "no answer"}\n')
     out = r.invoke(cli, ["--bundle", str(tiny_bundles["fp32"]), "--memory", str(bank), "--task", str(bad), "--budget", "100KB"])
