@@ -114,6 +114,9 @@ def test_a_statement_outvoted_by_its_neighbours_is_contradicted():
     assert contradicted(agree) == set()                                      # three statements that agree
     lone = [_cand(3.0, (1,), (0.1,)), _cand(3.0, (0,), (0.1,))]
     assert contradicted(lone) == set()                                       # fewer than two neighbours
+    for c in cands:
+        c.image = "x.png"
+    assert contradicted(cands) == set()                                      # images: never
 
 
 def test_selection_leaves_out_the_contradicted_statement():
