@@ -48,6 +48,11 @@ LOGITS = "logits"
 # lack it): int64 (1,) ``from``; ``logits`` then holds only rows from..S-1: (batch, S - from, vocab).
 # onnxruntime lists it among a session's overridable initializers, not its inputs.
 LOGITS_FROM = "logits_from"
+# Decoder/probe graph metadata (onnx metadata_props; optional, bundles before it lack it): "shared"
+# when each present.{i} may be bound to the buffer of past_key_values.{i} (B, kv_heads, capacity,
+# head_dim): a step then writes its new slots after the attention_mask's past length in place,
+# and present has the buffer's shape (export/fuse.py: GroupQueryAttention).
+KV_BUFFER_KEY = "inducekv.kv_buffer"
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 

@@ -30,6 +30,7 @@ from inducekv.core import contract
 from inducekv.core.errors import UnsupportedModelError
 from inducekv.export import flavour as flavours
 from inducekv.export.flavour import Flavour
+from inducekv.export.fuse import fuse_for_onnxruntime
 
 OPSET = 23
 
@@ -65,7 +66,8 @@ class _G:
 
 def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True,
                       key_layers: int | None = None, embeds_input: bool = False,
-                      query_outputs: bool = False, flavour: Flavour | None = None) -> onnx.ModelProto:
+                      query_outputs: bool = False, flavour: Flavour | None = None,
+                      contrib: bool = True) -> onnx.ModelProto:
     """ONNX decoder from an HF Llama-layout state dict (numpy fp32) and its config.
 
     ``flavour``: what the architecture changes in the Llama layer (``flavour.py``: Qwen2/3,
@@ -85,6 +87,12 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
 
     ``query_outputs``: build the *probe graph* (``contract.PROBE_FILE``): the decoder, plus
     outputs ``query.{i}`` (B, S, H*D), each layer's queries after RoPE.
+
+    ``contrib``: take onnxruntime's fused contrib ops (``fuse.py``): skip + RMS norms, and in
+    the decoder (not the probe graph) GroupQueryAttention with in-place KV. The probe graph
+    keeps the standard Attention: the learn job runs padded batches of several prompts after
+    a past on it, which GroupQueryAttention refuses (batch > 1 with past and S > 1). False
+    keeps the standard opset-23 graph (the reference the fused one is tested against).
     """
     L, H, Hkv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     fl = flavour or flavours.llama(cfg)
@@ -211,7 +219,7 @@ def build_llama_graph(state: dict[str, np.ndarray], cfg, share_tied: bool = True
     graph = helper.make_graph(g.nodes, "inducekv-decoder", inputs, outputs, [t for t in g.inits if t.name in used])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inducekv")
     model.ir_version = 10
-    return model
+    return fuse_for_onnxruntime(model, attention=not query_outputs) if contrib else model
 
 
 def _activation(g: _G, gate: str, kind: str, name: str) -> str:

@@ -29,6 +29,7 @@ from inducekv.core.errors import BundleError, InduceKVError, PromptError
 from inducekv.kernels import kvquant
 from inducekv.runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingConfig, choose
 from inducekv.runtime.session import Decoder, KVCache
+from inducekv.runtime.steps import InPlaceSteps
 from inducekv.runtime.tokenizer import ChatTokenizer
 from inducekv.runtime.memory import Injection, entry_bias
 from inducekv.runtime.prefix import PlainPrefix
@@ -247,6 +248,8 @@ class Runtime:
                                              features=prep.features,
                                              bias=bias[..., :past + len(ids)] if bias is not None else None,
                                              logits_from=len(ids) - 1)                # the last row's only
+        last = logits[-1]
+        steps = None   # graphs that append K/V in place decode on preallocated buffers (steps.py)
         past += len(ids)
         pos += len(ids)
         tm.prefill_ms = (time.perf_counter() - t1) * 1e3
@@ -256,7 +259,7 @@ class Runtime:
         t_first = None
         res.stop_reason = "length"
         while True:
-            nxt = choose(logits[-1], cfg, rng)
+            nxt = choose(last, cfg, rng)
             if t_first is None:
                 t_first = time.perf_counter()
                 tm.ttft_ms = (t_first - t0) * 1e3
@@ -274,8 +277,14 @@ class Runtime:
                 yield piece
             if res.stop_reason == "stop" or len(out) >= budget:
                 break
-            logits, cache = self.decoder.forward([nxt], cache, positions=np.array([pos]),
-                                                 bias=bias[..., :past + 1] if bias is not None else None)
+            step_bias = bias[..., :past + 1] if bias is not None else None
+            if steps is None and self.decoder.kv_shared:
+                steps = InPlaceSteps(self.decoder, cache, past + budget - len(out) + 1)
+            if steps is not None:
+                last = steps.run([nxt], np.array([pos]), bias=step_bias)
+            else:
+                logits, cache = self.decoder.forward([nxt], cache, positions=np.array([pos]), bias=step_bias)
+                last = logits[-1]
             past += 1
             pos += 1
         tm.new_tokens = len(out)

@@ -203,6 +203,9 @@ class Decoder:
         self._check_io()
         L = manifest.num_layers
         self.rows_input = has_logits_from(self.sess)
+        meta = self.sess.get_modelmeta().custom_metadata_map
+        # present may alias past (GroupQueryAttention graphs): decode appends in place (steps.py)
+        self.kv_shared = meta.get(contract.KV_BUFFER_KEY) == "shared" and self.has_bias and self.rows_input
         self.key_names = [contract.present_key(i) for i in range(L)]
         self.value_names = [contract.present_value(i) for i in range(L)]
         self.out_names = [contract.LOGITS] + [n for i in range(L) for n in (self.key_names[i], self.value_names[i])]
@@ -287,7 +290,16 @@ class Decoder:
         S = max(len(x) for x in ids)
         self._rows(feed, logits_from if logits else S - 1, S)
         if logits:
-            out = self.sess.run([contract.LOGITS], feed)[0]
+            out = self._run_batch([contract.LOGITS], feed, B=len(ids), P=past_k[0].shape[2], S=S)[0]
             return (out if self.rows_input else out[:, logits_from:]), None
-        out = self.sess.run(self.out_names[1:], feed)
+        out = self._run_batch(self.out_names[1:], feed, B=len(ids), P=past_k[0].shape[2], S=S)
         return None, KVCache(out[0::2], out[1::2])
+
+    def _run_batch(self, names: list[str], feed: dict, B: int, P: int, S: int) -> list[np.ndarray]:
+        """``sess.run``; on a GroupQueryAttention graph (``kv_shared``), which takes no batch of
+        B > 1 prompts (S > 1) after a past, one row at a time, outputs stacked as one pass's."""
+        if not (self.kv_shared and B > 1 and P > 0 and S > 1):
+            return self.sess.run(names, feed)
+        rows = [self.sess.run(names, {k: (v if k == contract.LOGITS_FROM else v[r:r + 1]) for k, v in feed.items()})
+                for r in range(B)]
+        return [np.concatenate(parts, axis=0) for parts in zip(*rows)]
