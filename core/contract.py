@@ -53,6 +53,11 @@ LOGITS_FROM = "logits_from"
 # head_dim): a step then writes its new slots after the attention_mask's past length in place,
 # and present has the buffer's shape (export/fuse.py: GroupQueryAttention).
 KV_BUFFER_KEY = "inducekv.kv_buffer"
+# Model metadata: "attention" when the attention op applies RoPE itself (export/fuse.py:
+# GroupQueryAttention do_rotary). Such a graph honours any position_ids after a past, but with
+# an empty past only the first one (positions[0] + arange(S)): the runtime feeds a prompt whose
+# positions do not count up by one after a hidden past slot (runtime/session.py Decoder._run).
+ROTARY_KEY = "inducekv.rotary"
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 

@@ -206,6 +206,7 @@ class Decoder:
         meta = self.sess.get_modelmeta().custom_metadata_map
         # present may alias past (GroupQueryAttention graphs): decode appends in place (steps.py)
         self.kv_shared = meta.get(contract.KV_BUFFER_KEY) == "shared" and self.has_bias and self.rows_input
+        self.rotary_in_attention = meta.get(contract.ROTARY_KEY) == "attention"
         self.key_names = [contract.present_key(i) for i in range(L)]
         self.value_names = [contract.present_value(i) for i in range(L)]
         self.out_names = [contract.LOGITS] + [n for i in range(L) for n in (self.key_names[i], self.value_names[i])]
@@ -269,7 +270,7 @@ class Decoder:
             raise BundleError("this bundle's decoder takes no attention bias (weighted memory injection); "
                               "re-export it with this inducekv version")
         self._rows(feed, logits_from, T)
-        out = self.sess.run(self.out_names, feed)
+        out = self._run(self.out_names, feed)
         logits = out[0][0] if self.rows_input else out[0][0][logits_from:]   # (T - logits_from, V)
         return logits, KVCache(out[1::2], out[2::2])
 
@@ -296,10 +297,32 @@ class Decoder:
         return None, KVCache(out[0::2], out[1::2])
 
     def _run_batch(self, names: list[str], feed: dict, B: int, P: int, S: int) -> list[np.ndarray]:
-        """``sess.run``; on a GroupQueryAttention graph (``kv_shared``), which takes no batch of
-        B > 1 prompts (S > 1) after a past, one row at a time, outputs stacked as one pass's."""
-        if not (self.kv_shared and B > 1 and P > 0 and S > 1):
-            return self.sess.run(names, feed)
-        rows = [self.sess.run(names, {k: (v if k == contract.LOGITS_FROM else v[r:r + 1]) for k, v in feed.items()})
+        """``sess.run``; on a GroupQueryAttention graph (``kv_shared``) a batch of B > 1 prompts
+        (S > 1) runs one row at a time, outputs stacked as one pass's: after a past onnxruntime
+        refuses it, and without one its rotary takes row 0's positions for every row."""
+        if not (self.kv_shared and B > 1 and S > 1):
+            return self._run(names, feed)
+        rows = [self._run(names, {k: (v if k == contract.LOGITS_FROM else v[r:r + 1]) for k, v in feed.items()})
                 for r in range(B)]
         return [np.concatenate(parts, axis=0) for parts in zip(*rows)]
+
+    def _run(self, names: list[str], feed: dict) -> list[np.ndarray]:
+        """``sess.run``. On a graph whose attention op applies RoPE (``rotary_in_attention``), a
+        prompt with an empty past whose positions do not count up by one runs after one hidden
+        zero slot (mask 0), since the op would rotate it by ``positions[0] + arange(S)`` there;
+        the slot is cut from the presents again."""
+        pos = feed[contract.POSITION_IDS]                                        # (B, S)
+        if not (self.rotary_in_attention and feed[contract.past_key(0)].shape[2] == 0
+                and pos.shape[1] > 1 and np.any(np.diff(pos, axis=1) != 1)):
+            return self.sess.run(names, feed)
+        feed = dict(feed)
+        for name, v in feed.items():
+            if name.startswith("past_key_values."):                            # (B, H_kv, 0, D) -> one slot
+                feed[name] = np.zeros(v.shape[:2] + (1,) + v.shape[3:], v.dtype)
+        mask = feed[contract.ATTENTION_MASK]
+        feed[contract.ATTENTION_MASK] = np.concatenate([np.zeros_like(mask[:, :1]), mask], axis=1)
+        if contract.ATTENTION_BIAS in feed:
+            b = feed[contract.ATTENTION_BIAS]                                    # (B, L, S)
+            feed[contract.ATTENTION_BIAS] = np.concatenate([np.zeros_like(b[:, :, :1]), b], axis=2)
+        out = self.sess.run(names, feed)
+        return [np.ascontiguousarray(o[:, :, 1:]) if n.startswith("present.") else o for n, o in zip(names, out)]
