@@ -14,7 +14,8 @@ after them. Quality: argmax agreement of int8/int4 with the same system's fp32 o
 teacher-forced answer positions (plain onnxruntime on genai's model.onnx).
 
 Built once and cached under ``--work`` (default ~/.cache/inducekv-bench):
-``bundles/P`` (``export_bundle``, unless ``--bundles`` is given), ``hf/`` (the GGUF
+``bundles/P`` (``export_bundle``, unless ``--bundles`` is given; rebuilt when the exporter's
+sources changed since), ``hf/`` (the GGUF
 saved as an HF checkpoint) and ``genai/P`` (``onnxruntime_genai.models.builder``).
 With transformers 4.57 the builder needs three work-arounds, applied here:
 its module imports two Qwen3.5 classes that only transformers 5 has (stubbed; they
@@ -88,13 +89,32 @@ def log(msg: str) -> None:
 
 
 # -- building (cached) ---------------------------------------------------------
-def ensure_bundle(root: Path, precision: str) -> Path:
+def exporter_stamp() -> str:
+    """A hash of the exporter's sources: a cached bundle built by other code is rebuilt."""
+    import hashlib
+
+    import inducekv.export
+
+    h = hashlib.sha256()
+    for f in sorted(Path(inducekv.export.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def ensure_bundle(root: Path, precision: str, cached: bool = True) -> Path:
+    """``root/precision``, exported when missing; in the cache (``cached``) also when the
+    exporter changed since it was built (``.exporter-stamp``)."""
     out = root / precision
-    if not (out / "manifest.json").is_file():
+    stamp = out / ".exporter-stamp"
+    fresh = (out / "manifest.json").is_file() and (
+        not cached or (stamp.is_file() and stamp.read_text() == exporter_stamp()))
+    if not fresh:
         from inducekv.export.build import export_bundle
 
         log(f"exporting inducekv {precision} bundle to {out}")
         export_bundle("default", out, weights=precision, progress=False, force=True)
+        if cached:
+            stamp.write_text(exporter_stamp())
     return out
 
 
@@ -243,7 +263,7 @@ def run(args) -> dict:
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or "fp32" not in precisions:
         raise InduceKVError(f"--precisions must include fp32 and only {', '.join(PRECISIONS)}, got {args.precisions!r}")
-    paths = {p: (ensure_bundle(bundles, p), ensure_genai(work, p)) for p in precisions}
+    paths = {p: (ensure_bundle(bundles, p, cached=not args.bundles), ensure_genai(work, p)) for p in precisions}
 
     ours = {p: Ours(paths[p][0], args.threads) for p in precisions}
     prompt_ids = ours["fp32"].rt.encode_prompt(PROMPT)
