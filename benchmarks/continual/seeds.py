@@ -5,7 +5,8 @@
 
 Prints, per cap and method, the final average accuracy of each seed, their mean and
 standard deviation, and the difference to random and FIFO measured on the same seeds
-(``mean (min..max)`` of the per-seed differences: the same task data, so paired); then the
+(``mean (min..max)`` of the per-seed differences: the same task data, so paired) and the
+accuracy on the questions the bare model answers, pooled over seeds (``known``); then the
 mean accuracy over the tasks seen so far after each task (the long sequence's curve).
 """
 from __future__ import annotations
@@ -35,11 +36,11 @@ def load(dirs: list[Path], sequence: str) -> dict[int, dict]:
 def table(runs: dict[int, dict]) -> list[str]:
     seeds = sorted(runs)
     caps = sorted({c for r in runs.values() for c in r["caps"]}, key=int)
-    lines = ["| cap | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | - random | - FIFO |",
-             "|---|---|" + "---|" * (len(seeds) + 4)]
+    lines = ["| cap | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | - random | - FIFO | known |",
+             "|---|---|" + "---|" * (len(seeds) + 5)]
     zero = [runs[s]["zero-shot"]["final_avg"] for s in seeds]
     lines.append("| - | zero-shot | " + " | ".join(f"{z:.3f}" for z in zero) + f" | {statistics.mean(zero):.3f} | "
-                 f"{statistics.pstdev(zero):.3f} | | |")
+                 f"{statistics.pstdev(zero):.3f} | | | {known(runs, seeds, lambda r: r['zero-shot'])} |")
     for cap in caps:
         methods = sorted({m for s in seeds for m in runs[s]["caps"].get(cap, {})})
         for m in methods:
@@ -51,8 +52,19 @@ def table(runs: dict[int, dict]) -> list[str]:
                 d = [got[s] - runs[s]["caps"][cap][base]["final_avg"] for s in got if base in runs[s]["caps"][cap]]
                 diff.append(f"{statistics.mean(d):+.3f} ({min(d):+.3f}..{max(d):+.3f})" if d and m != base else "")
             lines.append(f"| {int(cap) / 2 ** 20:g} MiB | {m} | " + " | ".join(cells) + f" | {statistics.mean(vals):.3f} | "
-                         f"{statistics.pstdev(vals):.3f} | {diff[0]} | {diff[1]} |")
+                         f"{statistics.pstdev(vals):.3f} | {diff[0]} | {diff[1]} | "
+                         f"{known(runs, list(got), lambda r: r['caps'][cap][m])} |")
     return lines
+
+
+def known(runs: dict[int, dict], seeds: list[int], pick) -> str:
+    """Do no harm, pooled over ``seeds``: the final accuracy on the test questions the bare
+    model answers (zero-shot right), and how many such questions there are."""
+    hits = []
+    for s in seeds:
+        zero, run = runs[s]["zero-shot"].get("final_hits", {}), pick(runs[s]).get("final_hits", {})
+        hits += [h for t, zs in zero.items() for h, z in zip(run.get(t, []), zs) if z]
+    return f"{sum(hits) / len(hits):.2f} ({len(hits)})" if hits else "-"
 
 
 def curves(runs: dict[int, dict]) -> list[str]:
