@@ -86,21 +86,25 @@ def fit_questions(rt, keys, cands: list[Candidate]) -> GateFit:
 
 def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng, query_map,
              progress=False, key_scale=None, n_queries: int = QUERIES, quantile: float = QUANTILE,
-             twins: dict[int, int] | None = None, gates_of=None) -> GateFit:
+             twins: dict[int, int] | None = None, gates_of=None, exclude=frozenset()) -> GateFit:
     """Leave-one-out margins and answer-likelihood gains of ``n_queries`` of the task's examples.
     ``twins``: pool index (old entries, then candidates) -> twin group; margins skip the top
     entry's twins as the runtime's do (``gate_margin``); ``gates_of(j)``: the value gates entry
-    j is injected with (None: unscaled), so harm is measured as the runtime would inject."""
+    j is injected with (None: unscaled), so harm is measured as the runtime would inject;
+    ``exclude``: candidates that take no part, as queries or in the pool (the outvoted ones,
+    ``value.contradicted``: worth nothing, so never kept; asked, a wrong label whose top entry
+    is a right sibling looks harmed at a large margin and would raise the gate)."""
     pool = np.concatenate([old_keys, np.stack([c.key for c in cands])]) if cands else old_keys
     if len(pool) < 3:
         return GateFit(None, {"reason": "too few entries"})
-    n_old = len(old_keys)
+    n_old, out = len(old_keys), sorted(int(x) for x in exclude)
     margins, asks = [], []
-    for i in rng.permutation(len(cands))[:n_queries]:
-        c = cands[int(i)]
+    for i in [int(i) for i in rng.permutation(len(cands)) if int(i) not in exclude][:n_queries]:
+        c = cands[i]
         s = cosine(query_map(c.key), pool)                   # the index's scores
-        s[n_old + int(i)] = -np.inf                          # its own entry left out
-        order = np.argsort(-s)[:len(s) - 1]                  # (its own entry is last)
+        s[n_old + i] = -np.inf                               # its own entry left out
+        s[[n_old + x for x in out]] = -np.inf                # (and the excluded)
+        order = np.argsort(-s)[:len(s) - 1 - len(out)]       # (those are last)
         j = int(order[0])
         kv = (lambda j=j: [unpack(geo, cands[j - n_old].payload, cands[j - n_old].tokens, key_scale)]) \
             if j >= n_old else old_kv(j)

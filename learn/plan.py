@@ -215,6 +215,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         neighbour_gains(g, cands, scorer, key_scale, progress=progress)
     timings["value_s"] = time.perf_counter() - t
 
+    outvoted = contradicted(cands) if valued else set()
     old = snap.entries
     stored = snap.catalog.get("extra", {}).get(GAINS_KEY, {})
     old_twins = twins_from(snap.catalog)
@@ -259,11 +260,11 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
             gate = fit_questions(rt, keys, cands)
             if knows(cands):                 # ... and the margin gate too, where the bare model knows the answers
                 fit = fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
-                               twins=pool_twins, gates_of=gates_of)
+                               twins=pool_twins, gates_of=gates_of, exclude=outvoted)
                 gate = GateFit(fit.margin, {**fit.report, "known": True}, questions=gate.questions)
         else:
             gate = fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
-                            twins=pool_twins, gates_of=gates_of)
+                            twins=pool_twins, gates_of=gates_of, exclude=outvoted)
         timings["gate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -333,7 +334,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
              template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
              bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings,
              sources=new_src, source_tokens={i: tiers_.span(g, cands[i]) for i in new_src}, tiers=tier,
-             compaction=compaction, outvoted=len(contradicted(cands)) if valued else 0,
+             compaction=compaction, outvoted=len(outvoted),
              store_compaction=(compaction != Compaction.from_catalog(bank.catalog, g.scheme)
                                or (compaction.enabled and COMPACT_KEY not in (bank.catalog.get("extra") or {}))))
     for i in range(n_old):

@@ -169,3 +169,35 @@ def test_text_keys_are_remembered_for_the_last_prompts(rt, bank_path, monkeypatc
         for i in range(4):
             mem.text_key(f"question {i}?")
         assert len(mem._text_keys) == 3 and QUERY not in mem._text_keys   # the oldest went first
+
+
+def test_excluded_candidates_are_neither_asked_nor_injected(rt, tmp_path):
+    """The outvoted (``value.contradicted``) take no part in the gate's fit: a wrong label
+    asked with a right sibling on top would look harmed at a large margin."""
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Code word number {i}?", "answer": f"Zup{i * 7}"}) + "\n"
+                            for i in range(8)))
+    with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, force=True, max_tokens=64) as b:
+        cands = absorb(rt, b, read_examples(task), "codes", n_anchors=2, dry_run=True).candidates
+        from inducekv.learn.candidates import Scorer, unpack
+        from inducekv.runtime.memory import Layout, template_from
+
+        inner = Scorer(rt, Layout(rt, *template_from(b.catalog.get("template"))))
+        seen = []
+
+        class Recording:
+            rt = inner.rt
+
+            def logp_many(self, asks):
+                for a in asks:
+                    seen.append((a.prompt, a.entries()[0][0]))
+                    yield from inner.logp_many([a])
+
+        out = {1, 4}
+        fit = fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, Recording(),
+                       np.random.default_rng(0), lambda x: x, exclude=out)
+        assert fit.report["queries"] == len(seen) == len(cands) - len(out)
+        banned = [unpack(b.geo, cands[i].payload, cands[i].tokens)[0] for i in out]
+        for prompt, k in seen:
+            assert prompt not in {cands[i].prompt for i in out}
+            assert not any(x.shape == k.shape and np.array_equal(x, k) for x in banned)
