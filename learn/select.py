@@ -91,7 +91,7 @@ def similarity(keys: np.ndarray, points: np.ndarray, chunk: int = 1024) -> np.nd
     """(n, len(points)) float32: each key's centred cosine to the keys at ``points``, clipped
     at 0, built ``chunk`` rows at a time so that RAM beyond the result stays O(chunk), not
     O(n) (10,000 keys: peak 100 -> ~40 MiB)."""
-    mean = keys.astype(np.float64).mean(axis=0, keepdims=True) if len(keys) else 0.0   # (1, K)
+    mean = keys.mean(axis=0, dtype=np.float64, keepdims=True) if len(keys) else 0.0   # (1, K)
     at = _unit(keys[points], mean)                                                     # (M, K)
     out = np.empty((len(keys), len(points)), np.float32)
     for i in range(0, len(keys), chunk):

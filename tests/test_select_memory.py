@@ -24,5 +24,6 @@ def test_similarity_matches_centred_cosine_and_needs_no_copy_of_the_keys():
     assert sim.shape == (n, 256) and sim.dtype == np.float32
     np.testing.assert_allclose(sim, want, atol=1e-5)
     assert (sim[points, np.arange(256)] > 0.999).all()
-    # beyond the result, less than one float64 copy of the keys (the whole-pool version made three)
-    assert peak - sim.nbytes < n * dim * 8
+    # beyond the result, O(chunk): under a quarter of one float64 copy of the keys (the
+    # whole-pool version made three; measured 11.8 MiB here against 70 MiB for one copy)
+    assert peak - sim.nbytes < n * dim * 2
