@@ -10,6 +10,7 @@ import time
 
 import click
 
+from inducekv.core.alloc import keep_large_frees_off_heap
 from inducekv.core.cli import ByteSize, fail_on_bad_input, progress_enabled
 from inducekv.kernels.kvquant import DENSE
 from inducekv.learn.defaults import (COMPACT_KEEP as DEFAULT_KEEP, COMPACT_METHODS as METHODS,
@@ -149,4 +150,5 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
 
 
 def main():
+    keep_large_frees_off_heap()   # peak RSS that does not grow with the task's passes (core/alloc.py)
     cli()
