@@ -8,6 +8,7 @@ import pytest
 PROBE = """
 import ctypes, sys
 import numpy as np
+from inducekv.core.alloc import keep_large_frees_off_heap
 if sys.argv[1] == "fixed":
     assert keep_large_frees_off_heap()
 libc = ctypes.CDLL("libc.so.6")
