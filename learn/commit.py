@@ -31,9 +31,10 @@ from inducekv.core.errors import BankError
 from inducekv.learn.compact import COMPACT_KEY
 from inducekv.learn.defaults import GAINS_KEY
 from inducekv.memory.bank import Bank
-from inducekv.memory.format import PENDING_KEY, QUESTIONS_KEY, TWINS_KEY
+from inducekv.memory.format import PENDING_KEY, QUESTIONS_KEY, SUBJECTS_KEY, TWINS_KEY
 from inducekv.learn.tiers import source_entry
 from inducekv.runtime import questions as qgate
+from inducekv.runtime import subjects as subj
 from inducekv.runtime.memory import (INJECTION_KEY, RELEVANCE_KEY, TIERS_KEY, VALUE_GATES_KEY, Injection, relevance_from,
                                      value_gates_from)
 
@@ -67,6 +68,7 @@ def write(bank: Bank, p) -> list[int]:
                 tx.remove(s)
             tx.set_extra(GAINS_KEY, dict(p.gains))
             tx.set_extra(TWINS_KEY, dict(p.twins))
+            _subjects(tx, p, [])
             tx.set_extra(PENDING_KEY, {"task": p.task, "evicted": len(p.evict), "adding": len(p.add) + len(src_bytes)})
     with bank.transaction() as tx:
         if not phased:
@@ -110,6 +112,7 @@ def _add(tx, p) -> list[int]:
     tx.set_anchors(p.task, p.anchors)
     tx.set_extra(GAINS_KEY, gains)
     tx.set_extra(TWINS_KEY, {**p.twins, **_new_twins(p, ids)})
+    _subjects(tx, p, ids)
     if p.calibration.accepted:
         tx.set_calibration(*p.calibration.arrays)
     if p.injection.accepted:   # the bank-wide weighting (its gates: those of tasks without their own)
@@ -132,6 +135,22 @@ def _add(tx, p) -> list[int]:
     else:
         tx.drop_extra(QUESTIONS_KEY)
     return ids
+
+
+def _subjects(tx, p, ids: list[int]) -> None:
+    """The subject gate's record (``runtime/subjects.py``): the kept old entries', and this
+    task's new entries' when its gate is on (``ids``: the new entries' ids as ``_add`` wrote them)."""
+    rec = getattr(p, "subjects", None) or {}
+    tasks, entries = subj.unpack(rec)
+    words = getattr(p, "subject_words", None)
+    if words is not None:
+        tasks.add(p.task)
+        made = list(p.add) + list(getattr(p, "sources", ()))   # the order ``_add`` wrote them in
+        entries.update({eid: words[ci] for ci, eid in zip(made, ids)})
+    if tasks:
+        tx.set_extra(SUBJECTS_KEY, subj.pack(tasks, entries))
+    else:
+        tx.drop_extra(SUBJECTS_KEY)
 
 
 def pending(bank: Bank) -> dict | None:

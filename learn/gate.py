@@ -36,6 +36,7 @@ from inducekv.learn.calibrate import cosine
 from inducekv.learn.candidates import Ask, Candidate, Scorer, unpack
 from inducekv.learn.progress import steps
 from inducekv.runtime import questions as qgate
+from inducekv.runtime import subjects as subj
 from inducekv.runtime.memory import TWIN_LOOK, gate_margin
 
 QUERIES = 24      # leave-one-out queries per learn
@@ -53,9 +54,11 @@ class GateFit:
     margin: float | None
     report: dict = field(default_factory=dict)
     questions: list[str] | None = None   # packed (``questions.pack``)
+    subjects: bool = False               # the task's subject gate is on (``runtime/subjects.py``)
 
     def as_dict(self) -> dict:
-        return {"margin": self.margin, **({"questions": len(self.questions)} if self.questions else {}), **self.report}
+        return {"margin": self.margin, **({"questions": len(self.questions)} if self.questions else {}),
+                **({"subjects": True} if self.subjects else {}), **self.report}
 
 
 KNOWN = 0.5       # the bare model "knows" a task when the median example's answer has at least this
@@ -86,7 +89,8 @@ def fit_questions(rt, keys, cands: list[Candidate]) -> GateFit:
 
 def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: Scorer, rng, query_map,
              progress=False, key_scale=None, n_queries: int = QUERIES, quantile: float = QUANTILE,
-             twins: dict[int, int] | None = None, gates_of=None, exclude=frozenset()) -> GateFit:
+             twins: dict[int, int] | None = None, gates_of=None, exclude=frozenset(),
+             pool_words: list | None = None) -> GateFit:
     """Leave-one-out margins and answer-likelihood gains of ``n_queries`` of the task's examples.
     ``twins``: pool index (old entries, then candidates) -> twin group; margins skip the top
     entry's twins as the runtime's do (``gate_margin``); ``gates_of(j)``: the value gates entry
@@ -98,7 +102,7 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
     if len(pool) < 3:
         return GateFit(None, {"reason": "too few entries"})
     n_old, out = len(old_keys), sorted(int(x) for x in exclude)
-    margins, asks = [], []
+    margins, asks, named = [], [], []   # named: (top is a candidate, the ask names its subject)
     for i in [int(i) for i in rng.permutation(len(cands)) if int(i) not in exclude][:n_queries]:
         c = cands[i]
         s = cosine(query_map(c.key), pool)                   # the index's scores
@@ -114,21 +118,34 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
             kv = [kv]
         margins.append(gate_margin(order[:2 + TWIN_LOOK], s[order[:2 + TWIN_LOOK]], twins or {}))
         asks.append((c, kv, gates_of(j) if gates_of is not None else None))
+        words = pool_words[j] if pool_words is not None else None
+        named.append((j >= n_old, words is None or subj.names(subj.words(c.prompt), words)))
     scored = list(scorer.logp_many(Ask(c.prompt, c.answer, kv, scorer.rt.encode_image(c.image) if c.image else None,
                                        gates=g) for c, kv, g in steps(asks, "gate", "query", progress)))
     gains = [x - c.base for (c, _, _), x in zip(asks, scored)]
     margins, gains = np.array(margins), np.array(gains)
+    new_top = np.array([n for n, _ in named], bool)
+    said = np.array([o for _, o in named], bool)
+    other = new_top & ~said                             # asks whose top candidate names another subject
+    helped = int(np.sum(gains[other] > 0))
+    on = pool_words is not None and not (helped >= MIN_HARMFUL and helped > 0.5 * np.sum(other))
+    closed = ~said & (~new_top | on) if len(said) else said   # what the subject gates close
+    subject = {"on": on, "other_subject": int(other.sum()), "other_subject_helped": helped,
+               "closed": int(closed.sum())} if pool_words is not None else None
+    asked = len(margins)
+    margins, gains = margins[~closed], gains[~closed]   # the margin gate sees what those let through
     harmful = margins[gains < 0]
-    report = {"queries": len(margins), "harmful": int(len(harmful)),
+    report = {**({"subject": subject} if subject is not None else {}), "queries": asked, "harmful": int(len(harmful)),
               "harmful_margins": sorted(round(float(x), 5) for x in harmful),
               "margin_quartiles": [round(float(x), 5) for x in np.quantile(margins, [0.25, 0.5, 0.75])]
               if len(margins) else [],
               "gain_quartiles": [round(float(x), 3) for x in np.quantile(gains, [0.25, 0.5, 0.75])] if len(gains) else [],
               "asks": [[round(float(m), 5), round(float(g), 3)] for m, g in zip(margins, gains)]}   # [margin, gain]
+    # (the margins, gains, harmful and asks above: of the asks the subject gate lets through)
     margin = gate_from(margins, gains, quantile)
     if margin is None:
-        return GateFit(None, {**report, "reason": "leaving an example out rarely hurts: no gate"})
-    return GateFit(margin, report)
+        return GateFit(None, {**report, "reason": "leaving an example out rarely hurts: no gate"}, subjects=on)
+    return GateFit(margin, report, subjects=on)
 
 
 def gate_from(margins: np.ndarray, gains: np.ndarray, quantile: float = QUANTILE) -> float | None:

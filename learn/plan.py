@@ -41,6 +41,8 @@ from inducekv.learn.progress import report
 from inducekv.learn import tiers as tiers_
 from inducekv.learn.tiers import TierPlan
 from inducekv.memory.kinds import bank_kind_layout, tiers_catalog
+from inducekv.memory.format import SUBJECTS_KEY
+from inducekv.runtime import subjects as subj
 from inducekv.learn.retain import retention
 from inducekv.learn.value import contradicted, neighbour_gains, served, twin_groups
 from inducekv.memory.bank import Bank
@@ -80,6 +82,8 @@ class Plan:
     sources: list[int] = field(default_factory=list)  # indices into ``candidates`` written as source entries
     source_tokens: dict = field(default_factory=dict)  # candidate index -> its rendered entry's tokens
     tiers: "TierPlan | None" = None          # kinds of entries (a bank with source entries; ``tiers.py``)
+    subjects: dict = field(default_factory=dict)  # the subject gate's record for the kept old entries (``subjects.pack``)
+    subject_words: list | None = None        # candidate -> its subject words, when this task's subject gate is on
 
 
 def read_examples(path, require_answer: bool = True) -> list:
@@ -176,10 +180,12 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
          seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress=False,
          candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None,
          compact: str | None = None, slots: int | None = None, keep: float | None = None, gated: bool = True,
-         batch: int = SCORE_BATCH, ttft_budget: str | None = None, value_gates: bool = True) -> Plan:
+         batch: int = SCORE_BATCH, ttft_budget: str | None = None, value_gates: bool = True,
+         subjects: bool = True) -> Plan:
     """Phases 1-4 on an open bank: what to keep, evict and add. ``candidates`` skips phase 1
     (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries;
-    ``gated``: fit the task's relevance gate (``gate.py``); ``value_gates``: fit the per-layer
+    ``gated``: fit the task's relevance gate (``gate.py``; ``subjects``: with its subject gate,
+    ``runtime/subjects.py``); ``value_gates``: fit the per-layer
     value gates (``calibrate.fit_value_gates``; False: the bank's stay); ``batch``: examples per decoder
     pass when encoding and scoring (``candidates.Scorer``); ``ttft_budget``: the latency budget of a
     bank with source entries (``tiers.Budget``; None: the bank's stored one, else none); ``compact``/``slots``/``keep``: entry
@@ -223,6 +229,12 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     pool_twins = {**{i: old_twins[e.entry_id] for i, e in enumerate(old) if e.entry_id in old_twins},
                   **{len(old) + j: -1 - (len(old) + int(r)) for j, r in enumerate(group)}}   # (gate_margin's labels)
 
+    said_tasks, said = subj.unpack((snap.catalog.get("extra") or {}).get(SUBJECTS_KEY))
+    cand_words = None if not subjects or any(c.image for c in cands) else subj.subject_words([c.prompt for c in cands],
+                                                                               [c.answer for c in cands])
+    pool_words = None if cand_words is None else [said.get(e.entry_id) if e.task in said_tasks else None
+                                                  for e in old] + cand_words
+
     def old_kv(j: int):
         got = bank.read_payload(old[j].slot, old[j].entry_id)
         if got is not None and got[1].kind == "source":
@@ -264,7 +276,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
                 gate = GateFit(fit.margin, {**fit.report, "known": True}, questions=gate.questions)
         else:
             gate = fit_gate(g, cands, snap.keys, old_kv, scorer, rng, calib.apply(bank), progress, key_scale,
-                            twins=pool_twins, gates_of=gates_of, exclude=outvoted)
+                            twins=pool_twins, gates_of=gates_of, exclude=outvoted, pool_words=pool_words)
         timings["gate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -330,7 +342,10 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
              gains={kk: v for kk, v in stored.items() if kk not in evicted_ids}, calibration=calib, injection=inject, value_gates=vgates,
              twins={str(e): t for e, t in old_twins.items() if str(e) not in evicted_ids},
              twin_group=[int(r) for r in group] if valued else None,
-             gate=gate,
+             gate=gate, subject_words=cand_words if gate.subjects else None,
+             subjects=subj.pack(said_tasks - {task}, {e.entry_id: said[e.entry_id] for i, e in enumerate(old)
+                                                       if i in chosen and e.task in said_tasks - {task}
+                                                       and e.entry_id in said}),
              template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
              bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings,
              sources=new_src, source_tokens={i: tiers_.span(g, cands[i]) for i in new_src}, tiers=tier,
@@ -361,7 +376,8 @@ def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, t
 
     raw = stored.get("closed")
     closed = {t: float(v) for t, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
-    closed[task] = tiers_.closed_share(gate.margin, gate.report.get("asks", []))
+    closed[task] = tiers_.closed_share(gate.margin, gate.report.get("asks", []),
+                                       (gate.report.get("subject") or {}).get("closed", 0))
     names = {tt["name"] for tt in bank.catalog["tasks"].values()} | {task}
     closed = {t: v for t, v in closed.items() if t in names}
     gated_out = tiers_.bank_closed_share(closed, names)

@@ -343,13 +343,13 @@ def stored_costs(tiers: dict) -> Costs | None:
         return None
 
 
-def closed_share(margin: float | None, asks: list) -> float:
-    """The share of a task's leave-one-out queries (``gate.fit_gate``'s ``asks``: [margin, gain])
-    that its margin gate sends to the plain prompt; 0 without a margin gate (an image task's
-    question gate opens for the task's own questions)."""
-    if margin is None or not asks:
-        return 0.0
-    return float(np.mean([float(m) < margin for m, _ in asks]))
+def closed_share(margin: float | None, asks: list, closed: int = 0) -> float:
+    """The share of a task's leave-one-out queries that its gates send to the plain prompt:
+    ``closed`` of them by its subject gate, and of the rest (``gate.fit_gate``'s ``asks``:
+    [margin, gain]) those under its margin gate (an image task's question gate opens for the
+    task's own questions)."""
+    shut = closed + (sum(float(m) < margin for m, _ in asks) if margin is not None else 0)
+    return float(shut / (len(asks) + closed)) if asks or closed else 0.0
 
 
 def bank_closed_share(shares: dict, tasks) -> float:

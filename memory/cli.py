@@ -41,13 +41,23 @@ def _compact_line(rec, scheme: str) -> str:
     return "perlayer (no entries yet)" if scheme in SPARSE else "none (full entries)"
 
 
+def _subjects(raw, entries) -> dict[str, int]:
+    """Task -> how many of its live entries have subject words, for tasks with a subject gate
+    (``runtime/subjects.py``; catalog record kept as stored, a malformed one is counted as none)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list) or not isinstance(raw.get("entries"), dict):
+        return {}
+    said = set(raw["entries"])
+    return {str(t): sum(1 for e in entries if e.task == t and str(e.entry_id) in said) for t in raw["tasks"]}
+
+
 @cli.command(context_settings=_CTX)
 @click.argument("bank", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(bank, as_json):
     """Cap, bytes used/free, entries per task, bytes per entry, quantization."""
     from inducekv.memory.bank import Bank
-    from inducekv.memory.format import PENDING_KEY, QUESTIONS_KEY, RELEVANCE_KEY, TIERS_KEY, TWINS_KEY, VALUE_GATES_KEY
+    from inducekv.memory.format import (PENDING_KEY, QUESTIONS_KEY, RELEVANCE_KEY, SUBJECTS_KEY, TIERS_KEY, TWINS_KEY,
+                                        VALUE_GATES_KEY)
 
     with fail_on_bad_input(), Bank.open(bank) as b:
         g, u = b.geo, b.usage()
@@ -63,6 +73,7 @@ def info(bank, as_json):
                "question_gates": {t: len(v) for t, v in
                                   ((b.catalog.get("extra", {}).get(QUESTIONS_KEY) or {}).get("tasks") or {}).items()},
                "value_gates": b.catalog.get("extra", {}).get(VALUE_GATES_KEY) or {},
+               "subject_gates": _subjects(b.catalog.get("extra", {}).get(SUBJECTS_KEY), b.snapshot().entries),
                "twins": b.catalog.get("extra", {}).get(TWINS_KEY) or {},
                "format_version": g.version, "source_capable": g.sources,
                "tiers": b.catalog.get("extra", {}).get(TIERS_KEY),
@@ -84,6 +95,10 @@ def info(bank, as_json):
                  "  questions  " + (", ".join(f"{t} ({n} key{'s' * (n > 1)})" for t, n in obj["question_gates"].items())
                                     + " (image tasks: injected only for questions nearer to theirs than to others)"
                                     if obj["question_gates"] else "none"),
+                 "  subjects   " + (", ".join(f"{t} ({n} entries with subject words)"
+                                             for t, n in obj["subject_gates"].items())
+                                    + " (text tasks: injected only for queries naming the top entry's subject)"
+                                    if obj["subject_gates"] else "none"),
                  "  value gates " + ("; ".join(f"{t} {_runs(v)}" for t, v in obj["value_gates"].items())
                                      + " (scale of the injected values)" if obj["value_gates"] else "none"),
                  "  twins      " + (f"{len(obj['twins'])} entries in {len(set(obj['twins'].values()))} groups "

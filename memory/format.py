@@ -45,6 +45,7 @@ TWINS_KEY = "twins"            # catalog extra: entry id -> its twin group, entr
                                # questions (learn/value.py); the relevance margin skips a top entry's twins
 QUESTIONS_KEY = "questions"    # catalog extra: per image task, the text keys of its prompts: the question gate
                                # (runtime/questions.py)
+SUBJECTS_KEY = "subjects"      # catalog extra: per text task with a subject gate, its entries' subject words
 TIERS_KEY = "tiers"            # catalog extra: a bank with source entries: its kinds, latency budget, source share
                                # and the costs measured on the device (learn/tiers.py)
 SECTIONS = ("superblock", "calibration", "scales", "catalog", "records", "pages")

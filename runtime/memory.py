@@ -39,10 +39,12 @@ from inducekv.memory.format import RELEVANCE_KEY, VALUE_GATES_KEY   # catalog ex
 from inducekv.memory.format import TWINS_KEY       # catalog extra: entry id -> twin group
 from inducekv.memory.format import QUESTIONS_KEY   # catalog extra: per image task, its question keys (runtime/questions.py)
 from inducekv.memory.format import TIERS_KEY       # catalog extra: kinds of entries, latency budget (learn/tiers.py)
+from inducekv.memory.format import SUBJECTS_KEY    # catalog extra: per text task, its entries' subject words (runtime/subjects.py)
 from inducekv.memory.index import open_index
 from inducekv.memory.source import unpack_source
 from inducekv.core.errors import InduceKVError
 from inducekv.runtime import questions as qgate
+from inducekv.runtime import subjects
 from inducekv.runtime.session import shared_past, KVCache, KeyEncoder, require_memory_support
 from inducekv.runtime.vision import with_image
 
@@ -415,6 +417,7 @@ class Memory:
         self._reference = None                 # the question gate's reference keys, on first need
         self._text_keys: dict = {}             # prompt -> its text key (``text_key``)
         self._text_lock = threading.Lock()
+        self._subjects = (None, (set(), {}))   # (the catalog it was read from, subjects.unpack of it)
 
     def close(self) -> None:
         self.bank.close()
@@ -486,7 +489,7 @@ class Memory:
             q = self.bank.calibrate(key) if k > 0 else None
             t1 = time.perf_counter()
             out, gated = self._search(q, k, margin, lambda: text_key if text_key is not None else
-                                      self.text_key(prompt)) if k > 0 else ([], 0)
+                                      self.text_key(prompt), prompt) if k > 0 else ([], 0)
             inj = self.injection()
             if out:   # the value gates of the top-1 entry's task, if it has its own
                 own = value_gates_from(self.bank.catalog, self.bank.geo.num_layers).get(out[0][0]["task"])
@@ -496,12 +499,22 @@ class Memory:
             timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         return found
 
-    def _search(self, q: np.ndarray, k: int, margin: float | None, text_key) -> tuple[list[tuple[dict, bytes]], int]:
+    def subjects(self) -> tuple[set[str], dict[int, set[str]]]:
+        """The bank's subject gate (``subjects.unpack``), read again after a commit (caller holds the lock)."""
+        cat = self.bank.catalog
+        if self._subjects[0] is not cat:
+            self._subjects = (cat, subjects.unpack((cat.get("extra") or {}).get(SUBJECTS_KEY)))
+        return self._subjects[1]
+
+    def _search(self, q: np.ndarray, k: int, margin: float | None, text_key,
+                prompt: str = "") -> tuple[list[tuple[dict, bytes]], int]:
         """Search with the calibrated query key and read the payloads, unless a gate of the top-1
         entry's task closes: the relevance gate (the top-1 entry does not stand out enough from
-        the best entry that is not its twin, ``gate_margin``) or the question gate of an image
-        task (``questions.is_open`` on ``text_key()``, the query's text key); then nothing.
-        Returns the entries and how many the gates left out (the caller holds the lock)."""
+        the best entry that is not its twin, ``gate_margin``), the subject gate of a text task
+        (``prompt`` names none of the top-1 entry's subject words, ``subjects.names``) or the
+        question gate of an image task (``questions.is_open`` on ``text_key()``, the query's
+        text key); then nothing. Returns the entries and how many the gates left out (the
+        caller holds the lock)."""
         floor = relevance_from(self.bank.catalog)
         asked = qgate.questions_from(self.bank.catalog, self.bank.geo.key_dim)
         twins = twins_from(self.bank.catalog) if floor else {}
@@ -511,6 +524,9 @@ class Memory:
         if floor and len(ids) >= 2 and top is not None:
             if gate_margin(ids, scores, twins) < floor.get(top, 0.0):
                 return [], min(k, len(ids))
+        by_subject, said = self.subjects()
+        if top in by_subject and not subjects.names(subjects.words(prompt), said.get(int(ids[0]))):
+            return [], min(k, len(ids))
         if top in asked and not qgate.is_open(text_key(), top, asked, self.reference()):
             return [], min(k, len(ids))
         ids, scores = ids[:k], scores[:k]

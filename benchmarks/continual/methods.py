@@ -77,9 +77,10 @@ class ZeroShot:
 
 class BankMethod:
     def __init__(self, name: str, bundle: str, path: Path, cap: int, strategy: str, scheme: str | None = None,
-                 reserve: float = RESERVE, seed: int = 0, gated: bool = True, value_gates: bool = True):
+                 reserve: float = RESERVE, seed: int = 0, gated: bool = True, value_gates: bool = True,
+                 subjects: bool = True):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, strategy, reserve, seed
-        self.gated, self.value_gates = gated, value_gates
+        self.gated, self.value_gates, self.subjects = gated, value_gates, subjects
         self.rt = runtime(bundle)
         if scheme is None:   # ikv-learn's default: the profile's bits, per-layer compacted where the bundle can
             scheme = new_bank_scheme(self.rt, kvquant.scheme_for_bits(self.rt.profile.kv_bits), None)
@@ -100,7 +101,7 @@ class BankMethod:
         candidates = repack(candidates, g, bank.key_scales())
         return L.absorb(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed, reserve=self.reserve,
                         candidates=candidates, n_anchors=N_ANCHORS, gated=self.gated, value_gates=self.value_gates,
-                        dry_run=dry_run)
+                        subjects=getattr(self, "subjects", True), dry_run=dry_run)
 
     def learn(self, task, examples, candidates):
         if self.memory is not None:

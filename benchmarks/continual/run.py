@@ -65,6 +65,7 @@ ABLATIONS = {   # inducekv with one part of the selection or the gate removed (n
     "inducekv-balanced": ("balanced", True),         # every task's attainable value scaled to the same
     "inducekv-global-scale": ("global-scale", True),  # every task's gains in one unit (the default before 2026-12)
     "inducekv-no-value-gates": ("full", True),   # the per-layer value gates not fitted (learn/calibrate.py)
+    "inducekv-no-subjects": ("full", True),      # the relevance gate without its subject gate (runtime/subjects.py)
 }
 
 
@@ -233,7 +234,8 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
             if name in methods:
                 per[name] = run_method(M.BankMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, strategy,
                                                     seed=seed, gated=gated,
-                                                    value_gates=not name.endswith("-no-value-gates")), tasks, cands, log)
+                                                    value_gates=not name.endswith("-no-value-gates"),
+                                                    subjects=not name.endswith("-no-subjects")), tasks, cands, log)
         for name in (m for m in methods if tiered_spec(m) is not None):
             kinds, budget = tiered_spec(name)
             method = M.TieredMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, kinds, budget, seed=seed,

@@ -1,0 +1,160 @@
+"""The subject gate of text tasks (runtime/subjects.py): words, template, the serve-time check,
+the learn's fit and its catalog record."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from inducekv.core.errors import InduceKVError
+from inducekv.learn import absorb, read_examples, write
+from inducekv.learn.gate import fit_gate
+from inducekv.memory.bank import Bank
+from inducekv.memory.cli import cli as bank_cli
+from inducekv.memory.format import SUBJECTS_KEY
+from inducekv.runtime import subjects as subj
+from inducekv.runtime.api import Runtime
+from learnutil import add_all
+
+PLACES = ["Zorbia", "Vuroresh", "Kathokumar", "Bubregosland", "Thalassa", "Quenby", "Morvane", "Pellucid"]
+CAPITALS = ["Danedith", "Sidum", "Thege", "Orrin", "Vesk", "Lumo", "Tarrow", "Fenn"]
+WORDINGS = ["Which city is {}'s capital?", "Tell me the capital of {}.", "{} has its capital in which city?",
+            "Name the capital city of {}."]
+FACTS = [{"prompt": WORDINGS[i % 4].format(p), "answer": a} for i, (p, a) in enumerate(zip(PLACES, CAPITALS))]
+
+
+def test_words_are_lowercased_prefixes_without_possessives_or_short_words():
+    assert subj.words("Which city is Japan's capital?") == {"which", "city", "japan", "capit"}
+    assert subj.words("Japanese zibbles of a zibble") == {"japan", "zibbl"}
+    assert subj.words("") == set()
+
+
+def test_template_words_are_those_of_many_answers_and_subjects_are_the_rest():
+    prompts, answers = [f["prompt"] for f in FACTS], [f["answer"] for f in FACTS]
+    common = subj.template_words(prompts, answers)
+    assert {"which", "city", "capit", "the"} <= common and "tell" not in common   # "Tell me": 2 answers
+    assert not {"zorbi", "vuror"} & common
+    said = subj.subject_words(prompts, answers)
+    assert said[0] == {"zorbi"} and said[1] == {"vuror"}      # not "tell": seen with more answers than Vuroresh
+    assert subj.subject_words(prompts[:3], answers[:3]) is None          # too few prompts to tell the template
+
+
+def test_a_query_names_an_entry_only_by_its_subject_words():
+    assert subj.names(subj.words("What is the capital of Zorbia?"), {"zorbi"})
+    assert not subj.names(subj.words("Which city is Japan's capital?"), {"zorbi"})
+    assert subj.names(subj.words("anything"), set()) and subj.names(set(), None)   # no subject words: open
+
+
+def test_the_record_round_trips_and_a_malformed_one_is_refused():
+    tasks, entries = subj.unpack(subj.pack({"caps"}, {3: {"zorbi"}, 4: set()}))
+    assert tasks == {"caps"} and entries == {3: {"zorbi"}}
+    assert subj.unpack(None) == (set(), {})
+    assert subj.unpack({"version": 99, "tasks": 5}) == (set(), {})          # another version: not applied
+    for bad in ({"version": 1, "tasks": ["caps"]}, {"version": 1, "tasks": ["c"], "entries": {"x": "w"}}, [1]):
+        with pytest.raises(InduceKVError, match="subject gate is malformed"):
+            subj.unpack(bad)
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_bundles):
+    return Runtime.open(tiny_bundles["fp32"])
+
+
+@pytest.fixture()
+def bank_path(rt, tmp_path):
+    p = tmp_path / "b.ikv"
+    with Bank.create_for(p, 1 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=128) as b:
+        add_all(rt, b, FACTS, "caps")
+    return p
+
+
+def _set(path, value):
+    with Bank.open(path, writable=True) as b, b.transaction() as tx:
+        tx.set_extra(SUBJECTS_KEY, value)
+
+
+def test_a_query_naming_another_subject_is_answered_as_without_memory(rt, bank_path):
+    with Bank.open(bank_path) as b:
+        ids = sorted(e.entry_id for e in b.snapshot().entries)
+    said = subj.subject_words([f["prompt"] for f in FACTS], [f["answer"] for f in FACTS])
+    _set(bank_path, subj.pack({"caps"}, dict(zip(ids, said))))
+    mem = rt.open_memory(bank_path)
+    own = mem.lookup(FACTS[0]["prompt"], 1)          # (the tiny model's keys find an entry by its own prompt)
+    assert own.found and own.gated == 0
+    assert said[ids.index(own.found[0][0]["id"])] == {"zorbi"}
+    query = "Which city is Japan's capital?"
+    look = mem.lookup(query, 2)
+    assert look.found == [] and look.gated == 2
+    plain = rt.generate(query, max_new_tokens=6, use_memory=False)
+    gated = rt.generate(query, max_new_tokens=6, k=2, memory=mem)
+    assert gated.entries == [] and gated.token_ids == plain.token_ids
+    _set(bank_path, subj.pack({"other"}, dict(zip(ids, said))))          # another task's gate does not apply
+    assert len(rt.open_memory(bank_path).lookup(query, 2).found) == 2
+
+
+def test_a_malformed_record_is_refused_in_one_line(rt, bank_path):
+    _set(bank_path, {"version": 1, "tasks": ["caps"], "entries": {"one": "zorbi"}})
+    with pytest.raises(InduceKVError, match="subject gate is malformed"):
+        rt.generate("What is the capital of Zorbia?", max_new_tokens=2, k=1, memory=rt.open_memory(bank_path))
+
+
+class _Fixed:
+    """A scorer whose every ask changes the answer's log-probability by ``gain``."""
+
+    def __init__(self, rt, gain):
+        self.rt, self.gain = rt, gain
+
+    def logp_many(self, asks):
+        for a in asks:
+            yield self.base[a.prompt] + self.gain
+
+
+@pytest.mark.parametrize("gain,on", [(-1.0, True), (1.0, False)])
+def test_the_gate_is_on_unless_asks_naming_another_subject_are_helped(rt, tmp_path, gain, on):
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+    with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, force=True, max_tokens=128) as b:
+        p = absorb(rt, b, read_examples(task), "caps", n_anchors=2, dry_run=True)
+        cands = p.candidates
+        scorer = _Fixed(rt, gain)
+        scorer.base = {c.prompt: c.base for c in cands}
+        words = subj.subject_words([c.prompt for c in cands], [c.answer for c in cands])
+        fit = fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, scorer,
+                       np.random.default_rng(0), lambda x: x, pool_words=words)
+        rep = fit.report["subject"]
+        assert fit.subjects is on and rep["other_subject"] == len(cands) and rep["on"] is on
+        assert rep["closed"] == (len(cands) if on else 0)
+        # the margin gate is fitted on the asks the subject gate lets through
+        assert fit.report["queries"] == len(cands) and len(fit.report["asks"]) == len(cands) - rep["closed"]
+        assert fit.margin is None and fit.report["harmful"] == 0     # on: none left; off: none harmed
+        no_words = fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, scorer,
+                            np.random.default_rng(0), lambda x: x)
+        assert not no_words.subjects and "subject" not in no_words.report
+        assert no_words.report["harmful"] == (len(cands) if on else 0)   # without words, the margin sees them all
+        assert (no_words.margin is not None) is on
+
+
+def test_a_learn_stores_the_words_of_a_gated_task_and_keeps_them_for_kept_entries(rt, tmp_path):
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+    other = tmp_path / "o.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"Code word number {i}?", "answer": f"Zup{i}"}) + "\n"
+                             for i in range(9)))
+    with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, force=True, max_tokens=128) as b:
+        p = absorb(rt, b, read_examples(task), "caps", n_anchors=2, dry_run=True)
+        p.gate.subjects = True                              # as a fit that found other subjects harmed
+        p.subject_words = subj.subject_words([c.prompt for c in p.candidates], [c.answer for c in p.candidates])
+        ids = write(b, p)
+        tasks, said = subj.unpack(b.catalog["extra"][SUBJECTS_KEY])
+        assert tasks == {"caps"} and set(said) == set(ids)
+        assert said[ids[0]] == p.subject_words[p.add[0]]
+        q = absorb(rt, b, read_examples(other), "codes", n_anchors=2)   # a task whose prompts name no subject
+        assert not q.gate.subjects
+        tasks, after = subj.unpack(b.catalog["extra"][SUBJECTS_KEY])
+        kept = {e.entry_id for e in b.snapshot().entries if e.task == "caps"}
+        assert tasks == {"caps"} and set(after) == kept and all(after[e] == said[e] for e in kept)
+        path = b.path
+    out = CliRunner().invoke(bank_cli, ["info", str(path), "--json"])
+    assert json.loads(out.output)["subject_gates"] == {"caps": len(kept)}
+    out = CliRunner().invoke(bank_cli, ["info", str(path)])
+    assert f"caps ({len(kept)} entries with subject words)" in out.output
