@@ -8,7 +8,9 @@ Learns the tasks' train files (``examples/tasks``) into one bank with ``ikv-lear
 defaults (the relevance gate fitted per task), then asks each question file: without
 memory, with memory ungated (a copy of the bank without its gate) at k=1 and k=4, and
 gated (an entry is injected only when the query's retrieval margin, top-1 minus the best
-entry that is not its twin, reaches the gate of the top-1 entry's task, ``learn/gate.py``). Question files:
+entry that is not its twin, reaches the gate of the top-1 entry's task, ``learn/gate.py``,
+and, for a task with a subject gate, the query names the top-1 entry's subject,
+``runtime/subjects.py``). The ungated copy drops both gates. Question files:
 ``--questions`` (real-world facts, not from any task file) and the dev splits
 ``examples/tasks/dev/NAME.dev.jsonl`` (paraphrases of training facts). Reports accuracy,
 and for the real-world file also on the questions the bare model answers. ``--json`` also
@@ -36,25 +38,29 @@ from inducekv.learn import learn_task  # noqa: E402
 from inducekv.learn.gate import gate_from  # noqa: E402
 from inducekv.memory.bank import Bank  # noqa: E402
 from inducekv.runtime.api import Runtime  # noqa: E402
+from inducekv.memory.format import SUBJECTS_KEY  # noqa: E402
+from inducekv.runtime import subjects  # noqa: E402
 from inducekv.runtime.memory import RELEVANCE_KEY, TWIN_LOOK, gate_margin, relevance_from, twins_from  # noqa: E402
 from inducekv.runtime.scoring import score  # noqa: E402
 from inducekv.runtime.tasks import load_task  # noqa: E402
 
 
-def ask(rt, mem, gates: dict, examples) -> dict:
+def ask(rt, mem, gates: dict, examples, said=(set(), {})) -> dict:
+    """``gates``: task -> margin; ``said``: the subject gate (``subjects.unpack``), both of the gated bank."""
     rows = []
     twins = twins_from(mem.bank.catalog)
     for e in examples:
         ids, scores = mem.index.search(mem.bank.calibrate(mem.query_key(e.prompt)), 2 + TWIN_LOOK)
         margin = gate_margin(ids, scores, twins)                 # as the runtime measures it
         task = mem.bank.entry(mem.bank.slot_of()[int(ids[0])]).task
-        opened = margin >= gates.get(task, 0.0)
+        named = task not in said[0] or subjects.names(subjects.words(e.prompt), said[1].get(int(ids[0])))
+        opened = margin >= gates.get(task, 0.0) and named
         right = lambda **kw: float(score(rt.generate(e.prompt, max_new_tokens=16, stop=["\n"], **kw).text,
                                          e.answers)[0])
         zero, k1, k4 = right(k=0, use_memory=False), right(k=1, memory=mem), right(k=4, memory=mem)
         rows.append({"zero": zero, "k1": k1, "k4": k4, "gated_k1": k1 if opened else zero,
                      "gated_k4": k4 if opened else zero, "open": float(opened), "margin": margin,
-                     "task": task})
+                     "task": task, "named": named})
     mean = lambda rs, k: float(np.mean([r[k] for r in rs])) if rs else None
     keys = ("zero", "k1", "k4", "gated_k1", "gated_k4", "open")
     out = {"n": len(rows), **{k: mean(rows, k) for k in keys}}
@@ -76,7 +82,7 @@ def read_off(res: dict, quantiles: list[float]) -> dict:
             gates[t] = gate_from(asks[:, 0], asks[:, 1], qt) if len(asks) else None
         row = {"gates": gates}
         for name, q in res["questions"].items():
-            opened = [r["margin"] >= (gates.get(r["task"]) or 0.0) for r in q["rows"]]
+            opened = [r["margin"] >= (gates.get(r["task"]) or 0.0) and r.get("named", True) for r in q["rows"]]
             got = [r["k1"] if o else r["zero"] for r, o in zip(q["rows"], opened)]
             known = [g for g, r in zip(got, q["rows"]) if r["zero"] == 1.0]
             row[name] = {"k1": float(np.mean(got)), "open": float(np.mean(opened)),
@@ -108,19 +114,22 @@ def main():
         shutil.copy(bank, ungated)
         with Bank.open(ungated, writable=True) as b:
             gates = relevance_from(b.catalog)
+            said = subjects.unpack((b.catalog.get("extra") or {}).get(SUBJECTS_KEY))
             with b.transaction() as tx:
                 tx.drop_extra(RELEVANCE_KEY)
+                tx.drop_extra(SUBJECTS_KEY)
         files = {"real-world": Path(args.questions)}
         files.update({f"dev {d}": TASKS / "dev" / f"{d}.dev.jsonl" for d in args.dev.split(",") if d})
         with rt.open_memory(ungated) as mem:
             for name, path in files.items():
-                res["questions"][name] = ask(rt, mem, gates, load_task(path))
+                res["questions"][name] = ask(rt, mem, gates, load_task(path), said)
                 q = res["questions"][name]
                 print(f"{name}: n={q['n']} zero {q['zero']:.3f} | ungated k1 {q['k1']:.3f} k4 {q['k4']:.3f} | gated k1 "
                       f"{q['gated_k1']:.3f} k4 {q['gated_k4']:.3f} (open {q['open']:.2f}); on the {q['known']['n']} the "
                       f"bare model answers: ungated k1 {q['known']['k1'] or 0:.3f}, gated {q['known']['gated_k1'] or 0:.3f}",
                       file=sys.stderr)
     res["gates"] = gates
+    res["subject_gates"] = sorted(said[0])
     res["read_off"] = read_off(res, [float(x) for x in args.read_off.split(",") if x])
     for qt, row in res["read_off"].items():
         print(f"quantile {qt}: " + "; ".join(f"{name} k1 {v['k1']:.3f} (open {v['open']:.2f}"

@@ -99,24 +99,27 @@ def test_a_malformed_record_is_refused_in_one_line(rt, bank_path):
 
 
 class _Fixed:
-    """A scorer whose every ask changes the answer's log-probability by ``gain``."""
+    """A scorer whose every ask gets the answer's mean log-probability ``after(base)``."""
 
-    def __init__(self, rt, gain):
-        self.rt, self.gain = rt, gain
+    def __init__(self, rt, after):
+        self.rt, self.after = rt, after
 
     def logp_many(self, asks):
         for a in asks:
-            yield self.base[a.prompt] + self.gain
+            yield self.after(self.base[a.prompt])
 
 
-@pytest.mark.parametrize("gain,on", [(-1.0, True), (1.0, False)])
-def test_the_gate_is_on_unless_asks_naming_another_subject_are_helped(rt, tmp_path, gain, on):
+@pytest.mark.parametrize("after,on", [(lambda b: b - 1.0, True),                 # harmed
+                                      (lambda b: min(b + 1.0, np.log(0.1)), True),  # raised, still unlikely
+                                      (lambda b: 0.0, False)])                   # made likely: helped
+def test_the_gate_is_on_unless_asks_naming_another_subject_are_helped(rt, tmp_path, after, on):
     task = tmp_path / "t.jsonl"
     task.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
     with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, force=True, max_tokens=128) as b:
         p = absorb(rt, b, read_examples(task), "caps", n_anchors=2, dry_run=True)
         cands = p.candidates
-        scorer = _Fixed(rt, gain)
+        assert all(c.base < np.log(0.1) - 1 for c in cands)   # (the tiny model knows none of them)
+        scorer = _Fixed(rt, after)
         scorer.base = {c.prompt: c.base for c in cands}
         words = subj.subject_words([c.prompt for c in cands], [c.answer for c in cands])
         fit = fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, scorer,
@@ -130,8 +133,9 @@ def test_the_gate_is_on_unless_asks_naming_another_subject_are_helped(rt, tmp_pa
         no_words = fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, scorer,
                             np.random.default_rng(0), lambda x: x)
         assert not no_words.subjects and "subject" not in no_words.report
-        assert no_words.report["harmful"] == (len(cands) if on else 0)   # without words, the margin sees them all
-        assert (no_words.margin is not None) is on
+        harmed = after(0.0) < 0.0 and after(-50.0) < -50.0
+        assert no_words.report["harmful"] == (len(cands) if harmed else 0)   # without words, the margin sees them all
+        assert (no_words.margin is not None) is harmed
 
 
 def test_a_learn_stores_the_words_of_a_gated_task_and_keeps_them_for_kept_entries(rt, tmp_path):
