@@ -52,7 +52,8 @@ from inducekv.learn.select import STRATEGIES
                    "from the top-2 (retrieval margin below the fitted one) is answered without memory. Not fitted "
                    "when leaving an example out rarely hurts. For an image task the gate tests the question "
                    "instead: its entries are injected only when the question is nearer to the task's own "
-                   "than to other tasks' and everyday questions. --no-gate suits a bank that serves only this "
+                   "than to other tasks' and everyday questions; a text task's fact entries also get a subject "
+                   "gate (injected only for queries naming the entry's subject). --no-gate suits a bank that serves only this "
                    "task's kind of question: ungated entries are also injected into unrelated questions.")
 @click.option("--value-gates/--no-value-gates", default=True, show_default=True,
               help="Fit this task's value gates: one scale (0.5-2) per third of the layers on the values injected "
@@ -137,6 +138,10 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
     if res.gate.get("questions"):
         click.echo(f"question gate: entries of {res.task} are injected when the question is nearer to its "
                    f"{res.gate['questions']} stored question key(s) than to other tasks' and everyday questions")
+    if res.gate.get("subjects"):
+        sub = res.gate.get("subject") or {}
+        click.echo(f"subject gate: entries of {res.task} are injected only for queries naming their subject "
+                   f"({sub.get('closed', 0)} of {res.gate.get('queries', 0)} left-out asks named another)")
     if gate is not None or not res.gate.get("questions"):
         click.echo("relevance gate: " + (f"entries of {res.task} are injected when their retrieval margin (top-1 minus "
                                          f"the best non-twin score) is >= {gate:g}" if gate is not None

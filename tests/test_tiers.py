@@ -61,6 +61,10 @@ def test_closed_share_counts_the_leave_one_out_queries_under_the_margin():
     assert closed_share(None, asks) == 0.0                            # no margin gate: every query served
     assert closed_share(0.002, asks) == pytest.approx(0.5)
     assert closed_share(0.002, []) == 0.0
+    # asks the subject gate closed count as gated out, with or without a margin gate
+    assert closed_share(None, asks, closed=2) == pytest.approx(2 / (len(asks) + 2))
+    assert closed_share(0.002, asks, closed=2) == pytest.approx((0.5 * len(asks) + 2) / (len(asks) + 2))
+    assert closed_share(None, [], closed=3) == 1.0
     assert bank_closed_share({"a": 0.5, "b": 1.0}, ["a", "b", "c"]) == pytest.approx(0.5)
     assert bank_closed_share({}, []) == 0.0
 
@@ -278,7 +282,7 @@ def test_a_new_tiered_bank_is_split_for_the_queries_its_first_gate_sends_away(rt
                                                           "costs": fixed})
     slots = {}
     for q in (0.0, 0.5):
-        monkeypatch.setattr(tiers, "closed_share", lambda margin, asks, q=q: q)
+        monkeypatch.setattr(tiers, "closed_share", lambda margin, asks, closed=0, q=q: q)
         bank = tmp_path / f"q{q}.ikv"
         res = learn_task(rt, bank, CODES, name="codes", budget=1 << 20, kinds="tiered", ttft_budget="1.0x",
                          n_anchors=2, scheme="int8", compact="none")
