@@ -143,8 +143,9 @@ def _subjects(tx, p, ids: list[int]) -> None:
     rec = getattr(p, "subjects", None) or {}
     tasks, entries = subj.unpack(rec)
     words = getattr(p, "subject_words", None)
-    if words is not None:
+    if words is not None:   # on: this task's kept old entries keep their words too
         tasks.add(p.task)
+        entries.update(getattr(p, "subjects_own", None) or {})
         made = list(p.add) + list(getattr(p, "sources", ()))   # the order ``_add`` wrote them in
         entries.update({eid: words[ci] for ci, eid in zip(made, ids)})
     if tasks:

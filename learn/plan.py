@@ -84,6 +84,7 @@ class Plan:
     tiers: "TierPlan | None" = None          # kinds of entries (a bank with source entries; ``tiers.py``)
     subjects: dict = field(default_factory=dict)  # the subject gate's record for the kept old entries (``subjects.pack``)
     subject_words: list | None = None        # candidate -> its subject words, when this task's subject gate is on
+    subjects_own: dict = field(default_factory=dict)  # entry id -> subject words, this task's kept old entries
 
 
 def read_examples(path, require_answer: bool = True) -> list:
@@ -229,7 +230,10 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     pool_twins = {**{i: old_twins[e.entry_id] for i, e in enumerate(old) if e.entry_id in old_twins},
                   **{len(old) + j: -1 - (len(old) + int(r)) for j, r in enumerate(group)}}   # (gate_margin's labels)
 
-    said_tasks, said = subj.unpack((snap.catalog.get("extra") or {}).get(SUBJECTS_KEY))
+    try:
+        said_tasks, said = subj.unpack((snap.catalog.get("extra") or {}).get(SUBJECTS_KEY))
+    except InduceKVError:   # a malformed record: this learn writes a new one
+        said_tasks, said = set(), {}
     cand_words = None if not subjects or any(c.image for c in cands) else subj.subject_words([c.prompt for c in cands],
                                                                                [c.answer for c in cands])
     pool_words = None if cand_words is None else [said.get(e.entry_id) if e.task in said_tasks else None
@@ -346,6 +350,8 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
              subjects=subj.pack(said_tasks - {task}, {e.entry_id: said[e.entry_id] for i, e in enumerate(old)
                                                        if i in chosen and e.task in said_tasks - {task}
                                                        and e.entry_id in said}),
+             subjects_own={e.entry_id: said[e.entry_id] for i, e in enumerate(old)
+                           if i in chosen and e.task == task and e.entry_id in said},
              template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
              bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings,
              sources=new_src, source_tokens={i: tiers_.span(g, cands[i]) for i in new_src}, tiers=tier,

@@ -157,8 +157,14 @@ def test_a_learn_stores_the_words_of_a_gated_task_and_keeps_them_for_kept_entrie
         tasks, after = subj.unpack(b.catalog["extra"][SUBJECTS_KEY])
         kept = {e.entry_id for e in b.snapshot().entries if e.task == "caps"}
         assert tasks == {"caps"} and set(after) == kept and all(after[e] == said[e] for e in kept)
+        out = CliRunner().invoke(bank_cli, ["info", str(b.path), "--json"])
+        assert json.loads(out.output)["subject_gates"] == {"caps": len(kept)}
+        out = CliRunner().invoke(bank_cli, ["info", str(b.path)])
+        assert f"caps ({len(kept)} entries with subject words)" in out.output
+        with b.transaction() as tx:                         # a malformed record: the next learn writes a new one
+            tx.set_extra(SUBJECTS_KEY, {"version": 1, "tasks": ["caps"], "entries": {"x": "y"}})
+        absorb(rt, b, read_examples(other), "codes", n_anchors=2)
+        assert subj.unpack(b.catalog["extra"].get(SUBJECTS_KEY)) == (set(), {})
         path = b.path
     out = CliRunner().invoke(bank_cli, ["info", str(path), "--json"])
-    assert json.loads(out.output)["subject_gates"] == {"caps": len(kept)}
-    out = CliRunner().invoke(bank_cli, ["info", str(path)])
-    assert f"caps ({len(kept)} entries with subject words)" in out.output
+    assert json.loads(out.output)["subject_gates"] == {}
