@@ -11,3 +11,20 @@ def add_all(rt, bank, examples, task: str, template: str | None = None, policy: 
     ids = write(bank, p)
     slot_of = bank.slot_of()
     return [slot_of[i] for i in ids]
+
+
+def fact_bank(rt, path, facts, task: str, max_tokens: int = 64):
+    """A 1 MiB fp16 bank at ``path`` holding every fact of ``facts`` as task ``task`` (``add_all``)."""
+    from inducekv.memory.bank import Bank
+
+    with Bank.create_for(path, 1 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=max_tokens) as b:
+        add_all(rt, b, facts, task)
+    return path
+
+
+def set_extra(path, key: str, value) -> None:
+    """Overwrite one catalog extra of the bank at ``path`` (a gate record, say) in one commit."""
+    from inducekv.memory.bank import Bank
+
+    with Bank.open(path, writable=True) as b, b.transaction() as tx:
+        tx.set_extra(key, value)

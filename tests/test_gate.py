@@ -10,7 +10,7 @@ from inducekv.learn.gate import QUANTILE, fit_gate, gate_from
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Runtime
 from inducekv.runtime.memory import RELEVANCE_KEY
-from learnutil import add_all
+from learnutil import fact_bank, set_extra
 
 FACTS = [{"prompt": f"Capital of Vexland number {i}?", "answer": f"Morrow{i}"} for i in range(6)]
 QUERY = "Capital of Vexland number 3?"
@@ -23,15 +23,11 @@ def rt(tiny_bundles):
 
 @pytest.fixture()
 def bank_path(rt, tmp_path):
-    p = tmp_path / "b.ikv"
-    with Bank.create_for(p, 1 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=64) as b:
-        add_all(rt, b, FACTS, "facts")
-    return p
+    return fact_bank(rt, tmp_path / "b.ikv", FACTS, "facts")
 
 
 def _set_gate(path, value):
-    with Bank.open(path, writable=True) as b, b.transaction() as tx:
-        tx.set_extra(RELEVANCE_KEY, value)
+    set_extra(path, RELEVANCE_KEY, value)
 
 
 def _margin(rt, path) -> float:

@@ -14,7 +14,7 @@ from inducekv.memory.cli import cli as bank_cli
 from inducekv.memory.format import SUBJECTS_KEY
 from inducekv.runtime import subjects as subj
 from inducekv.runtime.api import Runtime
-from learnutil import add_all
+from learnutil import fact_bank, set_extra
 
 PLACES = ["Zorbia", "Vuroresh", "Kathokumar", "Bubregosland", "Thalassa", "Quenby", "Morvane", "Pellucid"]
 CAPITALS = ["Danedith", "Sidum", "Thege", "Orrin", "Vesk", "Lumo", "Tarrow", "Fenn"]
@@ -62,15 +62,11 @@ def rt(tiny_bundles):
 
 @pytest.fixture()
 def bank_path(rt, tmp_path):
-    p = tmp_path / "b.ikv"
-    with Bank.create_for(p, 1 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=128) as b:
-        add_all(rt, b, FACTS, "caps")
-    return p
+    return fact_bank(rt, tmp_path / "b.ikv", FACTS, "caps", max_tokens=128)
 
 
 def _set(path, value):
-    with Bank.open(path, writable=True) as b, b.transaction() as tx:
-        tx.set_extra(SUBJECTS_KEY, value)
+    set_extra(path, SUBJECTS_KEY, value)
 
 
 def test_a_query_naming_another_subject_is_answered_as_without_memory(rt, bank_path):
