@@ -91,7 +91,8 @@ def info(bank, as_json):
                  "  gate       " + (", ".join(f"{t} >= {m:g}" for t, m in obj["relevance"].items())
                                     + " (how far the top-1 retrieval score must stand out from the best"
                                     " entry that is not its twin)"
-                                    if obj["relevance"] else "none" if obj["question_gates"] else "none (every query gets its entries)"),
+                                    if obj["relevance"] else "none" if obj["question_gates"] or obj["subject_gates"]
+                                    else "none (every query gets its entries)"),
                  "  questions  " + (", ".join(f"{t} ({n} key{'s' * (n > 1)})" for t, n in obj["question_gates"].items())
                                     + " (image tasks: injected only for questions nearer to theirs than to others)"
                                     if obj["question_gates"] else "none"),
