@@ -127,7 +127,7 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
     new_top = np.array([n for n, _ in named], bool)
     said = np.array([o for _, o in named], bool)
     other = new_top & ~said                             # asks whose top candidate names another subject
-    after = np.array([x for x in scored], np.float64)   # mean log p per answer token, with the top entry
+    after = np.asarray(scored, np.float64)     # mean log p per answer token, with the top entry
     # helped: the entry makes the asked answer the likely one (any fact entry raises a made-up
     # answer's likelihood a little, by its form: "The answer is <name>")
     helped = int(np.sum(other & (gains > 0) & (after >= np.log(KNOWN)))) if len(after) else 0
