@@ -128,10 +128,15 @@ def fit_gate(geo, cands: list[Candidate], old_keys: np.ndarray, old_kv, scorer: 
     said = np.array([o for _, o in named], bool)
     other = new_top & ~said                             # asks whose top candidate names another subject
     after = np.asarray(scored, np.float64)     # mean log p per answer token, with the top entry
-    # helped: the entry makes the asked answer the likely one (any fact entry raises a made-up
-    # answer's likelihood a little, by its form: "The answer is <name>")
-    helped = int(np.sum(other & (gains > 0) & (after >= np.log(KNOWN)))) if len(after) else 0
-    on = pool_words is not None and not (helped >= MIN_HARMFUL and helped > 0.5 * np.sum(other))
+    # helped: another subject's entry makes the model give an answer it did not give bare (the
+    # answer becomes the likely one, p >= KNOWN): the task's answers repeat across subjects
+    # (4 made-up planets for 15 people), so closing such entries to other subjects costs answers.
+    # (Not mere gains: any fact entry raises a made-up answer's likelihood a little by its form,
+    # "The answer is <name>"; not answers the bare model already gives.)
+    base = np.array([c.base for c, _, _ in asks], np.float64)
+    helped = int(np.sum(other & (gains > 0) & (after >= np.log(KNOWN)) & (base < np.log(KNOWN)))) \
+        if len(after) else 0
+    on = pool_words is not None and helped < MIN_HARMFUL
     closed = ~said & (~new_top | on) if len(said) else said   # what the subject gates close
     subject = {"on": on, "other_subject": int(other.sum()), "other_subject_helped": helped,
                "closed": int(closed.sum())} if pool_words is not None else None

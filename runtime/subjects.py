@@ -15,7 +15,8 @@ in the prompts of at least ``TEMPLATE_ANSWERS`` distinct answers ("capital", "wh
 subject occurs with one answer, or two where labels are noisy. Words are compared by their first ``PREFIX``
 letters, lowercased, possessive "'s" dropped, so "zibbles" meets "zibble" and "Japan's"
 meets "Japan". A learn decides per task whether the gate is on (``learn/gate.py``: on unless
-its held-out asks whose top entry is about another subject were mostly helped); then a query
+at least 3 of its held-out asks whose top entry is about another subject got an answer the
+bare model does not give from that entry: the task's answers repeat across subjects); then a query
 whose top-1 entry is of that task and shares none of its subject words is answered
 without memory (``runtime.memory.Memory``). Stored in the catalog (``memory/FORMAT.md``)::
 

@@ -164,3 +164,37 @@ def test_a_learn_stores_the_words_of_a_gated_task_and_keeps_them_for_kept_entrie
         path = b.path
     out = CliRunner().invoke(bank_cli, ["info", str(path), "--json"])
     assert json.loads(out.output)["subject_gates"] == {}
+
+
+class _FirstLikely(_Fixed):
+    """Makes the answer likely (p = 1) for the first ``n`` asks scored, harms the rest."""
+
+    def __init__(self, rt, n):
+        super().__init__(rt, None)
+        self.n = n
+
+    def logp_many(self, asks):
+        for i, a in enumerate(asks):
+            yield 0.0 if i < self.n else self.base[a.prompt] - 1.0
+
+
+@pytest.mark.parametrize("n,known,on", [(2, False, True),    # two others' entries happen to give the answer
+                                        (3, False, False),   # three: the task's answers repeat across subjects
+                                        (8, True, True)])    # the bare model gave those answers already
+def test_the_gate_turns_off_when_three_other_subjects_entries_give_an_unknown_answer(rt, tmp_path, n, known, on):
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+    with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, force=True, max_tokens=128) as b:
+        cands = absorb(rt, b, read_examples(task), "caps", n_anchors=2, dry_run=True).candidates
+        if known:
+            for c in cands:
+                c.base = float(np.log(0.9))
+        scorer = _FirstLikely(rt, n)
+        scorer.base = {c.prompt: c.base for c in cands}
+        words = subj.subject_words([c.prompt for c in cands], [c.answer for c in cands])
+        fit = fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, scorer,
+                       np.random.default_rng(0), lambda x: x, pool_words=words)
+        rep = fit.report["subject"]
+        assert rep["other_subject"] == len(cands) == 8
+        assert rep["other_subject_helped"] == (0 if known else n)
+        assert fit.subjects is on and rep["on"] is on

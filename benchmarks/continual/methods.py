@@ -75,6 +75,16 @@ class ZeroShot:
         return self.answer(ex)[1]
 
 
+def gate_note(fit) -> str:
+    """One line for the run log: the task's fitted gates (``learn/gate.py``)."""
+    r, parts = fit.report, [f"margin {fit.margin}"]
+    if "subject" in r:
+        sj = r["subject"]
+        parts.append(f"subject {'on' if sj['on'] else 'off'} (helped {sj['other_subject_helped']}"
+                     f" of {sj['other_subject']} other-subject asks)")
+    return "gate: " + ", ".join(parts)
+
+
 class BankMethod:
     def __init__(self, name: str, bundle: str, path: Path, cap: int, strategy: str, scheme: str | None = None,
                  reserve: float = RESERVE, seed: int = 0, gated: bool = True, value_gates: bool = True,
@@ -108,6 +118,7 @@ class BankMethod:
             self.memory.close()
         with Bank.open(self.path, writable=True) as bank:
             p = self.absorb(bank, task, examples, candidates)
+            self.gate_note = gate_note(p.gate)
             if p.tiers is not None and p.tiers.budget is not None:   # as ikv-learn: time the bank as served, refit
                 from inducekv.learn.tiers import serve_check
 

@@ -158,7 +158,7 @@ def run_method(method, tasks: dict, cands: dict, log) -> dict:
         matrix.append(row)
         held = method.entries() if hasattr(method, "entries") else {}
         log(f"  {method.name:>16} after {n:<16} " + " ".join("  -  " if a is None else f"{a:.2f} " for a in row)
-            + (f"  kept {held}" if held else ""))
+            + (f"  kept {held}" if held else "") + (f"; {method.gate_note}" if getattr(method, "gate_note", None) else ""))
     return {"matrix": matrix, **metrics(matrix), "median_ttft_ms": statistics.median(ttfts),
             "mean_ttft_ms": statistics.fmean(ttfts),
             "learn_s": learn_s, "eval_s": eval_s, "final_hits": final_hits}
