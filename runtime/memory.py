@@ -398,7 +398,7 @@ class Lookup:
     found: list               # [(info dict, verified payload bytes)], best first
     injection: Injection      # the bank's weighting at that state, with the top-1 entry's task's value gates
     key_scale: np.ndarray | None  # the bank's shared key scales (L, H_kv, D) float16, or None
-    gated: int = 0            # retrieved entries left out by the relevance gate
+    gated: int = 0            # retrieved entries left out by the gates (relevance, subject, question)
 
 
 class Memory:
@@ -506,6 +506,9 @@ class Memory:
             self._subjects = (cat, subjects.unpack((cat.get("extra") or {}).get(SUBJECTS_KEY)))
         return self._subjects[1]
 
+    def _task_of(self, slot_of: dict, eid: int) -> str | None:
+        return self.bank.entry(slot_of[eid]).task if eid in slot_of else None
+
     def _search(self, q: np.ndarray, k: int, margin: float | None, text_key,
                 prompt: str = "") -> tuple[list[tuple[dict, bytes]], int]:
         """Search with the calibrated query key and read the payloads, unless a gate of the top-1
@@ -513,8 +516,9 @@ class Memory:
         the best entry that is not its twin, ``gate_margin``), the subject gate of a text task
         (``prompt`` names none of the top-1 entry's subject words, ``subjects.names``) or the
         question gate of an image task (``questions.is_open`` on ``text_key()``, the query's
-        text key); then nothing. Returns the entries and how many the gates left out (the
-        caller holds the lock)."""
+        text key); then nothing. At k > 1 the entries after the first are also left out when
+        they are of a subject-gated task and the prompt names none of their subject words.
+        Returns the entries and how many the gates left out (the caller holds the lock)."""
         floor = relevance_from(self.bank.catalog)
         asked = qgate.questions_from(self.bank.catalog, self.bank.geo.key_dim)
         twins = twins_from(self.bank.catalog) if floor else {}
@@ -533,6 +537,13 @@ class Memory:
         if margin is not None and len(scores):
             keep = scores >= scores[0] - margin
             ids, scores = ids[keep], scores[keep]
+        if by_subject and len(ids) > 1:   # k > 1: no fact entry of a gated task about another subject either
+            words = subjects.words(prompt)
+            keep = np.array([i == 0 or self._task_of(slot_of, int(e)) not in by_subject
+                             or subjects.names(words, said.get(int(e))) for i, e in enumerate(ids)], bool)
+            ids, scores, dropped = ids[keep], scores[keep], int((~keep).sum())
+        else:
+            dropped = 0
         cap = tiers_from(self.bank.catalog).get("max_source")
         out, n_source, max_source = [], 0, k if cap is None else cap
         for eid, score in zip(ids.tolist(), scores.tolist()):
@@ -546,7 +557,7 @@ class Memory:
                 n_source += 1
             out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens,
                          "kind": info.kind}, buf))
-        return out, 0
+        return out, dropped
 
 
 def _features(image):

@@ -88,6 +88,21 @@ def test_a_query_naming_another_subject_is_answered_as_without_memory(rt, bank_p
     assert len(rt.open_memory(bank_path).lookup(query, 2).found) == 2
 
 
+def test_at_k_above_one_entries_about_other_subjects_are_left_out_too(rt, bank_path):
+    with Bank.open(bank_path) as b:
+        ids = sorted(e.entry_id for e in b.snapshot().entries)
+    said = subj.subject_words([f["prompt"] for f in FACTS], [f["answer"] for f in FACTS])
+    _set(bank_path, subj.pack({"caps"}, dict(zip(ids, said))))
+    mem = rt.open_memory(bank_path)
+    look = mem.lookup(FACTS[0]["prompt"], 4)   # names Zorbia only: its entry, none of the other places'
+    assert [said[ids.index(e["id"])] for e, _ in look.found] == [{"zorbi"}] and look.gated == 3
+    both = mem.lookup(FACTS[0]["prompt"] + " And what of Vuroresh?", len(ids))   # two subjects: their entries
+    assert sorted(" ".join(sorted(said[ids.index(e["id"])])) for e, _ in both.found) == ["vuror", "zorbi"]
+    assert both.gated == len(ids) - 2
+    _set(bank_path, subj.pack({"other"}, dict(zip(ids, said))))          # an ungated task's entries all come
+    assert len(rt.open_memory(bank_path).lookup(FACTS[0]["prompt"], 4).found) == 4
+
+
 def test_a_malformed_record_is_refused_in_one_line(rt, bank_path):
     _set(bank_path, {"version": 1, "tasks": ["caps"], "entries": {"one": "zorbi"}})
     with pytest.raises(InduceKVError, match="subject gate is malformed"):
