@@ -69,12 +69,17 @@ def _set(path, value):
     set_extra(path, SUBJECTS_KEY, value)
 
 
-def test_a_query_naming_another_subject_is_answered_as_without_memory(rt, bank_path):
+def _gated(rt, bank_path):
+    """The bank's task "caps" subject-gated: (its memory, entry ids sorted, their subject words)."""
     with Bank.open(bank_path) as b:
         ids = sorted(e.entry_id for e in b.snapshot().entries)
     said = subj.subject_words([f["prompt"] for f in FACTS], [f["answer"] for f in FACTS])
     _set(bank_path, subj.pack({"caps"}, dict(zip(ids, said))))
-    mem = rt.open_memory(bank_path)
+    return rt.open_memory(bank_path), ids, said
+
+
+def test_a_query_naming_another_subject_is_answered_as_without_memory(rt, bank_path):
+    mem, ids, said = _gated(rt, bank_path)
     own = mem.lookup(FACTS[0]["prompt"], 1)          # (the tiny model's keys find an entry by its own prompt)
     assert own.found and own.gated == 0
     assert said[ids.index(own.found[0][0]["id"])] == {"zorbi"}
@@ -89,11 +94,7 @@ def test_a_query_naming_another_subject_is_answered_as_without_memory(rt, bank_p
 
 
 def test_at_k_above_one_entries_about_other_subjects_are_left_out_too(rt, bank_path):
-    with Bank.open(bank_path) as b:
-        ids = sorted(e.entry_id for e in b.snapshot().entries)
-    said = subj.subject_words([f["prompt"] for f in FACTS], [f["answer"] for f in FACTS])
-    _set(bank_path, subj.pack({"caps"}, dict(zip(ids, said))))
-    mem = rt.open_memory(bank_path)
+    mem, ids, said = _gated(rt, bank_path)
     look = mem.lookup(FACTS[0]["prompt"], 4)   # names Zorbia only: its entry, none of the other places'
     assert [said[ids.index(e["id"])] for e, _ in look.found] == [{"zorbi"}] and look.gated == 3
     both = mem.lookup(FACTS[0]["prompt"] + " And what of Vuroresh?", len(ids))   # two subjects: their entries
