@@ -121,6 +121,14 @@ class _Fixed:
             yield self.after(self.base[a.prompt])
 
 
+def _subject_fit(b, cands, scorer):
+    """``fit_gate`` of the candidates alone (no old entries), with their subject words."""
+    scorer.base = {c.prompt: c.base for c in cands}
+    words = subj.subject_words([c.prompt for c in cands], [c.answer for c in cands])
+    return fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, scorer,
+                    np.random.default_rng(0), lambda x: x, pool_words=words)
+
+
 @pytest.mark.parametrize("after,on", [(lambda b: b - 1.0, True),                 # harmed
                                       (lambda b: min(b + 1.0, np.log(0.1)), True),  # raised, still unlikely
                                       (lambda b: 0.0, False)])                   # made likely: helped
@@ -132,10 +140,7 @@ def test_the_gate_is_on_unless_asks_naming_another_subject_are_helped(rt, tmp_pa
         cands = p.candidates
         assert all(c.base < np.log(0.1) - 1 for c in cands)   # (the tiny model knows none of them)
         scorer = _Fixed(rt, after)
-        scorer.base = {c.prompt: c.base for c in cands}
-        words = subj.subject_words([c.prompt for c in cands], [c.answer for c in cands])
-        fit = fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, scorer,
-                       np.random.default_rng(0), lambda x: x, pool_words=words)
+        fit = _subject_fit(b, cands, scorer)
         rep = fit.report["subject"]
         assert fit.subjects is on and rep["other_subject"] == len(cands) and rep["on"] is on
         assert rep["closed"] == (len(cands) if on else 0)
@@ -205,11 +210,7 @@ def test_the_gate_turns_off_when_three_other_subjects_entries_give_an_unknown_an
         if known:
             for c in cands:
                 c.base = float(np.log(0.9))
-        scorer = _FirstLikely(rt, n)
-        scorer.base = {c.prompt: c.base for c in cands}
-        words = subj.subject_words([c.prompt for c in cands], [c.answer for c in cands])
-        fit = fit_gate(b.geo, cands, np.zeros((0, b.geo.key_dim), np.float32), None, scorer,
-                       np.random.default_rng(0), lambda x: x, pool_words=words)
+        fit = _subject_fit(b, cands, _FirstLikely(rt, n))
         rep = fit.report["subject"]
         assert rep["other_subject"] == len(cands) == 8
         assert rep["other_subject_helped"] == (0 if known else n)
