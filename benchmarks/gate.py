@@ -45,8 +45,10 @@ from inducekv.runtime.scoring import score  # noqa: E402
 from inducekv.runtime.tasks import load_task  # noqa: E402
 
 
-def ask(rt, mem, gates: dict, examples, said=(set(), {})) -> dict:
-    """``gates``: task -> margin; ``said``: the subject gate (``subjects.unpack``), both of the gated bank."""
+def ask(rt, mem, gates: dict, examples, said=(set(), {}), served=None) -> dict:
+    """``gates``: task -> margin; ``said``: the subject gate (``subjects.unpack``), both of the gated bank;
+    ``served``: the gated bank's memory, asked at k=4 through the runtime (``served_k4``: its gates as served,
+    the entries after the first held to the subject gate too)."""
     rows = []
     twins = twins_from(mem.bank.catalog)
     for e in examples:
@@ -60,9 +62,10 @@ def ask(rt, mem, gates: dict, examples, said=(set(), {})) -> dict:
         zero, k1, k4 = right(k=0, use_memory=False), right(k=1, memory=mem), right(k=4, memory=mem)
         rows.append({"zero": zero, "k1": k1, "k4": k4, "gated_k1": k1 if opened else zero,
                      "gated_k4": k4 if opened else zero, "open": float(opened), "margin": margin,
-                     "task": task, "named": named})
+                     "task": task, "named": named,
+                     **({"served_k4": right(k=4, memory=served)} if served is not None else {})})
     mean = lambda rs, k: float(np.mean([r[k] for r in rs])) if rs else None
-    keys = ("zero", "k1", "k4", "gated_k1", "gated_k4", "open")
+    keys = ("zero", "k1", "k4", "gated_k1", "gated_k4", "open") + (("served_k4",) if served is not None else ())
     out = {"n": len(rows), **{k: mean(rows, k) for k in keys}}
     known = [r for r in rows if r["zero"] == 1.0]
     out["known"] = {"n": len(known), **{k: mean(known, k) for k in keys}}
@@ -120,12 +123,12 @@ def main():
                 tx.drop_extra(SUBJECTS_KEY)
         files = {"real-world": Path(args.questions)}
         files.update({f"dev {d}": TASKS / "dev" / f"{d}.dev.jsonl" for d in args.dev.split(",") if d})
-        with rt.open_memory(ungated) as mem:
+        with rt.open_memory(ungated) as mem, rt.open_memory(bank) as served:
             for name, path in files.items():
-                res["questions"][name] = ask(rt, mem, gates, load_task(path), said)
+                res["questions"][name] = ask(rt, mem, gates, load_task(path), said, served)
                 q = res["questions"][name]
                 print(f"{name}: n={q['n']} zero {q['zero']:.3f} | ungated k1 {q['k1']:.3f} k4 {q['k4']:.3f} | gated k1 "
-                      f"{q['gated_k1']:.3f} k4 {q['gated_k4']:.3f} (open {q['open']:.2f}); on the {q['known']['n']} the "
+                      f"{q['gated_k1']:.3f} k4 {q['gated_k4']:.3f} (open {q['open']:.2f}), served k4 {q['served_k4']:.3f}; on the {q['known']['n']} the "
                       f"bare model answers: ungated k1 {q['known']['k1'] or 0:.3f}, gated {q['known']['gated_k1'] or 0:.3f}",
                       file=sys.stderr)
     res["gates"] = gates
