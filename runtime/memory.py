@@ -524,7 +524,7 @@ class Memory:
         twins = twins_from(self.bank.catalog) if floor else {}
         ids, scores = self.index.search(q, max(k, 2) + (TWIN_LOOK if twins else 0))
         slot_of = self.bank.slot_of()
-        top = self.bank.entry(slot_of[int(ids[0])]).task if len(ids) and int(ids[0]) in slot_of else None
+        top = self._task_of(slot_of, int(ids[0])) if len(ids) else None
         if floor and len(ids) >= 2 and top is not None:
             if gate_margin(ids, scores, twins) < floor.get(top, 0.0):
                 return [], min(k, len(ids))
