@@ -44,7 +44,7 @@ from inducekv.memory.kinds import bank_kind_layout, tiers_catalog
 from inducekv.memory.format import SUBJECTS_KEY
 from inducekv.runtime import subjects as subj
 from inducekv.learn.retain import retention
-from inducekv.learn.value import contradicted, neighbour_gains, served, twin_groups
+from inducekv.learn.value import contradicted, neighbour_gains, same_subject, served, twin_groups
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Injection, Layout,
                                      TIERS_KEY, template_from, tiers_from, twins_from, value_gates_from)
@@ -290,6 +290,12 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
            if uses_retention and anchors else np.zeros(len(old)))
     timings["retain_s"] = time.perf_counter() - t
 
+    if valued and gate.subjects and cand_words is not None:   # served only from entries of the query's subject
+        ok = same_subject(cands, cand_words)
+        outvoted = contradicted(cands, ok)
+    else:
+        ok = None
+
     t = time.perf_counter()
     report(progress, "select", 0, 1)
     ent_bytes = lambda tokens: g.pages_for(tokens) * g.page_bytes
@@ -303,7 +309,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         is_new=np.array([False] * n_old + [True] * len(cands)),
         age=np.array([max_id - e.entry_id + 1 for e in old] + [0] * len(cands), float),
         task=np.array([hash(e.task) for e in old] + [hash(task)] * len(cands), np.int64),
-        served=served(cands, offset=len(old)) if valued else None,
+        served=served(cands, offset=len(old), ok=ok) if valued else None,
     )
     budget = int(g.pages * g.page_bytes * (1.0 - reserve))
     smallest = min(ent_bytes(c.tokens) for c in cands)

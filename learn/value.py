@@ -23,6 +23,12 @@ the relevance gate measures how far a top entry stands out from the best entry t
 not its twin, so two statements of one fact do not close it (``runtime.memory.gate_margin``).
 (The weights estimate how many statements a fact has from the NEIGHBOURS nearest only:
 a fact stated 5 times counts ~5/3, not 5.)
+
+A text task whose subject gate is on (``runtime/subjects.py``) serves a query only from
+entries about the subject it names, so its terms keep only the neighbours i that j's
+question names (``same_subject``): an entry about another person who likes the same food
+raises j's answer in the held-out ask (foods, dev seed 3: 2-3 nats, 4 of 12 candidates with
+such "twins", one true statement outvoted by two of them) but is never injected for j.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from scipy.sparse.csgraph import connected_components
 from inducekv.learn.calibrate import cosine
 from inducekv.learn.candidates import Ask, Candidate, Scorer, unpack
 from inducekv.learn.progress import steps
+from inducekv.runtime import subjects as subj
 
 NEIGHBOURS = 2    # held-out neighbours each example is asked with
 TWIN = 0.5        # a neighbour serving j at least this share of j's own gain is j's twin
@@ -66,15 +73,28 @@ def neighbour_gains(geo, cands: list[Candidate], scorer: Scorer, key_scale=None,
         c.neighbour_gains = tuple(float(next(scores) - c.base) for _ in near[j])
 
 
-def _twins(c: Candidate) -> list[int]:
-    """The neighbours that answer c's question at least TWIN as well as its own entry does."""
+def same_subject(cands: list[Candidate], subject_words: list[set[str]]):
+    """(j, i) -> whether candidate j's question names candidate i's subject (``subj.names``):
+    whether the subject gate lets i serve j."""
+    asked = [subj.words(c.prompt) for c in cands]
+    return lambda j, i: subj.names(asked[j], subject_words[i])
+
+
+def _near(c: Candidate, j: int, ok=None) -> list[tuple[int, float]]:
+    """(neighbour, gain) pairs of candidate j (= c), those ``ok(j, i)`` allows (None: all)."""
+    pairs = zip(getattr(c, "neighbours", ()) or (), getattr(c, "neighbour_gains", ()) or ())
+    return [(i, x) for i, x in pairs if ok is None or ok(j, i)]
+
+
+def _twins(c: Candidate, j: int = -1, ok=None) -> list[int]:
+    """The neighbours (of candidate j = c, those ``ok`` allows) that answer c's question at
+    least TWIN as well as its own entry does."""
     if c.gain <= 0:
         return []
-    near = getattr(c, "neighbours", ()) or ()
-    return [i for i, x in zip(near, getattr(c, "neighbour_gains", ()) or ()) if x >= TWIN * c.gain]
+    return [i for i, x in _near(c, j, ok) if x >= TWIN * c.gain]
 
 
-def contradicted(cands: list[Candidate]) -> set[int]:
+def contradicted(cands: list[Candidate], ok=None) -> set[int]:
     """Candidates outvoted by their neighbours: i's two nearest candidates j and t are twins
     (one answers the other's question), both have i among their own nearest, and neither is
     i's twin nor i theirs. Three close statements of which two agree and the third does not:
@@ -84,14 +104,17 @@ def contradicted(cands: list[Candidate]) -> set[int]:
     (text value sequence, dev seed 4, 4 MiB: every wrong statement was kept). On dev seed 3's
     candidates this flags 4 of the 6 wrong statements and 1 of 121 others. Image examples are
     never flagged: their nearest are other images that may share an answer or not (on the
-    vqa sequence's candidates, seed 0, the rule flagged 4 of 96, none of them wrong)."""
-    twins = [set(_twins(c)) for c in cands]
+    vqa sequence's candidates, seed 0, the rule flagged 4 of 96, none of them wrong).
+    ``ok``: which neighbours count (``same_subject``; None: all)."""
+    twins = [set(_twins(c, j, ok)) for j, c in enumerate(cands)]
     out = set()
     for i, c in enumerate(cands):
         near = list(getattr(c, "neighbours", ()) or ())
         if len(near) < 2 or c.image or any(cands[x].image for x in near[:2]):
             continue
         j, t = near[:2]
+        if ok is not None and not (ok(i, j) and ok(i, t)):   # only statements of i's own subject can outvote it
+            continue
         near_j, near_t = (set(getattr(cands[x], "neighbours", ()) or ()) for x in (j, t))
         if ((t in twins[j] or j in twins[t]) and i in near_j and i in near_t
                 and i not in twins[j] | twins[t] and not {j, t} & twins[i]):
@@ -99,21 +122,20 @@ def contradicted(cands: list[Candidate]) -> set[int]:
     return out
 
 
-def served(cands: list[Candidate], offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def served(cands: list[Candidate], offset: int = 0, ok=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The facility-location terms of a task's candidates, as parallel arrays
     (query, server, gain, weight), indices shifted by ``offset`` (the candidates' place in
     the selection pool). Candidates without neighbour gains serve their own query only;
-    ``contradicted`` candidates serve nothing and their question counts for nothing."""
+    ``contradicted`` candidates serve nothing and their question counts for nothing;
+    ``ok``: which neighbours may serve a query (``same_subject``; None: all)."""
     q, s, g, w = [], [], [], []
-    out = contradicted(cands)
+    out = contradicted(cands, ok)
     for j, c in enumerate(cands):
         if j in out:
             continue
-        near = getattr(c, "neighbours", ()) or ()
-        gains = getattr(c, "neighbour_gains", ()) or ()
-        twins = len(_twins(c))
+        twins = len(_twins(c, j, ok))
         wj = 1.0 / (1 + twins)
-        for i, x in [(j, c.gain), *zip(near, gains)]:
+        for i, x in [(j, c.gain), *_near(c, j, ok)]:
             if i in out:
                 continue
             q.append(offset + j), s.append(offset + i), g.append(x), w.append(wj)

@@ -5,7 +5,7 @@ import numpy as np
 
 from inducekv.learn import select as sel
 from inducekv.learn.candidates import Candidate
-from inducekv.learn.value import TWIN, contradicted, served
+from inducekv.learn.value import TWIN, contradicted, same_subject, served
 
 
 def _cand(gain, neighbours=(), gains=()):
@@ -124,3 +124,38 @@ def test_selection_leaves_out_the_contradicted_statement():
     assert contradicted(cands) == {2}
     kept = sel.select(_pool(cands, served(cands)), 2000, 2000, "likelihood")
     assert 2 not in kept.tolist() and 3 in kept.tolist()                     # one of A's agreeing pair, and D
+
+
+def _foods():
+    """Three people who like mango (0, 1, 2: each raises the others' answer) and one who likes
+    figs (3), whose nearest are two of the mango people, who list it: answers shared across
+    subjects look like one fact stated three times and a wrong statement of it."""
+    people = ["Thobe Zutru", "Drage Thafi", "Futha Sefir", "Tonik Kothi"]
+    cands = [_cand(2.1, (1, 3), (1.9, -0.3)), _cand(2.8, (0, 3), (2.9, -0.2)), _cand(2.9, (1, 0), (2.8, 3.0)),
+             _cand(2.5, (1, 0), (0.5, 0.7))]
+    for c, who, ans in zip(cands, people, ["mango", "mango", "mango", "figs"]):
+        c.prompt, c.answer = f"What is {who}'s favourite food?", ans
+    return cands, [{w.lower()[:5] for w in who.split()} for who in people]
+
+
+def test_with_the_subject_gate_on_only_entries_about_the_asked_subject_serve():
+    cands, words = _foods()
+    # unfiltered: the mango people are one fact's three statements, and figs is outvoted by them
+    assert contradicted(cands) == {3}
+    q, s, g, w = served(cands)
+    assert 3 not in q.tolist() and np.allclose(w[q == 2], 1 / 3)
+    ok = same_subject(cands, words)
+    assert ok(0, 0) and not ok(0, 1)
+    assert contradicted(cands, ok) == set()
+    q, s, g, w = served(cands, ok=ok)
+    assert (q == s).all() and sorted(q.tolist()) == [0, 1, 2, 3] and np.allclose(w, 1.0)
+    kept = sel.select(_pool(cands, served(cands, ok=ok)), 4000, 4000, "likelihood")
+    assert kept.tolist() == [0, 1, 2, 3]                                      # each person is a fact of its own
+    twice = [_cand(2.1, (2, 1), (1.9, 1.8)), _cand(2.8, (0, 2), (2.9, 2.5)), _cand(2.0, (0, 1), (1.9, 1.8))]
+    for c, p in zip(twice, ["What is Thobe Zutru's favourite food?", "What is Drage Thafi's favourite food?",
+                            "Which food does Thobe Zutru love most?"]):   # 2 restates 0's fact in other words
+        c.prompt, c.answer = p, "mango"
+    q, s, g, w = served(twice, ok=same_subject(twice, [words[0], words[1], words[0]]))
+    assert np.allclose(w[q == 2], 1 / 2) and set(s[q == 2].tolist()) == {0, 2}   # a true restatement: twins
+    assert np.allclose(w[q == 1], 1.0) and s[q == 1].tolist() == [1]
+
