@@ -215,3 +215,33 @@ def test_the_gate_turns_off_when_three_other_subjects_entries_give_an_unknown_an
         assert rep["other_subject"] == len(cands) == 8
         assert rep["other_subject_helped"] == (0 if known else n)
         assert fit.subjects is on and rep["on"] is on
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_with_the_subject_gate_on_entries_are_valued_by_the_queries_naming_their_subject(rt, tmp_path, monkeypatch,
+                                                                                           on):
+    import sys
+    mod = sys.modules["inducekv.learn.plan"]
+    fit, real_served, seen = mod.fit_gate, mod.served, {}
+
+    def fit_on(*a, **k):                                    # as a fit that found the gate on (or off)
+        g = fit(*a, **k)
+        g.subjects = on
+        return g
+
+    def spy(cands, offset=0, ok=None):
+        seen["ok"] = ok
+        return real_served(cands, offset, ok)
+
+    monkeypatch.setattr(mod, "fit_gate", fit_on)
+    monkeypatch.setattr(mod, "served", spy)
+    with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, force=True, max_tokens=128) as b:
+        p = absorb(rt, b, FACTS, "caps", n_anchors=2, dry_run=True)
+    if not on:
+        assert seen["ok"] is None
+        return
+    ok, n = seen["ok"], len(FACTS)
+    assert all(ok(j, i) == (i == j) for j in range(n) for i in range(n))   # eight places: each its own subject
+    for ci in p.add:                                        # so each kept entry serves its own question only
+        c = p.candidates[ci]
+        assert c.value == pytest.approx(max(c.gain, 0.0))
