@@ -61,6 +61,7 @@ class LearnResult:
     sources_added: int             # of ``added``, entries kept as source (a bank with source entries)
     outvoted: int                  # examples worth nothing: their two nearest, which agree, contradict them
                                    # (likely wrong labels; ``learn.value.contradicted``)
+    answered: int                  # examples the bare model already answers: not written (``learn.value.answered``)
     tiers: dict | None             # kinds, source share, latency budget and measured costs (None: a kv-only bank)
     timings_s: dict                # seconds per phase
     total_s: float
@@ -212,5 +213,6 @@ def _learn(rt, bank: Bank, examples, tname, t0, strategy, seed, n_anchors, reser
         calibration=p.calibration.as_dict(), weighting_kept=p.injection.accepted, weighting=p.injection.as_dict(),
         value_gates_kept=p.value_gates.accepted, value_gates=p.value_gates.as_dict(), gate=p.gate.as_dict(),
         compact=p.compaction.as_dict(), commits=p.commits, sources_added=len(p.sources), outvoted=p.outvoted,
+        answered=p.answered,
         tiers=tiers, timings_s={k: round(v, 2) for k, v in p.timings.items()},
         total_s=round(time.perf_counter() - t0, 2))

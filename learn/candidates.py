@@ -49,6 +49,7 @@ class Candidate:
     neighbours: tuple = ()       # indices of its nearest other candidates (``learn.value``)
     neighbour_gains: tuple = ()  # its answer's gain with each of them injected instead
     value: float | None = None   # what selection credits it with (stored as its gain; None: ``gain``)
+    answered: bool | None = None  # the bare model already answers its prompt (``value.answered``; None: not asked)
 
     def example(self) -> dict:
         """The example as anchors and ``example_hash`` record it."""

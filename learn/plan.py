@@ -44,7 +44,7 @@ from inducekv.memory.kinds import bank_kind_layout, tiers_catalog
 from inducekv.memory.format import SUBJECTS_KEY
 from inducekv.runtime import subjects as subj
 from inducekv.learn.retain import retention
-from inducekv.learn.value import contradicted, neighbour_gains, same_subject, served, twin_groups
+from inducekv.learn.value import answered, contradicted, neighbour_gains, same_subject, served, twin_groups
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Injection, Layout,
                                      TIERS_KEY, template_from, tiers_from, twins_from, value_gates_from)
@@ -74,6 +74,7 @@ class Plan:
     timings: dict = field(default_factory=dict)
     evicted_per_task: dict = field(default_factory=dict)
     outvoted: int = 0                        # candidates their nearest agreeing statements contradict (value.py)
+    answered: int = 0                        # candidates the bare model already answers, not written (value.py)
     compaction: Compaction = Compaction()    # how the new entries were compacted (``learn.compact``)
     store_compaction: bool = False           # the bank's record of it changes
     commits: int = 0                         # commits ``write`` made (2: evictions first; 0: not written)
@@ -182,13 +183,14 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
          candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None,
          compact: str | None = None, slots: int | None = None, keep: float | None = None, gated: bool = True,
          batch: int = SCORE_BATCH, ttft_budget: str | None = None, value_gates: bool = True,
-         subjects: bool = True) -> Plan:
+         subjects: bool = True, known_out: bool = True) -> Plan:
     """Phases 1-4 on an open bank: what to keep, evict and add. ``candidates`` skips phase 1
     (reuse an encoding); ``template``/``policy`` choose the layout of a bank without entries;
     ``gated``: fit the task's relevance gate (``gate.py``; ``subjects``: with its subject gate,
     ``runtime/subjects.py``); ``value_gates``: fit the per-layer
     value gates (``calibrate.fit_value_gates``; False: the bank's stay); ``batch``: examples per decoder
-    pass when encoding and scoring (``candidates.Scorer``); ``ttft_budget``: the latency budget of a
+    pass when encoding and scoring (``candidates.Scorer``); ``known_out``: leave out the examples the bare
+    model already answers (``value.answered``; valued strategies only); ``ttft_budget``: the latency budget of a
     bank with source entries (``tiers.Budget``; None: the bank's stored one, else none); ``compact``/``slots``/``keep``: entry
     compaction (``learn.compact``; None: the bank's: perlayer
     for a bank created with a sparse scheme, else none); ``progress``: True for tqdm bars, or a
@@ -220,6 +222,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     valued = strategy not in ("random", "fifo", "all") and sel.weights_for(strategy, weights).lik > 0
     if valued and not all(c.neighbours for c in cands):
         neighbour_gains(g, cands, scorer, key_scale, progress=progress)
+    known = answered(rt, cands, progress) if valued and known_out else set()   # worth nothing: not written
     timings["value_s"] = time.perf_counter() - t
 
     outvoted = contradicted(cands) if valued else set()
@@ -327,13 +330,14 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
         nb[src_old] = budget + 1
         nb[[n_old + i for i in blocked_new]] = budget + 1
         nb[[n_old + i for i in too_long]] = budget + 1     # longer than a kv entry of this bank: source only
+        nb[[n_old + i for i in known]] = budget + 1        # the bare model answers it already
         return {int(i) for i in sel.select(dataclasses.replace(pool, nbytes=nb), room, room, strategy, weights,
                                            seed, max_items=max(max_items, 0))}
 
     tier, new_src = None, []
     if g.sources:
         tier, chosen, new_src = _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, ttft_budget,
-                                       k, rng, task, gate)
+                                       k, rng, task, gate, known)
     else:
         chosen = kv_select()
     add = [i - n_old for i in sorted(chosen) if i >= n_old]
@@ -361,7 +365,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
              template=spec if store_spec else None, key_scales=new_scales, bank_gen=snap.gen,
              bytes_per_entry=float(np.mean([ent_bytes(c.tokens) for c in cands])), timings=timings,
              sources=new_src, source_tokens={i: tiers_.span(g, cands[i]) for i in new_src}, tiers=tier,
-             compaction=compaction, outvoted=len(outvoted),
+             compaction=compaction, outvoted=len(outvoted), answered=len(known),
              store_compaction=(compaction != Compaction.from_catalog(bank.catalog, g.scheme)
                                or (compaction.enabled and COMPACT_KEY not in (bank.catalog.get("extra") or {}))))
     for i in range(n_old):
@@ -372,7 +376,8 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     return p
 
 
-def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, ttft_budget, k, rng, task, gate):
+def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, ttft_budget, k, rng, task, gate,
+           known=frozenset()):
     """For a bank with source entries: the latency costs, the share of queries gated out, the
     source share, then which new candidates are source and which entries are kv (``tiers.py``).
     Returns (TierPlan, the kv selection's pool indices, new candidates kept as source)."""
@@ -394,7 +399,7 @@ def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, t
     closed = {t: v for t, v in closed.items() if t in names}
     gated_out = tiers_.bank_closed_share(closed, names)
     share = 1.0 if kinds == "source" else tiers_.source_share(costs, budget, gated_out)
-    order = [int(i) for i in rng.permutation(len(cands))]
+    order = [int(i) for i in rng.permutation(len(cands)) if int(i) not in known]
     old_src_slots = [old[i].slot for i in src_old]
     pass1 = set() if kinds == "source" else kv_select()   # pass 1: how many kv entries the pages hold
     n_kv, n_src = tiers_.mix(share, g.slots, len(pass1), sum(1 for i in pass1 if i < n_old), len(cands),

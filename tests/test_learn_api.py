@@ -73,7 +73,7 @@ def test_progress_callback_reports_each_stage_in_order_with_increasing_counts(rt
                progress=lambda stage, done, total: calls2.append((stage, done, total)))
     for seq in (calls, calls2):
         stages = list(dict.fromkeys(s for s, _, _ in seq))
-        order = ["encode", "value", "calibrate", "weighting", "value gates", "gate", "retain", "select", "write"]
+        order = ["encode", "value", "known", "calibrate", "weighting", "value gates", "gate", "retain", "select", "write"]
         assert stages == [s for s in order if s in stages] and stages[0] == "encode" and stages[-2:] == ["select", "write"]
         for stage in stages:
             counts = [(d, t) for s, d, t in seq if s == stage]

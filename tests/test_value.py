@@ -159,3 +159,44 @@ def test_with_the_subject_gate_on_only_entries_about_the_asked_subject_serve():
     assert np.allclose(w[q == 2], 1 / 2) and set(s[q == 2].tolist()) == {0, 2}   # a true restatement: twins
     assert np.allclose(w[q == 1], 1.0) and s[q == 1].tolist() == [1]
 
+
+
+def test_examples_the_bare_model_answers_are_found_once():
+    from types import SimpleNamespace
+    from inducekv.learn.value import answered
+    calls = []
+
+    class Bare:
+        def generate(self, prompt, image=None, max_new_tokens=8, stop=None, use_memory=True):
+            calls.append((prompt, use_memory))
+            return SimpleNamespace(text={"q0": "The capital of Canada is Ottawa.\nMore", "q1": "Toronto",
+                                         "q2": "\nOttawa, of course"}[prompt])
+    cands = [_cand(1.0), _cand(1.0), _cand(1.0)]
+    for j, c in enumerate(cands):
+        c.prompt, c.answer = f"q{j}", "Ottawa"
+    assert answered(Bare(), cands) == {0, 2}          # in the first line with text, anywhere in it
+    assert [c.answered for c in cands] == [True, False, True] and all(not m for _, m in calls)
+    assert answered(Bare(), cands) == {0, 2} and len(calls) == 3   # asked once
+
+
+def test_a_learn_leaves_out_what_the_bare_model_answers(tmp_path, tiny_bundles, monkeypatch):
+    import sys
+    from inducekv.learn import absorb
+    from inducekv.memory.bank import Bank
+    from inducekv.runtime.api import Runtime
+    mod = sys.modules["inducekv.learn.plan"]
+    rt = Runtime.open(tiny_bundles["fp32"])
+    rows = [{"prompt": f"Fact {i} about the vexator?", "answer": f"Zorb{i}"} for i in range(6)]
+
+    def first_two(rt_, cands, progress=False):
+        for j, c in enumerate(cands):
+            c.answered = j < 2
+        return {0, 1}
+    monkeypatch.setattr(mod, "answered", first_two)
+    with Bank.create_for(tmp_path / "b.ikv", 1 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=64) as b:
+        p = absorb(rt, b, rows, "vex", n_anchors=2, dry_run=True)
+        assert p.answered == 2 and not {0, 1} & set(p.add) and p.add
+        kept = absorb(rt, b, rows, "vex", n_anchors=2, known_out=False, dry_run=True)
+        assert kept.answered == 0
+        rnd = absorb(rt, b, rows, "vex", n_anchors=2, strategy="random", dry_run=True)
+        assert rnd.answered == 0                             # not a valued strategy: nothing asked

@@ -88,8 +88,9 @@ def gate_note(fit) -> str:
 class BankMethod:
     def __init__(self, name: str, bundle: str, path: Path, cap: int, strategy: str, scheme: str | None = None,
                  reserve: float = RESERVE, seed: int = 0, gated: bool = True, value_gates: bool = True,
-                 subjects: bool = True):
+                 subjects: bool = True, known_out: bool = True):
         self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, strategy, reserve, seed
+        self.known_out = known_out
         self.gated, self.value_gates, self.subjects = gated, value_gates, subjects
         self.rt = runtime(bundle)
         if scheme is None:   # ikv-learn's default: the profile's bits, per-layer compacted where the bundle can
@@ -111,7 +112,8 @@ class BankMethod:
         candidates = repack(candidates, g, bank.key_scales())
         return L.absorb(self.rt, bank, examples, task, strategy=self.strategy, seed=self.seed, reserve=self.reserve,
                         candidates=candidates, n_anchors=N_ANCHORS, gated=self.gated, value_gates=self.value_gates,
-                        subjects=getattr(self, "subjects", True), dry_run=dry_run)
+                        subjects=getattr(self, "subjects", True), known_out=getattr(self, "known_out", True),
+                        dry_run=dry_run)
 
     def learn(self, task, examples, candidates):
         if self.memory is not None:

@@ -66,6 +66,7 @@ ABLATIONS = {   # inducekv with one part of the selection or the gate removed (n
     "inducekv-global-scale": ("global-scale", True),  # every task's gains in one unit (the default before 2026-12)
     "inducekv-no-value-gates": ("full", True),   # the per-layer value gates not fitted (learn/calibrate.py)
     "inducekv-no-subjects": ("full", True),      # the relevance gate without its subject gate (runtime/subjects.py)
+    "inducekv-keep-known": ("full", True),       # examples the bare model already answers written too (learn/value.py)
 }
 
 
@@ -235,7 +236,8 @@ def run_sequence(seq: str, bundle: str, caps: list[int], n_train: int, n_test: i
                 per[name] = run_method(M.BankMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, strategy,
                                                     seed=seed, gated=gated,
                                                     value_gates=not name.endswith("-no-value-gates"),
-                                                    subjects=not name.endswith("-no-subjects")), tasks, cands, log)
+                                                    subjects=not name.endswith("-no-subjects"),
+                                                    known_out=not name.endswith("-keep-known")), tasks, cands, log)
         for name in (m for m in methods if tiered_spec(m) is not None):
             kinds, budget = tiered_spec(name)
             method = M.TieredMethod(name, bundle, work / f"{seq}-{name}-{cap}.ikv", cap, kinds, budget, seed=seed,
