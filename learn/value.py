@@ -74,6 +74,9 @@ def neighbour_gains(geo, cands: list[Candidate], scorer: Scorer, key_scale=None,
 
 
 ANSWER_TOKENS = 8    # tokens the bare model may write before its answer (as the continual benchmark reads it)
+ASK_FLOOR = 1e-3     # below this per-token probability of its answer (``Candidate.base``) an example is not asked:
+                     # real capitals the bare model answers score 0.004-0.27 as the reply's first tokens, made-up
+                     # answers 0.000-0.002 (value sequence, seed 0); asking costs a generation each
 
 
 def answered(rt, cands: list[Candidate], progress=False) -> set[int]:
@@ -83,8 +86,12 @@ def answered(rt, cands: list[Candidate], progress=False) -> set[int]:
     the value sequence (30 facts a task, 16 MiB, seed 0) 3 of the 11 real capitals the bare
     model answered were answered wrong with their own entry injected ("Toronto", "Osaka",
     "Ayutthaya"). The answer's likelihood cannot tell: the bare model writes these answers
-    inside a sentence, so as the reply's first tokens they are 0.004-0.27 likely."""
+    inside a sentence, so as the reply's first tokens they are 0.004-0.27 likely; an example below
+    ``ASK_FLOOR`` is taken as not answered without asking (a made-up answer)."""
     from inducekv.runtime.scoring import score
+    for c in cands:
+        if c.answered is None and c.base < np.log(ASK_FLOOR):
+            c.answered = False
     todo = [j for j, c in enumerate(cands) if c.answered is None]
     for j in steps(todo, "known", "ex", progress):
         c = cands[j]

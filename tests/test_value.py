@@ -171,12 +171,13 @@ def test_examples_the_bare_model_answers_are_found_once():
             calls.append((prompt, use_memory))
             return SimpleNamespace(text={"q0": "The capital of Canada is Ottawa.\nMore", "q1": "Toronto",
                                          "q2": "\nOttawa, of course"}[prompt])
-    cands = [_cand(1.0), _cand(1.0), _cand(1.0)]
+    cands = [_cand(1.0), _cand(1.0), _cand(1.0), _cand(1.0)]
     for j, c in enumerate(cands):
-        c.prompt, c.answer = f"q{j}", "Ottawa"
+        c.prompt, c.answer, c.base = f"q{j}", "Ottawa", -2.0
+    cands[3].base = -9.0                              # a made-up answer: not asked
     assert answered(Bare(), cands) == {0, 2}          # in the first line with text, anywhere in it
-    assert [c.answered for c in cands] == [True, False, True] and all(not m for _, m in calls)
-    assert answered(Bare(), cands) == {0, 2} and len(calls) == 3   # asked once
+    assert [c.answered for c in cands] == [True, False, True, False] and all(not m for _, m in calls)
+    assert answered(Bare(), cands) == {0, 2} and len(calls) == 3   # asked once, q3 never
 
 
 def test_a_learn_leaves_out_what_the_bare_model_answers(tmp_path, tiny_bundles, monkeypatch):
