@@ -87,10 +87,11 @@ def answered(rt, cands: list[Candidate], progress=False) -> set[int]:
     model answered were answered wrong with their own entry injected ("Toronto", "Osaka",
     "Ayutthaya"). The answer's likelihood cannot tell: the bare model writes these answers
     inside a sentence, so as the reply's first tokens they are 0.004-0.27 likely; an example below
-    ``ASK_FLOOR`` is taken as not answered without asking (a made-up answer)."""
+    ``ASK_FLOOR`` is taken as not answered without asking (a made-up answer), and so is an image
+    example (text tasks only: image tasks have their own gates, ``learn/gate.py``)."""
     from inducekv.runtime.scoring import score
-    for c in cands:
-        if c.answered is None and c.base < np.log(ASK_FLOOR):
+    for c in cands:   # image examples are not asked: an image task keeps its question gate and, where the bare
+        if c.answered is None and (c.base < np.log(ASK_FLOOR) or c.image):   # model sees the answers, its margin gate
             c.answered = False
     todo = [j for j, c in enumerate(cands) if c.answered is None]
     for j in steps(todo, "known", "ex", progress):

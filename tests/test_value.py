@@ -175,8 +175,10 @@ def test_examples_the_bare_model_answers_are_found_once():
     for j, c in enumerate(cands):
         c.prompt, c.answer, c.base = f"q{j}", "Ottawa", -2.0
     cands[3].base = -9.0                              # a made-up answer: not asked
+    cands.append(_cand(1.0))
+    cands[4].prompt, cands[4].answer, cands[4].base, cands[4].image = "q0", "Ottawa", -2.0, "x.png"   # an image: not asked
     assert answered(Bare(), cands) == {0, 2}          # in the first line with text, anywhere in it
-    assert [c.answered for c in cands] == [True, False, True, False] and all(not m for _, m in calls)
+    assert [c.answered for c in cands] == [True, False, True, False, False] and all(not m for _, m in calls)
     assert answered(Bare(), cands) == {0, 2} and len(calls) == 3   # asked once, q3 never
 
 
