@@ -40,6 +40,7 @@ from inducekv.learn.calibrate import cosine
 from inducekv.learn.candidates import Ask, Candidate, Scorer, unpack
 from inducekv.learn.progress import steps
 from inducekv.runtime import subjects as subj
+from inducekv.runtime.scoring import score
 
 NEIGHBOURS = 2    # held-out neighbours each example is asked with
 TWIN = 0.5        # a neighbour serving j at least this share of j's own gain is j's twin
@@ -89,7 +90,6 @@ def answered(rt, cands: list[Candidate], progress=False) -> set[int]:
     inside a sentence, so as the reply's first tokens they are 0.004-0.27 likely; an example below
     ``ASK_FLOOR`` is taken as not answered without asking (a made-up answer), and so is an image
     example (text tasks only: image tasks have their own gates, ``learn/gate.py``)."""
-    from inducekv.runtime.scoring import score
     for c in cands:   # image examples are not asked: an image task keeps its question gate and, where the bare
         if c.answered is None and (c.base < np.log(ASK_FLOOR) or c.image):   # model sees the answers, its margin gate
             c.answered = False
