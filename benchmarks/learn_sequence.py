@@ -97,7 +97,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(res))
         return
-    print(f"\nzero-shot: " + ", ".join(f"{n} {a:.2f}" for n, a in res["zero_shot"].items()))
+    print("\nzero-shot: " + ", ".join(f"{n} {a:.2f}" for n, a in res["zero_shot"].items()))
     print(f"{'strategy':>10} {'final avg':>9} {'forgetting':>10} {'avg incr':>9}")
     for s, r in res["strategies"].items():
         print(f"{s:>10} {r['final_avg']:>9.3f} {r['forgetting']:>10.3f} {r['avg_incremental']:>9.3f}")
