@@ -143,13 +143,32 @@ class Ask:
     gates: object = None
 
 
+def lead_of(template) -> str:
+    """A memory template's words between the prompt and the answer ("The answer is" in
+    ``facts``; "" when the answer follows the prompt directly)."""
+    return template.entry.split("{answer}")[0].split("{prompt}")[-1].strip()
+
+
 class Scorer:
     """Mean log-probability of an answer's tokens after a prompt, with entries in memory,
     scored ``batch`` requests per decoder pass (padded; each row attends to what it would
-    alone: ``runtime.session.batch_feed``)."""
+    alone: ``runtime.session.batch_feed``). ``lead``: words the reply starts with before the
+    answer ("The answer is"), fed but not scored: the answer is then read where a model that
+    copies an entry writes it (``lead_of``; "" reads it as the reply's first tokens)."""
 
-    def __init__(self, rt, layout: Layout, batch: int = SCORE_BATCH):
+    def __init__(self, rt, layout: Layout, batch: int = SCORE_BATCH, lead: str = ""):
         self.rt, self.layout, self.batch = rt, layout, max(1, int(batch))
+        self.lead = lead.strip()
+
+    def _answer_ids(self, answer: str) -> tuple[list[int], int]:
+        """(token ids fed after the prompt, how many of them lead the answer and are not scored)."""
+        tok = self.rt.tokenizer
+        if not self.lead:
+            return tok.encode(answer, bos=False), 0
+        head, ids = tok.encode(self.lead, bos=False), tok.encode(f"{self.lead} {answer}", bos=False)
+        if ids[:len(head)] != head or len(ids) == len(head):   # the lead's tokens merged into the answer's
+            return ids, 0
+        return ids, len(head)
 
     def logp(self, prompt: str, answer: str, entries: list[tuple[np.ndarray, np.ndarray]], image=None,
              weights: np.ndarray | None = None, gates=None) -> float:
@@ -166,10 +185,11 @@ class Scorer:
             yield from self._batch(chunk)
 
     def _batch(self, asks: list[Ask]) -> list[float]:
-        lay, tok, m = self.layout, self.rt.tokenizer, self.rt.manifest
+        lay, m = self.layout, self.rt.manifest
         entries = [a.entries() if callable(a.entries) else list(a.entries) for a in asks]
         qs = [lay.query_ids(a.prompt, a.image) for a in asks]
-        ans = [tok.encode(a.answer, bos=False) for a in asks]
+        fed = [self._answer_ids(a.answer) for a in asks]
+        ans = [x for x, _ in fed]                                    # lead + answer, fed
         ids = [q + x for q, x in zip(qs, ans)]
         past = [lay.p0 + sum(e[0].shape[2] for e in es) for es in entries]           # each row's past slots
         B, P, S, L = len(asks), max(past), max(len(x) for x in ids), m.num_layers
@@ -191,11 +211,11 @@ class Scorer:
                                                   [a.image.features if a.image is not None else None for a in asks],
                                                   bias if bias.any() else None, logits_from=first)  # (B, S - first, V)
         out = []
-        for r, (q, x) in enumerate(zip(qs, ans)):
-            rows = logits[r, len(q) - 1 - first: len(q) + len(x) - 1 - first].astype(np.float64)  # (len(answer), V)
+        for r, (q, (x, skip)) in enumerate(zip(qs, fed)):
+            rows = logits[r, len(q) - 1 - first + skip: len(q) + len(x) - 1 - first].astype(np.float64)  # (answer, V)
             rows -= rows.max(axis=1, keepdims=True)
             lse = np.log(np.exp(rows).sum(axis=1))
-            out.append(float(np.mean(rows[np.arange(len(x)), x] - lse)))
+            out.append(float(np.mean(rows[np.arange(len(x) - skip), x[skip:]] - lse)))
         return out
 
 

@@ -44,7 +44,8 @@ from inducekv.memory.kinds import bank_kind_layout, tiers_catalog
 from inducekv.memory.format import SUBJECTS_KEY
 from inducekv.runtime import subjects as subj
 from inducekv.learn.retain import retention
-from inducekv.learn.value import answered, contradicted, neighbour_gains, same_subject, served, twin_groups
+from inducekv.learn.value import (answered, contradicted, neighbour_gains, same_subject, served, twin_groups,
+                                  value_scorer)
 from inducekv.memory.bank import Bank
 from inducekv.runtime.memory import (DEFAULT_POLICY, DEFAULT_TEMPLATE, TEMPLATES, Injection, Layout,
                                      TIERS_KEY, template_from, tiers_from, twins_from, value_gates_from)
@@ -221,7 +222,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights
     t = time.perf_counter()
     valued = strategy not in ("random", "fifo", "all") and sel.weights_for(strategy, weights).lik > 0
     if valued and not all(c.neighbours for c in cands):
-        neighbour_gains(g, cands, scorer, key_scale, progress=progress)
+        neighbour_gains(g, cands, value_scorer(rt, layout, cands, batch), key_scale, progress=progress)
     known = answered(rt, cands, progress) if valued and known_out else set()   # worth nothing: not written
     timings["value_s"] = time.perf_counter() - t
 

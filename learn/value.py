@@ -37,19 +37,32 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from inducekv.learn.calibrate import cosine
-from inducekv.learn.candidates import Ask, Candidate, Scorer, unpack
+from inducekv.learn.candidates import Ask, Candidate, Scorer, lead_of, unpack
 from inducekv.learn.progress import steps
 from inducekv.runtime import subjects as subj
 from inducekv.runtime.scoring import score
 
 NEIGHBOURS = 2    # held-out neighbours each example is asked with
 TWIN = 0.5        # a neighbour serving j at least this share of j's own gain is j's twin
+LEAD = True       # text tasks: answers read after the template's lead-in (``value_scorer``)
+
+
+def value_scorer(rt, layout, cands: list[Candidate], batch: int | None = None) -> Scorer:
+    """The scorer the held-out value asks with. For a text task (``LEAD``) it reads each
+    answer after the memory template's lead-in ("The answer is"), where a model that copies
+    an entry writes it: as the reply's first tokens a common answer word is unlikely with or
+    without its entry (text sequence, foods: 0.02 per token with its own entry, 0.42 after
+    the lead-in; ``benchmarks/answer_framing.py``). Image tasks keep the first tokens."""
+    lead = lead_of(layout.template) if LEAD and not any(c.image for c in cands) else ""
+    return Scorer(rt, layout, **({"batch": batch} if batch else {}), lead=lead)
 
 
 def neighbour_gains(geo, cands: list[Candidate], scorer: Scorer, key_scale=None, n: int = NEIGHBOURS,
                     progress=False) -> None:
     """Set each candidate's ``neighbours`` (indices into ``cands``) and ``neighbour_gains``
-    (G[j, i] for each) in place. Costs ``n`` scorings per candidate."""
+    (G[j, i] for each) in place. Costs ``n`` scorings per candidate; with a ``scorer`` that
+    reads answers after a lead-in (``Scorer.lead``), two more, and ``gain`` (G[j, j]) is then
+    set in that framing too (``base`` stays the encode pass's: the gates' unit)."""
     if len(cands) < 2 or n <= 0:
         for c in cands:
             c.neighbours, c.neighbour_gains = (), ()
@@ -61,17 +74,27 @@ def neighbour_gains(geo, cands: list[Candidate], scorer: Scorer, key_scale=None,
         s[j] = -np.inf                                                        # its own entry left out
         near.append([int(i) for i in np.argsort(-s)[:min(n, len(cands) - 1)]])
 
+    own = bool(scorer.lead)   # another framing than the encode pass's: its own base and gain asked again
+
+    def entry_of(i: int):
+        return lambda: [unpack(geo, cands[i].payload, cands[i].tokens, key_scale)]
+
     def asks_of(j: int) -> list[Ask]:                                         # entries made when batched
         c = cands[j]
         image = scorer.rt.encode_image(c.image) if c.image else None
-        return [Ask(c.prompt, c.answer, lambda i=i: [unpack(geo, cands[i].payload, cands[i].tokens, key_scale)],
-                    image) for i in near[j]]
+        mine = [Ask(c.prompt, c.answer, [], image), Ask(c.prompt, c.answer, entry_of(j), image)] if own else []
+        return mine + [Ask(c.prompt, c.answer, entry_of(i), image) for i in near[j]]
 
     asks = (a for j in steps(range(len(cands)), "value", "ex", progress) for a in asks_of(j))
     scores = iter(list(scorer.logp_many(asks)))   # run to the end: the last progress report
     for j, c in enumerate(cands):
+        if own:
+            base = next(scores)
+            c.gain = next(scores) - base
+        else:
+            base = c.base
         c.neighbours = tuple(near[j])
-        c.neighbour_gains = tuple(float(next(scores) - c.base) for _ in near[j])
+        c.neighbour_gains = tuple(float(next(scores) - base) for _ in near[j])
 
 
 ANSWER_TOKENS = 8    # tokens the bare model may write before its answer (as the continual benchmark reads it)

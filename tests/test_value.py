@@ -203,3 +203,53 @@ def test_a_learn_leaves_out_what_the_bare_model_answers(tmp_path, tiny_bundles, 
         assert kept.answered == 0
         rnd = absorb(rt, b, rows, "vex", n_anchors=2, strategy="random", dry_run=True)
         assert rnd.answered == 0                             # not a valued strategy: nothing asked
+
+
+def test_a_lead_in_is_fed_but_not_scored(tiny_bundles):
+    from inducekv.learn.candidates import Scorer, lead_of
+    from inducekv.runtime.api import Runtime
+    from inducekv.runtime.memory import TEMPLATES, Layout
+    rt = Runtime.open(tiny_bundles["fp32"])
+    layout = Layout(rt, TEMPLATES["facts"], "rerotate")
+    lead = lead_of(TEMPLATES["facts"])
+    assert lead == "The answer is" and lead_of(TEMPLATES["notes"]) == ""
+    plain, led = Scorer(rt, layout), Scorer(rt, layout, lead=lead)
+    tok = rt.tokenizer
+    n_head, n_full = len(tok.encode(lead, bos=False)), len(tok.encode(f"{lead} Zorbia", bos=False))
+    # the answer's tokens after the lead-in: the whole sequence's sum minus the lead-in's own
+    want = (plain.logp("Who made the vexator?", f"{lead} Zorbia", []) * n_full
+            - plain.logp("Who made the vexator?", lead, []) * n_head) / (n_full - n_head)
+    got = led.logp("Who made the vexator?", "Zorbia", [])
+    assert abs(got - want) < 1e-4 and abs(got - plain.logp("Who made the vexator?", "Zorbia", [])) > 1e-3
+
+
+def test_held_out_value_read_after_the_lead_in_sets_its_own_gain(tiny_bundles):
+    from inducekv.learn.candidates import Scorer, encode_candidates
+    from inducekv.learn.value import neighbour_gains, value_scorer
+    from inducekv.memory.bank import Bank
+    from inducekv.runtime.api import Runtime
+    from inducekv.runtime.memory import TEMPLATES, Layout
+    import tempfile
+    from pathlib import Path
+    rt = Runtime.open(tiny_bundles["fp32"])
+    layout = Layout(rt, TEMPLATES["facts"], "rerotate")
+    rows = [{"prompt": f"Fact {i} about the vexator?", "answer": f"Zorb{i}"} for i in range(4)]
+    with tempfile.TemporaryDirectory() as d, \
+            Bank.create_for(Path(d) / "b.ikv", 1 << 20, rt.manifest, scheme="fp16", force=True, max_tokens=64) as b:
+        cands = encode_candidates(rt, b.geo, layout, rt.key_encoder(), rows)
+        first = [(c.base, c.gain) for c in cands]
+        scorer = value_scorer(rt, layout, cands)
+        assert scorer.lead == "The answer is"
+        import dataclasses
+        pictured = [dataclasses.replace(cands[0], image="x.png")] + cands[1:]
+        assert value_scorer(rt, layout, pictured).lead == ""          # image tasks: the reply's first tokens
+        neighbour_gains(b.geo, cands, scorer)
+        led = Scorer(rt, layout, lead=scorer.lead)
+        from inducekv.learn.candidates import unpack
+        for c, (base, gain) in zip(cands, first):
+            assert c.base == base                                  # the gates' unit is kept
+            lb = led.logp(c.prompt, c.answer, [])
+            assert abs(c.gain - (led.logp(c.prompt, c.answer, [unpack(b.geo, c.payload, c.tokens)]) - lb)) < 1e-4
+            i = c.neighbours[0]
+            want = led.logp(c.prompt, c.answer, [unpack(b.geo, cands[i].payload, cands[i].tokens)]) - lb
+            assert abs(c.neighbour_gains[0] - want) < 1e-4

@@ -26,8 +26,7 @@ import numpy as np
 from inducekv.kernels import kvquant
 from inducekv import learn as L
 from inducekv.learn.compact import Compaction, compactor_for, new_bank_scheme, supports_perlayer
-from inducekv.learn.candidates import Scorer
-from inducekv.learn.value import neighbour_gains
+from inducekv.learn.value import neighbour_gains, value_scorer
 from inducekv.learn.defaults import COMPACT_KEEP, RESERVE
 from inducekv.learn.plan import bank_layout
 from inducekv.memory.bank import Bank
@@ -270,7 +269,7 @@ def encode(bundle: str, work: Path, examples_by_task: dict) -> dict:
             comp = compactor_for(rt, layout, Compaction("perlayer", None, COMPACT_KEEP)) if scheme == "f16s" else None
             for task, examples in examples_by_task.items():
                 cands = L.encode_candidates(rt, b.geo, layout, keys, examples, progress=False, compactor=comp)
-                neighbour_gains(b.geo, cands, Scorer(rt, layout))      # held-out value, once (learn/value.py)
+                neighbour_gains(b.geo, cands, value_scorer(rt, layout, cands))   # held-out value, once (learn/value.py)
                 for c in cands:
                     c.sparse = scheme == "f16s"
                 out[task][scheme] = cands
