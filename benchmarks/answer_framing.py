@@ -30,17 +30,12 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE / "continual"), str(HERE.parent / "examples")]
 
 import methods as M  # noqa: E402
-from inducekv.learn.candidates import Scorer, unpack  # noqa: E402
+from inducekv.learn.candidates import Scorer, lead_of, unpack  # noqa: E402
 from inducekv.memory.bank import Bank  # noqa: E402
 from inducekv.runtime.memory import Layout, template_from  # noqa: E402
 from inducekv.runtime.tasks import iter_task  # noqa: E402
 
 TASKS = HERE.parent / "examples" / "tasks"
-
-
-def lead_of(entry_format: str) -> str:
-    """The template's words between the prompt and the answer ("The answer is")."""
-    return entry_format.split("{answer}")[0].split("{prompt}")[-1].strip()
 
 
 def main(argv=None) -> int:
@@ -60,7 +55,7 @@ def main(argv=None) -> int:
     rt = M.runtime(args.bundle)
     template, policy = template_from(None)
     layout, tok = Layout(rt, template, policy), rt.tokenizer
-    scorer, lead = Scorer(rt, layout), lead_of(template.entry)
+    scorer, lead = Scorer(rt, layout), lead_of(template)
     with tempfile.TemporaryDirectory() as work:
         cands = M.encode(args.bundle, Path(work), examples)
         scheme = "f16s" if "f16s" in next(iter(cands.values())) else "fp16"
@@ -82,7 +77,7 @@ def main(argv=None) -> int:
         for c in cs[scheme]:
             entry = [unpack(geo, c.payload, c.tokens)]
             n_ans = len(tok.encode(f"{lead} {c.answer}", bos=False)) - len(tok.encode(lead, bos=False))
-            rows.append([np.exp(c.base + c.gain), np.exp(c.base),
+            rows.append([np.exp(scorer.logp(c.prompt, c.answer, entry)), np.exp(c.base),
                          np.exp(answer_logp(c.prompt, c.answer, entry) / max(n_ans, 1)),
                          np.exp(answer_logp(c.prompt, c.answer, []) / max(n_ans, 1))])
         m = np.array(rows).mean(axis=0)
