@@ -61,6 +61,7 @@ BANK_METHODS = {"inducekv": "full", "random": "random", "fifo": "fifo"}
 ABLATIONS = {   # inducekv with one part of the selection or the gate removed (not run unless named)
     "inducekv-no-likelihood": ("no-likelihood", True), "inducekv-no-coverage": ("no-coverage", True),
     "inducekv-no-anchors": ("no-anchors", True), "inducekv-no-gate": ("full", False),
+    "inducekv-likelihood-only": ("likelihood", True),   # neither coverage nor anchors: the held-out value alone
     "inducekv-no-per-byte": ("no-per-byte", True),   # greedy on value per entry, not per byte
     "inducekv-balanced": ("balanced", True),         # every task's attainable value scaled to the same
     "inducekv-global-scale": ("global-scale", True),  # every task's gains in one unit (the default before 2026-12)
