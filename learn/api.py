@@ -26,6 +26,7 @@ from inducekv.learn.candidates import as_example
 from inducekv.learn.compact import check_request, new_bank_scheme
 from inducekv.learn.defaults import N_ANCHORS, RESERVE, SCORE_BATCH
 from inducekv.learn.plan import create_bank, open_or_create, plan, read_examples, task_name, write
+from inducekv.learn.select import DEFAULT_STRATEGY
 from inducekv.learn.tiers import resplit
 from inducekv.learn.progress import Progress, report
 from inducekv.memory.bank import Bank
@@ -73,7 +74,7 @@ class LearnResult:
 
 
 def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None = None, scheme: str | None = None,
-               strategy: str = "full", seed: int = 0, n_anchors: int = N_ANCHORS, reserve: float = RESERVE,
+               strategy: str = DEFAULT_STRATEGY, seed: int = 0, n_anchors: int = N_ANCHORS, reserve: float = RESERVE,
                compact: str | None = None, slots: int | None = None, keep: float | None = None, dry_run: bool = False,
                gated: bool = True, progress: Progress = None, batch: int = SCORE_BATCH, kinds: str = "kv",
                ttft_budget: str | None = None, value_gates: bool = True) -> LearnResult:

@@ -15,7 +15,7 @@ from inducekv.core.cli import ByteSize, fail_on_bad_input, progress_enabled
 from inducekv.kernels.kvquant import DENSE
 from inducekv.learn.defaults import (COMPACT_KEEP as DEFAULT_KEEP, COMPACT_METHODS as METHODS,
                                      COMPACT_SLOTS as DEFAULT_SLOTS, N_ANCHORS, RESERVE, SCORE_BATCH)
-from inducekv.learn.select import STRATEGIES
+from inducekv.learn.select import DEFAULT_STRATEGY, STRATEGIES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +28,10 @@ from inducekv.learn.select import STRATEGIES
 @click.option("--device", default="cpu", show_default=True, help="Device profile name or .toml path.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for held-out splits and anchors.")
 @click.option("--strategy", type=click.Choice(STRATEGIES),
-              default="full", show_default=True, help="Selection rule (the others are baselines).")
+              default=DEFAULT_STRATEGY, show_default=True,
+              help="Selection rule: likelihood (the held-out value of each entry per byte; the default), full (that "
+                   "plus anchor retention of old tasks and key coverage: the paper's objective), random and fifo "
+                   "(baselines), the rest ablations.")
 @click.option("--scheme", type=click.Choice(DENSE), default=None,
               help="Payload quantization of a new bank (default: the device profile's kv_bits).")
 @click.option("--anchors", "n_anchors", type=click.IntRange(0, 64), default=N_ANCHORS, show_default=True,

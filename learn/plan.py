@@ -179,7 +179,7 @@ def layout_spec(bank: Bank, template: str | None = None, policy: str | None = No
     return spec, spec != stored
 
 
-def plan(rt, bank: Bank, examples, task: str, *, strategy: str = "full", weights: sel.Weights = sel.Weights(),
+def plan(rt, bank: Bank, examples, task: str, *, strategy: str = sel.DEFAULT_STRATEGY, weights: sel.Weights = sel.Weights(),
          seed: int = 0, n_anchors: int = N_ANCHORS, k: int = 1, reserve: float = RESERVE, progress=False,
          candidates: list[Candidate] | None = None, template: str | None = None, policy: str | None = None,
          compact: str | None = None, slots: int | None = None, keep: float | None = None, gated: bool = True,

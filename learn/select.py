@@ -31,6 +31,12 @@ task's terms sum to its gains: it ranks a task's entries (those its anchors use 
 first) without growing the task's share of the cap (added outside, old tasks kept
 10-11 entries each of a 4 MiB bank and the fourth task 6).
 
+The default strategy, ``likelihood``, keeps the first term alone (w_ret = w_cov = 0): over
+every ablation on the value and text sequences, anchor retention and coverage moved the final
+accuracy by at most 1-2 questions either way, and dropping both was level on the dev seeds
+(``results/continual/value-dev/README.md``). ``full`` (all three, the paper's objective) stays
+an option.
+
 maximised by a budgeted lazy greedy on marginal value per byte (the cost-benefit
 greedy for submodular knapsacks), with a second budget on the bytes of *new* entries:
 a commit can only write into space that is free before it (see memory/txn.py), and a
@@ -45,8 +51,13 @@ import numpy as np
 TASK_SCALE = 0.75    # a task's gains are counted in units of this quantile of its positive gains (``_scales``)
 SATURATE = 1.0       # ... and count at most this much (an entry that is copied is worth one copy)
 COVER_POINTS = 1024   # keys coverage is measured on (a seeded sample above this): RAM O(n * 1024), not O(n^2)
+DEFAULT_STRATEGY = "likelihood"   # the held-out value alone (since 2026-12-03; "full" before, README "Selection ...")
 STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "no-likelihood", "no-coverage", "no-per-byte", "balanced",
               "global-scale", "random", "fifo", "all")
+# "likelihood": the default: the first term of f(S) only (w_ret = w_cov = 0): no anchor retention pass, no
+#               coverage similarity matrix. Chosen on dev seeds 3-4 (results/continual/value-dev/README.md): level
+#               with "full" there (+1 question over 7 runs), as every ablation of coverage and anchors had been
+# "full": all three terms, the paper's objective (the default before 2026-12-03)
 # "all": keep every old entry, add new ones in order while they fit (no selection; for building test banks)
 # "no-per-byte": the full objective, greedy on marginal value per entry instead of per byte (an ablation)
 # "global-scale": the full objective with every task's gains in one unit (the pool's mean), not saturated: the
@@ -99,7 +110,7 @@ def similarity(keys: np.ndarray, points: np.ndarray, chunk: int = 1024) -> np.nd
     return out
 
 
-def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", weights: Weights = Weights(),
+def select(pool: Pool, budget: int, new_budget: int, strategy: str = DEFAULT_STRATEGY, weights: Weights = Weights(),
            seed: int = 0, max_items: int | None = None) -> np.ndarray:
     """Indices of the kept items: total bytes <= budget, new bytes <= new_budget and at most
     ``max_items`` items (None: no limit)."""
@@ -116,7 +127,7 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
         return _fill(order, pool, budget, new_budget, cap)
     w = weights_for(strategy, weights)
     points = rng.choice(n, COVER_POINTS, replace=False) if n > COVER_POINTS else np.arange(n)
-    sim = similarity(pool.keys, points)                                       # (n, M) float32
+    sim = similarity(pool.keys, points) if w.cov > 0 else None                # (n, M) float32; not built without coverage
     best = np.zeros(len(points), np.float32)                                  # current max sim of each point to S
     task = pool.task if pool.task is not None else np.zeros(n, np.int64)
     one_unit = strategy == "global-scale"
@@ -164,7 +175,7 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
 
     def value(i: int) -> float:
         t = int(task[i])
-        cov = float(np.maximum(sim[i] - best, 0).sum()) / len(points)
+        cov = 0.0 if sim is None else float(np.maximum(sim[i] - best, 0).sum()) / len(points)
         return np.sqrt(total[t] + use[i] + served(i)) - np.sqrt(total[t]) + w.cov * cov
 
     chosen, used, used_new = [], 0, 0
@@ -187,7 +198,8 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = "full", wei
             chosen.append(i)
             used += int(pool.nbytes[i])
             used_new += int(pool.nbytes[i]) if pool.is_new[i] else 0
-            best = np.maximum(best, sim[i])
+            if sim is not None:
+                best = np.maximum(best, sim[i])
             total[int(task[i])] += use[i] + served(i)
             if fl is not None:
                 cur[fq[lo[i]:hi[i]]] = np.maximum(cur[fq[lo[i]:hi[i]]], fg[lo[i]:hi[i]])

@@ -106,7 +106,7 @@ def test_learn_runtime_serves_and_probes_from_one_session(device_bundle, rt, tmp
     assert one.generate("Capital of Vexland?", max_new_tokens=6).text == rt.generate("Capital of Vexland?", max_new_tokens=6).text
     facts = [{"prompt": p, "answer": a} for p, a in FACTS]
     for r, name in ((one, "one"), (rt, "two")):
-        learn_task(r, tmp_path / f"{name}.ikv", facts, name="facts", budget=2_000_000, n_anchors=1)
+        learn_task(r, tmp_path / f"{name}.ikv", facts, name="facts", budget=2_000_000, n_anchors=1, strategy="full")
     with Bank.open(tmp_path / "one.ikv") as a, Bank.open(tmp_path / "two.ikv") as b:
         pa = [a.read_payload(e.slot, e.entry_id)[0] for e in a.snapshot().entries]
         pb = [b.read_payload(e.slot, e.entry_id)[0] for e in b.snapshot().entries]

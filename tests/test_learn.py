@@ -136,7 +136,9 @@ def test_killed_learn_leaves_the_bank_before_evicted_or_after(tiny_rt, tmp_path)
     the evictions, marked ``learn_pending``), or after; never anything else."""
     p = tmp_path / "b.ikv"
     with _new_bank(tiny_rt, p) as b:
-        absorb(tiny_rt, b, read_examples(_task(tmp_path / "a.jsonl", "alpha", 8)), "alpha", n_anchors=2)
+        # strategy full: the tiny random model's likelihood gains are noise; coverage values every entry,
+        # so the bank fills and the second learn must evict (the default keeps only positive held-out value)
+        absorb(tiny_rt, b, read_examples(_task(tmp_path / "a.jsonl", "alpha", 8)), "alpha", n_anchors=2, strategy="full")
         before = (b.gen, b.tasks())
     base = tmp_path / "base.ikv"
     shutil.copy(p, base)
@@ -149,7 +151,7 @@ def test_killed_learn_leaves_the_bank_before_evicted_or_after(tiny_rt, tmp_path)
             try:
                 with Bank.open(p, writable=True) as bank:
                     kill_at_write(bank, kill_at)
-                    absorb(tiny_rt, bank, examples, "beta", n_anchors=2)
+                    absorb(tiny_rt, bank, examples, "beta", n_anchors=2, strategy="full")
             finally:
                 os._exit(0)
         wait_or_kill(pid)

@@ -69,9 +69,12 @@ def test_progress_callback_reports_each_stage_in_order_with_increasing_counts(rt
     learn_task(rt, tmp_path / "b.ikv", CODES, name="codes", budget=1 << 20, n_anchors=2,
                progress=lambda stage, done, total: calls.append((stage, done, total)))
     calls2 = []
-    learn_task(rt, tmp_path / "b.ikv", FLAGS, name="flags", n_anchors=2,
+    learn_task(rt, tmp_path / "b.ikv", FLAGS, name="flags", n_anchors=2, strategy="full",
                progress=lambda stage, done, total: calls2.append((stage, done, total)))
-    for seq in (calls, calls2):
+    calls3 = []   # the default (likelihood): no anchor retention pass
+    learn_task(rt, tmp_path / "b.ikv", FLAGS[:3], name="more", n_anchors=2,
+               progress=lambda stage, done, total: calls3.append((stage, done, total)))
+    for seq in (calls, calls2, calls3):
         stages = list(dict.fromkeys(s for s, _, _ in seq))
         order = ["encode", "value", "known", "calibrate", "weighting", "value gates", "gate", "retain", "select", "write"]
         assert stages == [s for s in order if s in stages] and stages[0] == "encode" and stages[-2:] == ["select", "write"]
@@ -80,7 +83,8 @@ def test_progress_callback_reports_each_stage_in_order_with_increasing_counts(rt
             total = counts[0][1]
             assert [d for d, _ in counts] == list(range(total + 1)) and {t for _, t in counts} == {total}
     assert [c for c in calls if c[0] == "encode"][-1] == ("encode", len(CODES), len(CODES))
-    assert "retain" in {s for s, _, _ in calls2}      # the second task guards the first one's anchors
+    assert "retain" in {s for s, _, _ in calls2}      # full: the second task guards the first one's anchors
+    assert "retain" not in {s for s, _, _ in calls3} and "value" in {s for s, _, _ in calls3}
 
 
 def test_dry_run_and_an_open_bank(rt, tmp_path):
@@ -88,7 +92,7 @@ def test_dry_run_and_an_open_bank(rt, tmp_path):
     res = learn_task(rt, path, CODES, name="codes", budget=1 << 20, dry_run=True)
     assert res.dry_run and res.added > 0 and res.tasks_after is None and res.new_ids == () and not path.exists()
     with Bank.create_for(path, 1 << 20, rt.manifest, scheme="int8") as bank:
-        res = learn_task(rt, bank, CODES[:4], name="codes", n_anchors=1)
+        res = learn_task(rt, bank, CODES[:4], name="codes", n_anchors=1, strategy="full")   # tiny model: keep all
         assert res.added == 4 and bank.tasks() == {"codes": 4}          # still open, and up to date
     with Bank.open(path) as ro, pytest.raises(InduceKVError, match="read-only"):
         learn_task(rt, ro, CODES, name="codes")

@@ -97,7 +97,7 @@ rt = Runtime.open(sys.argv[1])
 with Bank.open(sys.argv[2], writable=True) as bank:
     kill_at_write(bank, int(sys.argv[4]))
     absorb(rt, bank, [{"prompt": f"What is the code of item {i}?", "answer": f"code{i}"} for i in range(3)], "a",
-           n_anchors=1)
+           n_anchors=1, strategy="full")   # all three kept (the tiny model's held-out gains are noise)
 """
 
 

@@ -159,7 +159,7 @@ def test_a_tiered_bank_mixes_kinds_within_the_budget_it_measured(rt, tmp_path, m
     monkeypatch.setattr(tiers, "served", served)
     bank = tmp_path / "tiered.ikv"
     res = learn_task(rt, bank, CODES, name="codes", budget=1 << 20, kinds="tiered", ttft_budget="1.0x", n_anchors=2,
-                     scheme="int8", compact="none")
+                     scheme="int8", compact="none", strategy="full")   # full: the tiny model's gains are noise
     assert res.tiers["share"] == pytest.approx(1 / 3, abs=1e-3) and res.tiers["ttft_budget"] == "1x"
     assert res.tiers["costs_ms"] == {"t0_ms": 10.0, "kv_ms": 8.0, "src_ms": 14.0}
     assert checked == ["1x"] and res.tiers["costs_from"] == "served" and res.tiers["served"]["within"] is True
@@ -170,7 +170,7 @@ def test_a_tiered_bank_mixes_kinds_within_the_budget_it_measured(rt, tmp_path, m
         assert b.catalog["extra"][TIERS_KEY]["max_source"] == 1
     # a second task where everything fits: nothing is evicted, the share still holds
     more = [{"prompt": f"What is the tag of box {i}?", "answer": f"tag{i}"} for i in range(10)]
-    res_b = learn_task(rt, bank, more, name="tags", n_anchors=2)
+    res_b = learn_task(rt, bank, more, name="tags", n_anchors=2, strategy="full")
     with Bank.open(bank) as b:
         u = b.usage()
         assert res_b.evicted == 0 and u["entries"] == res.added + res_b.added

@@ -88,7 +88,9 @@ def child(method: str, sequence: str, n_tasks: int, cap: int, seed: int, bundles
     else:
         from inducekv.learn import learn_task
 
-        strategy = {"inducekv": "full", "random": "random", "fifo": "fifo"}[method]
+        from inducekv.learn.select import DEFAULT_STRATEGY
+
+        strategy = {"inducekv": DEFAULT_STRATEGY, "random": "random", "fifo": "fifo"}[method]
         bank = work / "bank.ikv"
         learn = lambda n: learn_task(rt, bank, tasks[n][0], name=n, budget=cap, strategy=strategy,  # noqa: E731
                                      seed=seed)

@@ -29,6 +29,7 @@ from inducekv.learn.compact import Compaction, compactor_for, new_bank_scheme, s
 from inducekv.learn.value import neighbour_gains, value_scorer
 from inducekv.learn.defaults import COMPACT_KEEP, RESERVE
 from inducekv.learn.plan import bank_layout
+from inducekv.learn.select import DEFAULT_STRATEGY
 from inducekv.memory.bank import Bank
 from inducekv.runtime.api import Prepared, Result, Runtime
 from inducekv.runtime.memory import Layout, image_of, key_of, template_from
@@ -142,7 +143,7 @@ class TieredMethod(BankMethod):
 
     def __init__(self, name: str, bundle: str, path: Path, cap: int, kinds: str, ttft_budget: str | None = None,
                  seed: int = 0, gated: bool = True):
-        self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, "full", RESERVE, seed
+        self.name, self.bundle, self.path, self.strategy, self.reserve, self.seed = name, bundle, path, DEFAULT_STRATEGY, RESERVE, seed
         self.gated, self.kinds, self.ttft_budget, self.cap, self.value_gates = gated, kinds, ttft_budget, cap, True
         self.rt = runtime(bundle)
         self.memory, self.sizing, self.served = None, None, []

@@ -19,7 +19,7 @@ Protocol: tasks are learned in order into one memory; after each, every seen tas
 set is answered (k=1, greedy): accuracy matrix; final average accuracy, average
 incremental accuracy, forgetting, backward transfer; median time to first token.
 
-Methods at each cap: inducekv (``ikv-learn``'s full selection), random, fifo (bank
+Methods at each cap: inducekv (``ikv-learn``'s default selection), random, fifo (bank
 strategies), prompt-retrieval (raw examples, same cap, re-encoded per query), sequential
 LoRA (peft, all linear layers, fp16 adapter bytes <= the cap; ``lora.py``), LoRA with a
 replay buffer and per-task LoRA experts chosen by a key router (adapter + buffer or router
@@ -46,6 +46,7 @@ sys.path.insert(0, str(HERE.parent.parent / "examples"))
 import methods as M  # noqa: E402
 from facts import TASKS, template_words, words  # noqa: E402
 from inducekv.core.cli import parse_bytes  # noqa: E402
+from inducekv.learn.select import DEFAULT_STRATEGY  # noqa: E402
 from inducekv.runtime.scoring import score  # noqa: E402
 from inducekv.runtime.tasks import load_task  # noqa: E402
 
@@ -57,17 +58,18 @@ SEQUENCES = {
     "long": {"bundle": "text", "tasks": [f"{k}-{r}" for r in (1, 2) for k in
                                          ("capitals", "inventors", "colours", "planets", "foods")]},
 }
-BANK_METHODS = {"inducekv": "full", "random": "random", "fifo": "fifo"}
-ABLATIONS = {   # inducekv with one part of the selection or the gate removed (not run unless named)
-    "inducekv-no-likelihood": ("no-likelihood", True), "inducekv-no-coverage": ("no-coverage", True),
-    "inducekv-no-anchors": ("no-anchors", True), "inducekv-no-gate": ("full", False),
-    "inducekv-likelihood-only": ("likelihood", True),   # neither coverage nor anchors: the held-out value alone
+BANK_METHODS = {"inducekv": DEFAULT_STRATEGY, "random": "random", "fifo": "fifo"}   # inducekv: ikv-learn's default
+ABLATIONS = {   # inducekv with one part of the selection or the gate removed, or added (not run unless named)
+    "inducekv-full": ("full", True),   # + anchor retention + coverage: the paper's objective, the default before 2026-12-03
+    "inducekv-no-likelihood": ("no-likelihood", True), "inducekv-no-coverage": ("no-coverage", True),   # of "full"
+    "inducekv-no-anchors": ("no-anchors", True), "inducekv-no-gate": (DEFAULT_STRATEGY, False),
+    "inducekv-likelihood-only": ("likelihood", True),   # the held-out value alone: = inducekv since 2026-12-03
     "inducekv-no-per-byte": ("no-per-byte", True),   # greedy on value per entry, not per byte
     "inducekv-balanced": ("balanced", True),         # every task's attainable value scaled to the same
     "inducekv-global-scale": ("global-scale", True),  # every task's gains in one unit (the default before 2026-12)
-    "inducekv-no-value-gates": ("full", True),   # the per-layer value gates not fitted (learn/calibrate.py)
-    "inducekv-no-subjects": ("full", True),      # the relevance gate without its subject gate (runtime/subjects.py)
-    "inducekv-keep-known": ("full", True),       # examples the bare model already answers written too (learn/value.py)
+    "inducekv-no-value-gates": (DEFAULT_STRATEGY, True),   # the per-layer value gates not fitted (learn/calibrate.py)
+    "inducekv-no-subjects": (DEFAULT_STRATEGY, True),      # the relevance gate without its subject gate (runtime/subjects.py)
+    "inducekv-keep-known": (DEFAULT_STRATEGY, True),       # examples the bare model already answers written too (learn/value.py)
 }
 
 
