@@ -221,7 +221,8 @@ def test_learn_and_serve_memory_on_each_family(built, arch, tmp_path):
     facts = [{"prompt": "Capital of Vexland?", "answer": "Morrow"}, {"prompt": "Colour of a zibble?", "answer": "teal"},
              {"prompt": "Who made the plonker?", "answer": "Ada Quill"}]
     bundle = built[arch][1]
-    res = learn_task(Runtime.open(bundle), tmp_path / "b.ikv", facts, name="facts", budget=600_000, n_anchors=1)
+    res = learn_task(Runtime.open(bundle), tmp_path / "b.ikv", facts, name="facts", budget=600_000, n_anchors=1,
+                     strategy="full")   # every fact kept: the tiny random model's held-out gains are noise
     assert res.added == 3
     r = Runtime.open(bundle, memory=tmp_path / "b.ikv").generate(facts[1]["prompt"], max_new_tokens=3, k=1)
     assert r.entries and r.entries[0]["task"] == "facts" and r.entries[0]["id"] == 2

@@ -52,7 +52,7 @@ LEARN_SCRIPT = BLOCKER + textwrap.dedent("""
                                '{"prompt": "Colour of a zibble?", "answer": "teal"}\\n')
     rt = Runtime.open(sys.argv[1])
     with open_or_create(d / "b.ikv", rt, 200_000, "int8", max_tokens=96) as bank:
-        plan = absorb(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1)
+        plan = absorb(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1, strategy="full")   # keep both
     r = Runtime.open(sys.argv[1], memory=d / "b.ikv").generate("Capital of Vexland?", max_new_tokens=3, k=1)
     mem = rt.open_memory(d / "b.ikv")                      # memory chosen per call
     r2 = rt.generate("Capital of Vexland?", max_new_tokens=3, k=1, memory=mem)
@@ -61,10 +61,11 @@ LEARN_SCRIPT = BLOCKER + textwrap.dedent("""
     res = Result("", [], "length")
     list(rt.decode(prep, max_new_tokens=3, result=res))
     with open_or_create(d / "c.ikv", rt, 200_000, "k4v4", max_tokens=96) as bank:   # compacted entries (probe graph)
-        cplan = absorb(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1, compact="genv", slots=10)
+        cplan = absorb(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1, compact="genv", slots=10,
+                       strategy="full")
     rc = rt.generate("Capital of Vexland?", max_new_tokens=3, k=1, memory=rt.open_memory(d / "c.ikv"))
     with open_or_create(d / "p.ikv", rt, 200_000, "k4v4s", max_tokens=96) as bank:  # per-layer slot maps (default)
-        pplan = absorb(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1)
+        pplan = absorb(rt, bank, read_examples(d / "t.jsonl"), "facts", n_anchors=1, strategy="full")
     rp = rt.generate("Capital of Vexland?", max_new_tokens=3, k=2, memory=rt.open_memory(d / "p.ikv"))
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     print(json.dumps({"added": len(plan.add), "entries": len(r.entries), "same": r2.token_ids == r.token_ids == res.token_ids,

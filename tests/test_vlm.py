@@ -120,7 +120,7 @@ def test_learn_image_task_and_retrieve_by_image(vlm_bundles, tmp_path):
     task = _image_task(tmp_path)
     bank = tmp_path / "bank.ikv"
     r = CliRunner().invoke(cli, ["--bundle", str(vlm_bundles["idefics3"]), "--memory", str(bank), "--task", str(task),
-                                 "--budget", "8MiB", "--quiet", "--json"])
+                                 "--budget", "8MiB", "--quiet", "--json", "--strategy", "full"])   # keep all six
     assert r.exit_code == 0, r.output
     b = Bank.open(bank)
     assert len(b.slots()) == 6
@@ -188,7 +188,7 @@ def test_image_path_runs_without_torch(vlm_bundles, tmp_path):
         rt = Runtime.open(bundle)
         r = rt.generate("What?", image=str(task.parent / "img0.png"), max_new_tokens=3, ignore_eos=True)
         with open_or_create(task.parent / "b.ikv", rt, 4_000_000, "int8", max_tokens=128) as bank:
-            plan = absorb(rt, bank, read_examples(task), "codes", n_anchors=1)
+            plan = absorb(rt, bank, read_examples(task), "codes", n_anchors=1, strategy="full")
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print(json.dumps({"tokens": len(r.token_ids), "added": len(plan.add), "heavy": heavy}))
     """)
