@@ -96,7 +96,7 @@ def _states(device_bundle, bank_path, tmp_path):
     from inducekv.learn import learn_task
 
     rt = Runtime.open(device_bundle)
-    res = learn_task(rt, after, NEW, name="flags", n_anchors=2)
+    res = learn_task(rt, after, NEW, name="flags", n_anchors=2, strategy="full")   # tiny model: no evictions
     assert res.added > 0
     answers = {}
     for name, path in (("before", before), ("after", after)):
@@ -137,7 +137,7 @@ def test_learning_while_serving_gives_the_before_or_the_after_answer(device_bund
         for _ in range(THREADS - 1):   # every reader has served the before state once
             first_round.acquire()
         try:
-            learn_task(rt, live, NEW, name="flags", n_anchors=2)   # the same runtime that serves
+            learn_task(rt, live, NEW, name="flags", n_anchors=2, strategy="full")   # the same runtime that serves
         except Exception as e:
             errors.append(e)
         learned.set()
