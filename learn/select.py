@@ -52,11 +52,13 @@ TASK_SCALE = 0.75    # a task's gains are counted in units of this quantile of i
 SATURATE = 1.0       # ... and count at most this much (an entry that is copied is worth one copy)
 COVER_POINTS = 1024   # keys coverage is measured on (a seeded sample above this): RAM O(n * 1024), not O(n^2)
 DEFAULT_STRATEGY = "likelihood"   # the held-out value alone (since 2026-12-03; "full" before, README "Selection ...")
-STRATEGIES = ("full", "likelihood", "coverage", "no-anchors", "no-likelihood", "no-coverage", "no-per-byte", "balanced",
+STRATEGIES = ("full", "likelihood", "likelihood-fill", "coverage", "no-anchors", "no-likelihood", "no-coverage", "no-per-byte", "balanced",
               "global-scale", "random", "fifo", "all")
 # "likelihood": the default: the first term of f(S) only (w_ret = w_cov = 0): no anchor retention pass, no
 #               coverage similarity matrix. Chosen on dev seeds 3-4 (results/continual/value-dev/README.md): level
 #               with "full" there (+1 question over 7 runs), as every ablation of coverage and anchors had been
+# "likelihood-fill": "likelihood", then the room it leaves free filled by entries of no value (``_fill_free``):
+#                    a trial against images losing entries where everything fits (README "Selection ...")
 # "full": all three terms, the paper's objective (the default before 2026-12-03)
 # "all": keep every old entry, add new ones in order while they fit (no selection; for building test banks)
 # "no-per-byte": the full objective, greedy on marginal value per entry instead of per byte (an ablation)
@@ -73,7 +75,8 @@ class Weights:
 
 
 def weights_for(strategy: str, base: Weights) -> Weights:
-    return {"full": base, "likelihood": Weights(base.lik, 0.0, 0.0), "coverage": Weights(0.0, 0.0, base.cov or 1.0),
+    return {"full": base, "likelihood": Weights(base.lik, 0.0, 0.0), "likelihood-fill": Weights(base.lik, 0.0, 0.0),
+            "coverage": Weights(0.0, 0.0, base.cov or 1.0),
             "no-anchors": Weights(base.lik, 0.0, base.cov), "no-likelihood": Weights(0.0, base.ret, base.cov),
             "no-coverage": Weights(base.lik, base.ret, 0.0)}.get(strategy, base)
 
@@ -203,7 +206,33 @@ def select(pool: Pool, budget: int, new_budget: int, strategy: str = DEFAULT_STR
             total[int(task[i])] += use[i] + served(i)
             if fl is not None:
                 cur[fq[lo[i]:hi[i]]] = np.maximum(cur[fq[lo[i]:hi[i]]], fg[lo[i]:hi[i]])
+    if strategy == "likelihood-fill":
+        chosen += _fill_free(pool, chosen, budget - used, new_budget - used_new, cap - len(chosen),
+                             servers=None if fl is None else fs)
     return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _fill_free(pool: Pool, chosen: list, room: int, new_room: int, slots: int, servers=None) -> list:
+    """Items the greedy left out (worth nothing to it: duplicates of kept facts, image entries whose
+    gain on the first answer tokens is ~0, old entries whose stored value is 0) that fit in the room
+    it left free: old entries first, newest first (what was kept stays kept while it fits), then new
+    candidates by their own gain. A new candidate that serves no query (``servers``: the facility
+    location's servers; ``value.contradicted``) stays out. The next learn evicts these first: their
+    stored value is 0."""
+    taken = set(int(i) for i in chosen)
+    old = [int(i) for i in np.argsort(pool.age, kind="stable") if not pool.is_new[i] and int(i) not in taken]
+    ok = np.ones(len(pool.nbytes), bool) if servers is None else np.isin(np.arange(len(pool.nbytes)), servers)
+    new = [int(i) for i in np.argsort(-pool.gain, kind="stable") if pool.is_new[i] and ok[i] and int(i) not in taken]
+    out = []
+    for i in old + new:
+        b = int(pool.nbytes[i])
+        if len(out) >= slots:
+            break
+        if b <= room and (not pool.is_new[i] or b <= new_room):
+            out.append(i)
+            room -= b
+            new_room -= b if pool.is_new[i] else 0
+    return out
 
 
 def _scales(gain: np.ndarray, task: np.ndarray, per_task: bool = True) -> np.ndarray:

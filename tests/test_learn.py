@@ -1,4 +1,5 @@
 """ikv-learn on toy pools and the tiny Llama: cap, anchors, calibration, kills."""
+import dataclasses
 import json
 import os
 import shutil
@@ -48,6 +49,25 @@ def test_greedy_prefers_value_per_byte_and_fifo_keeps_newest(rng):
                  retention=np.zeros(4), keys=rng.standard_normal((4, 8)), is_new=np.ones(4, bool), age=np.zeros(4))
     assert sel.select(p, 4000, 10000, "full", no_cov).tolist() == [0, 1]          # per byte: two small ones
     assert sel.select(p, 4000, 10000, "no-per-byte", no_cov).tolist() == [2]      # per entry: the most valuable
+
+
+def test_fill_keeps_entries_of_no_value_only_in_room_left_free(rng):
+    """likelihood-fill: the greedy keeps what has value; the room it leaves is filled with old
+    entries first (newest first), then new candidates by gain; a candidate that serves no query
+    (outvoted) stays out, and nothing of no value takes room a valued entry needs."""
+    # items: 0 old valued, 1 old worthless (age 2), 2 old worthless (age 1), 3 new valued, 4 new ~0, 5 new outvoted
+    p = sel.Pool(nbytes=np.full(6, 1000.0), gain=np.array([1.0, 0.0, 0.0, 1.0, -0.1, 0.0]), retention=np.zeros(6),
+                 keys=rng.standard_normal((6, 8)), is_new=np.array([False, False, False, True, True, True]),
+                 age=np.array([3.0, 2, 1, 0, 0, 0]))
+    assert sel.select(p, 6000, 6000, "likelihood").tolist() == [0, 3]
+    assert sel.select(p, 6000, 6000, "likelihood-fill").tolist() == [0, 1, 2, 3, 4, 5]
+    assert sel.select(p, 3000, 3000, "likelihood-fill").tolist() == [0, 2, 3]      # old, newest first
+    assert sel.select(p, 2000, 2000, "likelihood-fill").tolist() == [0, 3]         # no room: the greedy's set
+    assert sel.select(p, 6000, 6000, "likelihood-fill", max_items=3).tolist() == [0, 2, 3]
+    # with the facility location: item 5 serves no query (value.contradicted) and is not filled in
+    served = (np.array([0, 3, 4]), np.array([0, 3, 4]), np.array([1.0, 1.0, -0.1]), np.ones(3))
+    q = dataclasses.replace(p, served=served)
+    assert sel.select(q, 6000, 6000, "likelihood-fill").tolist() == [0, 1, 2, 3, 4]
 
 
 def test_each_task_counts_its_gains_in_its_own_unit(rng):
