@@ -87,29 +87,35 @@ def test_concurrent_stream_matches_sequential(device_bundle, bank_path):
         assert list(pool.map(stream, PROMPTS * 2)) == want * 2
 
 
-def _states(device_bundle, bank_path, tmp_path):
-    """The bank before and after learning NEW (same call and seed as the writer), and the
-    answers each state gives."""
-    before, after = tmp_path / "before.ikv", tmp_path / "after.ikv"
-    shutil.copy(bank_path, before)
-    shutil.copy(bank_path, after)
+def _states(device_bundle, bank_path, tmp_path, strategy="full"):
+    """The bank before and after learning NEW (same call and seed as the writer), the bank
+    between a two-commit learn's commits (old entries minus the evictions), and the answers
+    each state gives."""
+    before, after, evicted = tmp_path / "before.ikv", tmp_path / "after.ikv", tmp_path / "evicted.ikv"
+    for p in (before, after, evicted):
+        shutil.copy(bank_path, p)
     from inducekv.learn import learn_task
 
     rt = Runtime.open(device_bundle)
-    res = learn_task(rt, after, NEW, name="flags", n_anchors=2, strategy="full")   # tiny model: no evictions
+    res = learn_task(rt, after, NEW, name="flags", n_anchors=2, strategy=strategy)
     assert res.added > 0
+    with Bank.open(after) as b:
+        kept = {e.entry_id for e in b.entries()}
+    with Bank.open(evicted, writable=True) as b, b.transaction() as tx:
+        for e in b.entries():
+            if e.entry_id not in kept:
+                tx.remove(e.slot)
     answers = {}
-    for name, path in (("before", before), ("after", after)):
+    for name, path in (("before", before), ("after", after), ("evicted", evicted)):
         srt = Runtime.open(device_bundle, memory=path)
         answers[name] = {p: _answer(srt, p) for p in PROMPTS}
     assert sum(answers["before"][p] != answers["after"][p] for p in PROMPTS) >= 3  # the learn changes answers
-    return answers
+    return answers, res
 
 
-def test_learning_while_serving_gives_the_before_or_the_after_answer(device_bundle, bank_path, tmp_path):
-    answers = _states(device_bundle, bank_path, tmp_path)
-    live = tmp_path / "live.ikv"
-    shutil.copy(bank_path, live)
+def _serve_while_learning(device_bundle, live, strategy):
+    """Readers on one runtime serve PROMPTS over and over while the same runtime learns NEW;
+    returns what each reader saw: (round, learned before the round began, prompt, answer)."""
     rt = Runtime.open(device_bundle, memory=live)
     first_round, learned = threading.Semaphore(0), threading.Event()
     errors, seen = [], []
@@ -137,7 +143,7 @@ def test_learning_while_serving_gives_the_before_or_the_after_answer(device_bund
         for _ in range(THREADS - 1):   # every reader has served the before state once
             first_round.acquire()
         try:
-            learn_task(rt, live, NEW, name="flags", n_anchors=2, strategy="full")   # the same runtime that serves
+            learn_task(rt, live, NEW, name="flags", n_anchors=2, strategy=strategy)   # the same runtime that serves
         except Exception as e:
             errors.append(e)
         learned.set()
@@ -148,10 +154,45 @@ def test_learning_while_serving_gives_the_before_or_the_after_answer(device_bund
     for t in threads:
         t.join()
     assert not errors, errors
-    for rounds, done, p, got in seen:
+    return seen
+
+
+def test_learning_while_serving_gives_the_before_or_the_after_answer(device_bundle, bank_path, tmp_path):
+    answers, res = _states(device_bundle, bank_path, tmp_path)   # "full" on the tiny model: nothing evicted
+    assert res.evicted == 0
+    live = tmp_path / "live.ikv"
+    shutil.copy(bank_path, live)
+    for rounds, done, p, got in _serve_while_learning(device_bundle, live, "full"):
         if rounds == 0:
             assert got == answers["before"][p], p        # served before the writer started
         elif done:
             assert got == answers["after"][p], p         # served after its commit
         else:
             assert got in (answers["before"][p], answers["after"][p]), p
+
+
+def test_a_two_commit_learn_while_serving_gives_before_evicted_or_after(device_bundle, tmp_path):
+    """The default strategy in a bank too small for the new entries beside the old: the learn
+    evicts in a first commit and adds in a second, and a reader in between is served the old
+    entries minus the evictions (``learn/commit.py``), never anything else."""
+    from inducekv.learn.select import DEFAULT_STRATEGY
+    from inducekv.runtime.memory import INJECTION_KEY, Injection
+
+    small = tmp_path / "small.ikv"
+    rt = Runtime.open(device_bundle)
+    with Bank.create_for(small, 112 << 10, rt.manifest, scheme="int8", max_tokens=64) as b:
+        add_all(rt, b, OLD, "codes")       # 5 of the 6 fit, 8 pages free
+        with b.transaction() as tx:
+            tx.set_extra(INJECTION_KEY, Injection(0.05).as_dict())
+    answers, res = _states(device_bundle, small, tmp_path, DEFAULT_STRATEGY)
+    assert res.commits == 2 and res.evicted > 0
+    assert any(answers["evicted"][p] not in (answers["before"][p], answers["after"][p]) for p in PROMPTS)
+    live = tmp_path / "live.ikv"
+    shutil.copy(small, live)
+    for rounds, done, p, got in _serve_while_learning(device_bundle, live, DEFAULT_STRATEGY):
+        if rounds == 0:
+            assert got == answers["before"][p], p
+        elif done:
+            assert got == answers["after"][p], p
+        else:
+            assert got in (answers["before"][p], answers["evicted"][p], answers["after"][p]), p
