@@ -29,9 +29,10 @@ from inducekv.learn.select import DEFAULT_STRATEGY, STRATEGIES
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for held-out splits and anchors.")
 @click.option("--strategy", type=click.Choice(STRATEGIES),
               default=DEFAULT_STRATEGY, show_default=True,
-              help="Selection rule: likelihood (the held-out value of each entry per byte; the default), full (that "
-                   "plus anchor retention of old tasks and key coverage: the paper's objective), random and fifo "
-                   "(baselines), the rest ablations.")
+              help="Selection rule: likelihood-fill (the default: entries kept by held-out value per byte, then any "
+                   "room left filled with the rest, old entries first), likelihood (the same without the fill), full "
+                   "(held-out value plus anchor retention of old tasks and key coverage: the paper's objective), "
+                   "random and fifo (baselines), the rest ablations.")
 @click.option("--scheme", type=click.Choice(DENSE), default=None,
               help="Payload quantization of a new bank (default: the device profile's kv_bits).")
 @click.option("--anchors", "n_anchors", type=click.IntRange(0, 64), default=N_ANCHORS, show_default=True,

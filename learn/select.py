@@ -31,11 +31,15 @@ task's terms sum to its gains: it ranks a task's entries (those its anchors use 
 first) without growing the task's share of the cap (added outside, old tasks kept
 10-11 entries each of a 4 MiB bank and the fourth task 6).
 
-The default strategy, ``likelihood``, keeps the first term alone (w_ret = w_cov = 0): over
+The default strategy, ``likelihood-fill``, keeps the first term alone (w_ret = w_cov = 0): over
 every ablation on the value and text sequences, anchor retention and coverage moved the final
 accuracy by at most 1-2 questions either way, and dropping both was level on the dev seeds
-(``results/continual/value-dev/README.md``). ``full`` (all three, the paper's objective) stays
-an option.
+(``results/continual/value-dev/README.md``). The greedy stops at entries worth nothing to it, so
+the room it leaves free is then filled with those (``_fill_free``: old entries first, then new
+candidates by gain; never an outvoted statement): without that, an image task whose gains on the
+first answer tokens are ~0 kept 14 of its 24 entries in a bank with room for all, and an old
+entry whose stored value is 0 was evicted from a bank with room. ``full`` (all three terms, the
+paper's objective) stays an option.
 
 maximised by a budgeted lazy greedy on marginal value per byte (the cost-benefit
 greedy for submodular knapsacks), with a second budget on the bytes of *new* entries:
@@ -51,14 +55,15 @@ import numpy as np
 TASK_SCALE = 0.75    # a task's gains are counted in units of this quantile of its positive gains (``_scales``)
 SATURATE = 1.0       # ... and count at most this much (an entry that is copied is worth one copy)
 COVER_POINTS = 1024   # keys coverage is measured on (a seeded sample above this): RAM O(n * 1024), not O(n^2)
-DEFAULT_STRATEGY = "likelihood"   # the held-out value alone (since 2026-12-03; "full" before, README "Selection ...")
+DEFAULT_STRATEGY = "likelihood-fill"   # the held-out value alone, free room filled (README "Selection ...")
 STRATEGIES = ("full", "likelihood", "likelihood-fill", "coverage", "no-anchors", "no-likelihood", "no-coverage", "no-per-byte", "balanced",
               "global-scale", "random", "fifo", "all")
-# "likelihood": the default: the first term of f(S) only (w_ret = w_cov = 0): no anchor retention pass, no
-#               coverage similarity matrix. Chosen on dev seeds 3-4 (results/continual/value-dev/README.md): level
-#               with "full" there (+1 question over 7 runs), as every ablation of coverage and anchors had been
-# "likelihood-fill": "likelihood", then the room it leaves free filled by entries of no value (``_fill_free``):
-#                    a trial against images losing entries where everything fits (README "Selection ...")
+# "likelihood": the first term of f(S) only (w_ret = w_cov = 0): no anchor retention pass, no coverage
+#               similarity matrix. Chosen on dev seeds 3-4 (results/continual/value-dev/README.md): level with
+#               "full" there (+1 question over 7 runs), as every ablation of coverage and anchors had been.
+#               The default on 2026-12-03 only: it evicts an entry of no value even from a bank with room
+# "likelihood-fill": the default: "likelihood", then the room it leaves free filled by the entries it left out
+#                    (``_fill_free``): images where all fits no longer lose entries (value-dev/README.md)
 # "full": all three terms, the paper's objective (the default before 2026-12-03)
 # "all": keep every old entry, add new ones in order while they fit (no selection; for building test banks)
 # "no-per-byte": the full objective, greedy on marginal value per entry instead of per byte (an ablation)

@@ -33,7 +33,7 @@ def test_slot_limit_is_inside_selection(strategy):
                     keys=np.eye(n), is_new=np.ones(n, bool), age=np.zeros(n), task=np.zeros(n, np.int64))
     chosen = sel.select(pool, 10_000, 10_000, strategy, max_items=2)
     assert len(chosen) == 2
-    if strategy in ("full", "likelihood"):
+    if strategy in ("full", "likelihood", "likelihood-fill"):
         assert chosen.tolist() == [4, 5]  # the two best, although they come last
 
 

@@ -63,8 +63,8 @@ ABLATIONS = {   # inducekv with one part of the selection or the gate removed, o
     "inducekv-full": ("full", True),   # + anchor retention + coverage: the paper's objective, the default before 2026-12-03
     "inducekv-no-likelihood": ("no-likelihood", True), "inducekv-no-coverage": ("no-coverage", True),   # of "full"
     "inducekv-no-anchors": ("no-anchors", True), "inducekv-no-gate": (DEFAULT_STRATEGY, False),
-    "inducekv-likelihood-only": ("likelihood", True),   # the held-out value alone: = inducekv since 2026-12-03
-    "inducekv-likelihood-fill": ("likelihood-fill", True),   # ... then the room left free filled (select._fill_free)
+    "inducekv-likelihood-only": ("likelihood", True),   # the held-out value alone: = inducekv on 2026-12-03 only
+    "inducekv-likelihood-fill": ("likelihood-fill", True),   # ... then the room left free filled: = inducekv since 2026-12-03 (later)
     "inducekv-no-per-byte": ("no-per-byte", True),   # greedy on value per entry, not per byte
     "inducekv-balanced": ("balanced", True),         # every task's attainable value scaled to the same
     "inducekv-global-scale": ("global-scale", True),  # every task's gains in one unit (the default before 2026-12)
