@@ -111,3 +111,21 @@ def test_bad_input_is_one_clear_error_and_no_bank(rt, tmp_path, task, name, word
     with pytest.raises(InduceKVError, match=words) as e:
         learn_task(rt, path, task, name=name, budget=1 << 20)
     assert "\n" not in str(e.value) and not path.exists()
+
+
+def test_the_default_keeps_old_entries_of_no_stored_value_while_the_bank_has_room(rt, tmp_path):
+    """Old entries written without a stored value (``add_all``) are worth 0 to the held-out-value
+    greedy; with room for everything the default still keeps them, and adds the whole new task
+    (before the fill, ``likelihood`` evicted all 6 to add 1, in a bank 7% full)."""
+    from learnutil import add_all
+
+    old = [{"prompt": f"What is the code of item {i}?", "answer": f"code{i}"} for i in range(6)]
+    new = [{"prompt": f"Which colour is the flag of land {i}?", "answer": ["red", "teal", "gold"][i % 3]}
+           for i in range(6)]
+    path = tmp_path / "roomy.ikv"
+    with Bank.create_for(path, 1 << 20, rt.manifest, scheme="int8", max_tokens=64) as b:
+        add_all(rt, b, old, "codes")
+    res = learn_task(rt, path, new, name="flags", n_anchors=2)
+    assert (res.evicted, res.added) == (0, 6)
+    with Bank.open(path) as b:
+        assert b.tasks() == {"codes": 6, "flags": 6}
