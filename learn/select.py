@@ -228,16 +228,7 @@ def _fill_free(pool: Pool, chosen: list, room: int, new_room: int, slots: int, s
     old = [int(i) for i in np.argsort(pool.age, kind="stable") if not pool.is_new[i] and int(i) not in taken]
     ok = np.ones(len(pool.nbytes), bool) if servers is None else np.isin(np.arange(len(pool.nbytes)), servers)
     new = [int(i) for i in np.argsort(-pool.gain, kind="stable") if pool.is_new[i] and ok[i] and int(i) not in taken]
-    out = []
-    for i in old + new:
-        b = int(pool.nbytes[i])
-        if len(out) >= slots:
-            break
-        if b <= room and (not pool.is_new[i] or b <= new_room):
-            out.append(i)
-            room -= b
-            new_room -= b if pool.is_new[i] else 0
-    return out
+    return _fill(np.array(old + new, np.int64), pool, room, new_room, slots).tolist()
 
 
 def _scales(gain: np.ndarray, task: np.ndarray, per_task: bool = True) -> np.ndarray:
