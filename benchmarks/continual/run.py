@@ -118,14 +118,14 @@ def long_task(name: str, n_test: int, seed: int, work: Path):
     return load_task(out / f"{name}.train.jsonl"), load_task(out / f"{name}.test.jsonl")
 
 
-def evaluate(method, test) -> tuple[float, list[float], list[bool]]:
-    """(accuracy, TTFTs, each question right or not)."""
+def evaluate(method, test) -> tuple[float, list[float], list[bool], list[str]]:
+    """(accuracy, TTFTs, each question right or not, each answer's text)."""
     if hasattr(method, "answer_all"):    # LoRA: batched in torch; TTFT = the zero-shot model's
         texts, ttfts = method.answer_all(test), [method.ttft(ex) for ex in test]
     else:
         texts, ttfts = zip(*(method.answer(ex) for ex in test))
     hits = [bool(score(t, ex.answers)[0]) for t, ex in zip(texts, test)]
-    return float(np.mean(hits)), list(ttfts), hits
+    return float(np.mean(hits)), list(ttfts), hits, list(texts)
 
 
 def metrics(matrix: list[list[float | None]]) -> dict:
@@ -143,7 +143,7 @@ def metrics(matrix: list[list[float | None]]) -> dict:
 
 def run_method(method, tasks: dict, cands: dict, log) -> dict:
     names = list(tasks)
-    matrix, ttfts, learn_s, eval_s, final_hits = [], [], [], 0.0, {}
+    matrix, ttfts, learn_s, eval_s, final_hits, final_texts = [], [], [], 0.0, {}, {}
     for i, n in enumerate(names):
         t = time.perf_counter()
         method.learn(n, tasks[n][0], cands[n])
@@ -154,11 +154,12 @@ def run_method(method, tasks: dict, cands: dict, log) -> dict:
                 row.append(None)
                 continue
             t = time.perf_counter()
-            acc, tt, hits = evaluate(method, tasks[names[j]][1])
+            acc, tt, hits, texts = evaluate(method, tasks[names[j]][1])
             eval_s += time.perf_counter() - t
             row.append(acc)
             if i == len(names) - 1:
                 final_hits[names[j]] = hits
+                final_texts[names[j]] = texts   # what each question got: a loss can be traced without a rerun
             ttfts += tt
         matrix.append(row)
         held = method.entries() if hasattr(method, "entries") else {}
@@ -166,7 +167,8 @@ def run_method(method, tasks: dict, cands: dict, log) -> dict:
             + (f"  kept {held}" if held else "") + (f"; {method.gate_note}" if getattr(method, "gate_note", None) else ""))
     return {"matrix": matrix, **metrics(matrix), "median_ttft_ms": statistics.median(ttfts),
             "mean_ttft_ms": statistics.fmean(ttfts),
-            "learn_s": learn_s, "eval_s": eval_s, "final_hits": final_hits}
+            "learn_s": learn_s, "eval_s": eval_s, "final_hits": final_hits,
+            "final_texts": final_texts}
 
 
 ALL_METHODS = ("unbounded-fp16", "inducekv", "random", "fifo", "prompt-retrieval", "lora", "replay", "experts")
