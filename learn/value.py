@@ -101,6 +101,7 @@ ANSWER_TOKENS = 8    # tokens the bare model may write before its answer (as the
 ASK_FLOOR = 1e-3     # below this per-token probability of its answer (``Candidate.base``) an example is not asked:
                      # real capitals the bare model answers score 0.004-0.27 as the reply's first tokens, made-up
                      # answers 0.000-0.002 (value sequence, seed 0); asking costs a generation each
+KNOWN_P = 0.1        # at or above this per-token probability an example is known without asking (see ``answered``)
 
 
 def answered(rt, cands: list[Candidate], progress=False) -> set[int]:
@@ -112,10 +113,21 @@ def answered(rt, cands: list[Candidate], progress=False) -> set[int]:
     "Ayutthaya"). The answer's likelihood cannot tell: the bare model writes these answers
     inside a sentence, so as the reply's first tokens they are 0.004-0.27 likely; an example below
     ``ASK_FLOOR`` is taken as not answered without asking (a made-up answer), and so is an image
-    example (text tasks only: image tasks have their own gates, ``learn/gate.py``)."""
+    example (text tasks only: image tasks have their own gates, ``learn/gate.py``).
+
+    An answer at least ``KNOWN_P`` likely per token is known without asking: the bare model may
+    first say something else about the subject ("Name the capital city of Poland." -> "Poland is a
+    country nestled in Eastern Europe, ..."; Warsaw 0.17 per token), and the entry written for it
+    then turned a rephrased question the bare model answers into a wrong one (value sequence,
+    15 facts, seed 1: "Poland is a country located in Eastern Europe." with its own entry). Chosen
+    on dev seeds 3-4: every such example (Portugal 0.27-0.29, Austria 0.10) is answered on its dev
+    rephrasing, while real capitals the model gets wrong score <= 0.045 (Turkey -> "Istanbul",
+    Spain) and made-up answers <= 0.009 (foods, colours and planets too)."""
     for c in cands:   # image examples are not asked: an image task keeps its question gate and, where the bare
         if c.answered is None and (c.base < np.log(ASK_FLOOR) or c.image):   # model sees the answers, its margin gate
             c.answered = False
+        elif c.answered is None and c.base >= np.log(KNOWN_P):
+            c.answered = True
     todo = [j for j, c in enumerate(cands) if c.answered is None]
     for j in steps(todo, "known", "ex", progress):
         c = cands[j]

@@ -173,13 +173,15 @@ def test_examples_the_bare_model_answers_are_found_once():
                                          "q2": "\nOttawa, of course"}[prompt])
     cands = [_cand(1.0), _cand(1.0), _cand(1.0), _cand(1.0)]
     for j, c in enumerate(cands):
-        c.prompt, c.answer, c.base = f"q{j}", "Ottawa", -2.0
+        c.prompt, c.answer, c.base = f"q{j}", "Ottawa", -3.0    # 0.05 per token: asked
     cands[3].base = -9.0                              # a made-up answer: not asked
     cands.append(_cand(1.0))
-    cands[4].prompt, cands[4].answer, cands[4].base, cands[4].image = "q0", "Ottawa", -2.0, "x.png"   # an image: not asked
-    assert answered(Bare(), cands) == {0, 2}          # in the first line with text, anywhere in it
-    assert [c.answered for c in cands] == [True, False, True, False, False] and all(not m for _, m in calls)
-    assert answered(Bare(), cands) == {0, 2} and len(calls) == 3   # asked once, q3 never
+    cands[4].prompt, cands[4].answer, cands[4].base, cands[4].image = "q0", "Ottawa", -3.0, "x.png"   # an image: not asked
+    cands.append(_cand(1.0))
+    cands[5].prompt, cands[5].answer, cands[5].base = "q1", "Ottawa", -1.0   # 0.37 per token: known, not asked
+    assert answered(Bare(), cands) == {0, 2, 5}       # in the first line with text, anywhere in it; or likely enough
+    assert [c.answered for c in cands] == [True, False, True, False, False, True] and all(not m for _, m in calls)
+    assert answered(Bare(), cands) == {0, 2, 5} and len(calls) == 3   # asked once, q3 and the likely q1 never
 
 
 def test_a_learn_leaves_out_what_the_bare_model_answers(tmp_path, tiny_bundles, monkeypatch):
