@@ -118,7 +118,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                    "(likely wrong labels)")
     if res.answered:
         click.echo(f"left out {res.answered} example(s) the model already answers without memory (greedy, the answer "
-                   "in the first line)")
+                   "in the first line; or the answer at least 0.1 likely per token)")
     if res.tiers is not None:
         t, c = res.tiers, res.tiers.get("costs_ms")
         click.echo(f"kinds: {res.added - res.sources_added} kv + {res.sources_added} source entries {verb}; source share "
