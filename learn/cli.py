@@ -21,7 +21,8 @@ from inducekv.learn.select import DEFAULT_STRATEGY, STRATEGIES
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", required=True, type=click.Path(), help="Bundle directory from ikv-export.")
 @click.option("--memory", required=True, type=click.Path(), help="Bank file (.ikv); created when absent.")
-@click.option("--task", "task_path", required=True, type=click.Path(), help="Task file: JSONL of {prompt, answer}.")
+@click.option("--task", "task_path", default=None, type=click.Path(),
+              help="Task file: JSONL of {prompt, answer}. Required, except with --promote.")
 @click.option("--name", default=None, help="Task name (default: the file name up to its first dot).")
 @click.option("--budget", type=ByteSize(), default=None,
               help="Byte cap of a new bank, e.g. 16MiB (default: the device profile's). Ignored for an existing bank.")
@@ -71,13 +72,21 @@ from inducekv.learn.select import DEFAULT_STRATEGY, STRATEGIES
               help="Tiered banks: the mean time to first token allowed with memory, as a multiple of the "
                    "no-memory TTFT (1.3x) or in milliseconds (120ms), measured on this device. Default: the "
                    "bank's; none: every example that has a slot is kept as source.")
+@click.option("--promote", "promote_uses", default=None, type=click.Path(), metavar="USES.json",
+              help="Instead of learning a task: maintain a bank with source entries by how it was used. The "
+                   "examples served most often (USES.json, written by ikv-run/ikv-eval --uses or an app's "
+                   "Memory.save_uses) get a kv copy, the least used lose theirs, within the pages the bank has free "
+                   "and, with a latency budget (--ttft-budget or the bank's), no more copies than it takes to meet it. "
+                   "No example is dropped.")
+@click.option("--min-uses", type=click.IntRange(1, None), default=2, show_default=True,
+              help="With --promote: the fewest queries an example must have been the top entry for to get a kv copy.")
 @click.option("--batch", type=click.IntRange(1, 64), default=SCORE_BATCH, show_default=True,
               help="Examples per decoder pass while encoding and scoring: larger is faster, 1 uses the least RAM.")
 @click.option("--dry-run", is_flag=True, help="Print the budget plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, keep, gate,
-        value_gates, slots, kinds, ttft_budget, batch, dry_run, quiet, as_json):
+        value_gates, slots, kinds, ttft_budget, promote_uses, min_uses, batch, dry_run, quiet, as_json):
     """Learn the examples of --task into the bank --memory without changing the model.
 
     \b
@@ -86,8 +95,13 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
       ikv-learn --bundle bundles/default/fp32 --memory bank.ikv --task examples/tasks/colours.train.jsonl --dry-run
       ikv-learn --bundle bundles/default/fp32 --memory tiered.ikv --task examples/tasks/capitals.train.jsonl --budget 1MiB --kinds tiered --ttft-budget 1.1x
       ikv-learn --bundle bundles/default/fp32 --memory small.ikv --task examples/tasks/capitals.train.jsonl --budget 16MiB --scheme k4v4 --compact genv --slots 10
+      ikv-learn --bundle bundles/default/fp32 --memory tiered.ikv --promote tiered.uses.json --ttft-budget 1.8x
     """
     logging.basicConfig(level=logging.WARNING)
+    if (task_path is None) == (promote_uses is None):
+        raise click.UsageError("give --task (learn a task) or --promote USES.json (maintain the bank), not both")
+    if promote_uses is not None:
+        return _promote(bundle, memory, promote_uses, device, ttft_budget, min_uses, batch, dry_run, quiet, as_json)
     with fail_on_bad_input():
         from inducekv.devices.profile import load_profile
         from inducekv.learn.api import learn_task
@@ -159,6 +173,36 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
                    + ("stored" if res.value_gates_kept else "not stored (no better than the bank's)")
                    + f" (held-out loss {vg['loss_before']:.3f} -> {vg['loss_after']:.3f})")
     click.echo("time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in out["timings_s"].items()) + f"; total {out['total_s']:.1f}s")
+
+
+def _promote(bundle, memory, uses, device, ttft_budget, min_uses, batch, dry_run, quiet, as_json) -> None:
+    """``ikv-learn --promote``: ``learn.promote.promote`` and its summary."""
+    with fail_on_bad_input():
+        from inducekv.devices.profile import load_profile
+        from inducekv.learn.promote import promote
+        from inducekv.runtime.api import Runtime
+
+        t0 = time.perf_counter()
+        rt = Runtime.open(bundle, device=load_profile(device), learn=True)
+        res = promote(rt, memory, uses, ttft_budget=ttft_budget, min_uses=min_uses, dry_run=dry_run,
+                      progress=progress_enabled(quiet), batch=batch)
+    out = {**res.as_dict(), "total_s": round(time.perf_counter() - t0, 2)}
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    verb = "would" if dry_run else "did"
+    click.echo(f"promotion ({verb}): {res.promoted} kv copies added, {res.demoted} removed; {res.copies} of "
+               f"{res.sources} source entries now have a kv copy; {res.pages_free} pages free")
+    click.echo(f"recorded queries: {res.queries}" + (f" ({res.unknown} for examples no longer in the bank)" if res.unknown else "")
+               + f"; served as kv: {res.kv_share_before:.0%} -> {res.kv_share:.0%}")
+    if res.mean_ms_after is not None:
+        c = res.costs_ms
+        click.echo(f"mean TTFT of those queries at this device's costs (no memory {c['t0_ms']:.0f} ms, kv {c['kv_ms']:.0f} ms, "
+                   f"source {c['src_ms']:.0f} ms): {res.mean_ms_before:.0f} -> {res.mean_ms_after:.0f} ms"
+                   + ("" if res.limit_ms is None else
+                      f" = {res.mean_ms_after / c['t0_ms']:.2f}x; budget {res.ttft_budget} ({res.limit_ms:.0f} ms): "
+                      + ("within" if res.within else "OVER (the pages hold no more copies)")))
+    click.echo(f"time: total {out['total_s']:.1f}s")
 
 
 def main():

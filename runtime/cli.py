@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -31,10 +32,13 @@ from inducekv.runtime.sampling import DEFAULT_MAX_NEW_TOKENS
 @click.option("--device", default="cpu", show_default=True, help="Device profile name or .toml path.")
 @click.option("--list-devices", is_flag=True,
               help="List the device profiles and the execution providers this machine has, then exit.")
+@click.option("--uses", "uses_path", type=click.Path(), default=None, metavar="USES.json",
+              help="Add which memory entries this run served to this uses record (created when absent), for "
+                   "ikv-learn --promote.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per answer (text, timings, entries).")
 def cli(bundle, memory, k, no_memory, prompt, task, image, max_new_tokens, temperature, top_k, top_p, seed, system,
-        stop, device, list_devices, quiet, as_json):
+        stop, device, list_devices, uses_path, quiet, as_json):
     """Answer --prompt TEXT, or every prompt of --task FILE.jsonl, with a bundle.
 
     \b
@@ -59,7 +63,14 @@ def cli(bundle, memory, k, no_memory, prompt, task, image, max_new_tokens, tempe
         from inducekv.runtime.api import Result, Runtime
         from inducekv.runtime.tasks import load_task
 
+        if uses_path is not None and (memory is None or no_memory):
+            from inducekv.core.errors import InduceKVError
+            raise InduceKVError("--uses records what a memory bank served; pass --memory BANK.ikv too")
         rt = Runtime.open(bundle, memory=None if no_memory else memory, device=device)
+        if uses_path is not None:
+            from inducekv.memory import uses as uses_
+            if Path(uses_path).exists():
+                uses_.read(uses_path)   # a bad record fails before any work
         opts = dict(max_new_tokens=max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
                     seed=seed, stop=list(stop), system=system)
         if prompt is not None:
@@ -69,12 +80,16 @@ def cli(bundle, memory, k, no_memory, prompt, task, image, max_new_tokens, tempe
                 if live:
                     click.echo(piece, nl=False)
             _report(res, prompt, as_json, echoed=live)
+            if uses_path is not None:
+                rt.memory.save_uses(uses_path)
             return
         examples = load_task(task, require_answer=False)
         from tqdm.auto import tqdm
         for ex in tqdm(examples, desc="ikv-run", unit="prompt", disable=not progress_enabled(quiet)):
             res = rt.generate(ex.prompt, image=ex.image, **opts)
             _report(res, ex.prompt, as_json, echoed=False)
+        if uses_path is not None:
+            rt.memory.save_uses(uses_path)
 
 
 def _report(res, prompt: str, as_json: bool, echoed: bool):

@@ -19,9 +19,12 @@ from inducekv.core.cli import fail_on_bad_input, progress_enabled
               help="Memory entries per query (default: the device profile's; 0 = none).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 1 << 20), default=24, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="Device profile name or .toml path.")
+@click.option("--uses", "uses_path", type=click.Path(), default=None, metavar="USES.json",
+              help="Add which memory entries this run served to this uses record (created when absent), for "
+                   "ikv-learn --promote.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: scores, median TTFT, per-example rows.")
-def cli(bundle, memory, task, k, max_new_tokens, device, quiet, as_json):
+def cli(bundle, memory, task, k, max_new_tokens, device, uses_path, quiet, as_json):
     """Answer every example of --task FILE.jsonl (greedy) and report accuracy and exact match.
 
     Only the first non-empty line of each answer is scored, after normalising
@@ -43,6 +46,15 @@ def cli(bundle, memory, task, k, max_new_tokens, device, quiet, as_json):
         from inducekv.runtime.tasks import load_task
 
         examples = load_task(task, require_answer=True)
+        if uses_path is not None:
+            from pathlib import Path
+
+            from inducekv.core.errors import InduceKVError
+            from inducekv.memory import uses as uses_
+            if memory is None:
+                raise InduceKVError("--uses records what a memory bank served; pass --memory BANK.ikv too")
+            if Path(uses_path).exists():
+                uses_.read(uses_path)   # a bad record fails before any work
         rt = Runtime.open(bundle, memory=memory, device=device)
         rows, ttfts = [], []
         for ex in tqdm(examples, desc="ikv-eval", unit="example", disable=not progress_enabled(quiet)):
@@ -52,6 +64,8 @@ def cli(bundle, memory, task, k, max_new_tokens, device, quiet, as_json):
             rows.append({"line": ex.line, "prompt": ex.prompt, "answers": list(ex.answers),
                          "generated": first_line(res.text).strip(), "correct": correct, "exact": exact,
                          "entries": res.entries})
+        if uses_path is not None:
+            rt.memory.save_uses(uses_path)
     summary = summarize((r["correct"], r["exact"]) for r in rows)
     summary["median_ttft_ms"] = statistics.median(ttfts)
     if as_json:

@@ -36,6 +36,7 @@ from inducekv.kernels import kvquant
 from inducekv.kernels.positions import layer_thetas, rerotate_
 from inducekv.memory.bank import Bank
 from inducekv.memory.format import RELEVANCE_KEY, VALUE_GATES_KEY   # catalog extras (memory/format.py)
+from inducekv.memory import uses as uses_
 from inducekv.memory.format import TWINS_KEY       # catalog extra: entry id -> twin group
 from inducekv.memory.format import QUESTIONS_KEY   # catalog extra: per image task, its question keys (runtime/questions.py)
 from inducekv.memory.format import TIERS_KEY       # catalog extra: kinds of entries, latency budget (learn/tiers.py)
@@ -418,6 +419,21 @@ class Memory:
         self._text_keys: dict = {}             # prompt -> its text key (``text_key``)
         self._text_lock = threading.Lock()
         self._subjects = (None, (set(), {}))   # (the catalog it was read from, subjects.unpack of it)
+        self.use_counts = uses_.Counter()      # what each query injected (``memory/uses.py``; promotion on use)
+
+    def uses(self) -> "uses_.Uses":
+        """How often this process served each of the bank's examples so far (not yet saved)."""
+        return self.use_counts.peek()
+
+    def save_uses(self, path) -> "uses_.Uses":
+        """Add the counts since the last save to the uses record ``path`` (created when absent,
+        written atomically), for ``ikv-learn --promote``; returns the record's new totals."""
+        got = self.use_counts.take()
+        try:
+            return uses_.add_to(path, got)
+        except BaseException:
+            self.use_counts.give_back(got)
+            raise
 
     def close(self) -> None:
         self.bank.close()
@@ -495,6 +511,8 @@ class Memory:
                 own = value_gates_from(self.bank.catalog, self.bank.geo.num_layers).get(out[0][0]["task"])
                 inj = inj if own is None else Injection(inj.tau, own)
             found = Lookup(out, inj, self.bank.key_scales() if out else None, gated)
+        if k > 0:
+            self.use_counts.record([bytes.fromhex(info["example"]) for info, _ in out], not out and gated > 0)
         if timings is not None and k > 0:
             timings.key_ms, timings.retrieval_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         return found
@@ -533,6 +551,8 @@ class Memory:
             return [], min(k, len(ids))
         if top in asked and not qgate.is_open(text_key(), top, asked, self.reference()):
             return [], min(k, len(ids))
+        if self.bank.geo.sources and len(ids) > 1:
+            ids, scores = self._one_per_example(ids, scores, slot_of)
         ids, scores = ids[:k], scores[:k]
         if margin is not None and len(scores):
             keep = scores >= scores[0] - margin
@@ -556,8 +576,29 @@ class Memory:
                     continue   # the latency budget re-encodes no more per query
                 n_source += 1
             out.append(({"id": info.entry_id, "task": info.task, "score": float(score), "tokens": info.tokens,
-                         "kind": info.kind}, buf))
+                         "kind": info.kind, "example": info.example_hash.hex()}, buf))
         return out, dropped
+
+    def _one_per_example(self, ids: np.ndarray, scores: np.ndarray, slot_of: dict) -> tuple[np.ndarray, np.ndarray]:
+        """One entry per example among the searched ones: a source entry promoted on use keeps its
+        kv copy (same example, same key: ``learn.promote``); the kv one is served, at the better
+        rank of the two (the caller holds the lock)."""
+        keep, where = [], {}   # [(id, score)]; example hash -> index in keep
+        for eid, s in zip(ids.tolist(), scores.tolist()):
+            if eid not in slot_of:
+                keep.append((eid, s))
+                continue
+            e = self.bank.entry(slot_of[eid])
+            if e.example_hash in where:
+                j = where[e.example_hash]
+                if e.kind == "kv" and self.bank.entry(slot_of[keep[j][0]]).kind != "kv":
+                    keep[j] = (eid, keep[j][1])
+                continue
+            where[e.example_hash] = len(keep)
+            keep.append((eid, s))
+        if len(keep) == len(ids):
+            return ids, scores
+        return np.array([e for e, _ in keep], ids.dtype), np.array([s for _, s in keep], scores.dtype)
 
 
 def _features(image):
