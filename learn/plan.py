@@ -321,6 +321,8 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = sel.DEFAULT_STR
         raise BankError(f"the bank's cap ({g.cap} bytes) is too small for even one entry of this task "
                         f"(the smallest needs {smallest} bytes); create a bank with a larger --budget")
     src_old = [i for i, e in enumerate(old) if e.kind == "source"]
+    pairs = {(old[i].example_hash, old[i].task) for i in src_old}
+    copies = [i for i, e in enumerate(old) if e.kind == "kv" and (e.example_hash, e.task) in pairs]   # learn/promote.py
     too_long = [i for i, c in enumerate(cands) if g.sources and tiers_.span(g, c) > g.max_tokens]
 
     def kv_select(blocked_new=(), max_items=g.slots, pages_taken=0):
@@ -329,6 +331,7 @@ def plan(rt, bank: Bank, examples, task: str, *, strategy: str = sel.DEFAULT_STR
         nb = pool.nbytes.copy()
         room = budget - pages_taken * g.page_bytes
         nb[src_old] = budget + 1
+        nb[copies] = budget + 1     # kv copies promoted on use go: their sources stay (``ikv-learn --promote`` again)
         nb[[n_old + i for i in blocked_new]] = budget + 1
         nb[[n_old + i for i in too_long]] = budget + 1     # longer than a kv entry of this bank: source only
         nb[[n_old + i for i in known]] = budget + 1        # the bare model answers it already

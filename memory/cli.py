@@ -50,6 +50,12 @@ def _subjects(raw, entries) -> dict[str, int]:
     return {str(t): sum(1 for e in entries if e.task == t and str(e.entry_id) in said) for t in raw["tasks"]}
 
 
+def _copies(entries) -> int:
+    """kv entries that copy a source entry of the same example and task (``ikv-learn --promote``)."""
+    src = {(e.example_hash, e.task) for e in entries if e.kind == "source"}
+    return sum(1 for e in entries if e.kind == "kv" and (e.example_hash, e.task) in src)
+
+
 @cli.command(context_settings=_CTX)
 @click.argument("bank", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -78,7 +84,8 @@ def info(bank, as_json):
                "format_version": g.version, "source_capable": g.sources,
                "tiers": b.catalog.get("extra", {}).get(TIERS_KEY),
                **u, "tasks": b.tasks(), "entry_bytes_at_tokens": per_entry,
-               "mean_entry_bytes": (u["bytes_used"] // u["entries"]) if u["entries"] else None}
+               "mean_entry_bytes": (u["bytes_used"] // u["entries"]) if u["entries"] else None,
+               "kv_copies": _copies(b.entries()) if g.sources else 0}
         lines = [f"{b.path}: inducekv bank, generation {b.gen}",
                  f"  model      {g.fingerprint[:16]}  (L={g.num_layers}, kv heads={g.kv_heads}, head dim={g.head_dim})",
                  f"  payloads   {g.scheme}, pages of {g.page_bytes} B; keys {g.key_dim}-d {g.key_space}"
@@ -111,7 +118,9 @@ def info(bank, as_json):
                     "in their slot, an image also in pages)" if g.sources else ""),
                  f"  entries    {u['entries']} of {g.slots} slots"
                  + (f"; mean {_mib(obj['mean_entry_bytes'])} of pages each" if u["entries"] else "")
-                 + (f" ({u['kv_entries']} kv, {u['source_entries']} source)" if g.sources else "")]
+                 + (f" ({u['kv_entries']} kv, {u['source_entries']} source"
+                    + (f"; {obj['kv_copies']} of the kv are copies of source entries, promoted on use"
+                       if obj["kv_copies"] else "") + ")" if g.sources else "")]
         if per_entry:
             lines.append("  per entry  " + ", ".join(f"{t} tok = {_mib(n)}" for t, n in per_entry.items()))
         if g.sources:

@@ -137,6 +137,9 @@ def test_promotion_copies_the_most_used_sources_to_kv_and_serves_the_copies(rt, 
             assert (snap.keys[rows[src.entry_id]] == snap.keys[rows[kv.entry_id]]).all()
         assert b.catalog["extra"][TIERS_KEY]["promotion"]["copies"] == 3
     assert verify(bank)["ok"]
+    info = CliRunner().invoke(bank_cli, ["info", str(bank), "--json"])
+    assert json.loads(info.output)["kv_copies"] == 3
+    assert "3 of the kv are copies" in CliRunner().invoke(bank_cli, ["info", str(bank)]).output
     serve = Runtime.open(device_bundle, memory=bank)
     r = serve.generate(prompts[hot[0]], max_new_tokens=1, k=3)
     assert [e["example"] for e in r.entries].count(hot[0].hex()) <= 1       # one entry per example
@@ -258,3 +261,18 @@ def test_ikv_eval_records_uses_and_ikv_learn_promotes_with_them(rt, device_bundl
     out = CliRunner().invoke(learn_cli, ["--bundle", str(device_bundle), "--memory", str(bank), "--promote",
                                          str(uses_path), "--quiet", "--dry-run"])
     assert out.exit_code == 0 and "promotion (would)" in out.output and "served as kv" in out.output
+
+
+def test_a_learn_drops_the_kv_copies_and_keeps_their_sources(rt, device_bundle, tmp_path):
+    bank = _source_bank(rt, tmp_path, device_bundle)
+    order = sorted(_by_hash(bank), key=lambda h: h.hex())
+    assert promote(rt, bank, uses_.Uses(6, 0, {order[0]: 3, order[1]: 3}, {})).copies == 2
+    more = [{"prompt": f"What is the tag of box {i}?", "answer": f"tag{i}"} for i in range(4)]
+    res = learn_task(rt, bank, more, name="tags", n_anchors=1, gated=False)
+    assert res.evicted == 2 and res.evicted_per_task == {"codes": 2}
+    now = _by_hash(bank)
+    assert all([e.kind for e in now[h]] == ["source"] for h in order[:2])
+    with Bank.open(bank) as b:
+        assert sum(e.kind == "source" for e in b.entries()) == len(CODES) + len(more)
+        assert set(b.catalog["extra"].get(TWINS_KEY, {})) <= {str(e.entry_id) for e in b.entries()}
+    assert promote(rt, bank, uses_.Uses(6, 0, {order[0]: 3, order[1]: 3}, {})).promoted == 2   # the record still applies

@@ -31,7 +31,7 @@ README = ROOT / "README.md"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 PLACEHOLDER = "path/to/"  # README placeholders: "ikv-export path/to/model.gguf ..."
 FORWARDS = {"Runtime.generate": "stream"}  # methods whose **kw go to another method of the class
-OUTPUT_PARAMS = {("ikv-export", "out"), ("ikv-learn", "memory")}  # click Path params a command creates
+OUTPUT_PARAMS = {("ikv-export", "out"), ("ikv-learn", "memory"), ("ikv-eval", "uses_path"), ("ikv-run", "uses_path")}  # click Path params a command creates
 
 
 def fenced_blocks() -> list[tuple[str, str, int]]:
