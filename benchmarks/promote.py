@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,6 @@ from inducekv.core.cli import parse_bytes  # noqa: E402
 from inducekv.learn import learn_task  # noqa: E402
 from inducekv.learn.promote import promote  # noqa: E402
 from inducekv.memory.bank import Bank  # noqa: E402
-from inducekv.memory.cli import cli as bank_cli  # noqa: E402
 from inducekv.runtime.api import Runtime  # noqa: E402
 from inducekv.runtime.scoring import score  # noqa: E402
 
@@ -121,9 +119,7 @@ def main(argv=None) -> None:
     serve = Runtime.open(args.bundle)
     if "promoted" in methods:
         base = work / "all-source.ikv"
-        bank_cli.main(["create", str(base), "--bundle", args.bundle, "--budget", args.cap, "--kinds", "tiered",
-                       "--slot-share", str(args.slot_share)], standalone_mode=False)
-        learn_s = learn_all(base)
+        learn_s = learn_all(base, kinds="tiered", slot_share=args.slot_share)
         mem = serve.open_memory(base)     # the observed stream, served as an app would, counted by the runtime
         t = time.perf_counter()
         for q, c in zip(test, observed):

@@ -77,7 +77,7 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
                strategy: str = DEFAULT_STRATEGY, seed: int = 0, n_anchors: int = N_ANCHORS, reserve: float = RESERVE,
                compact: str | None = None, slots: int | None = None, keep: float | None = None, dry_run: bool = False,
                gated: bool = True, progress: Progress = None, batch: int = SCORE_BATCH, kinds: str = "kv",
-               ttft_budget: str | None = None, value_gates: bool = True) -> LearnResult:
+               ttft_budget: str | None = None, value_gates: bool = True, slot_share: float | None = None) -> LearnResult:
     """Learn ``task`` (a task file path, or a list of examples) into the bank ``memory`` (a path,
     or a ``Bank`` opened writable, which stays open) with the runtime ``rt``.
 
@@ -89,7 +89,9 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
     ``batch``: examples per decoder pass while encoding and scoring (1 uses the least RAM);
     ``kinds``: entry kinds of a new bank (kv, tiered, source; ``learn.tiers``); ``ttft_budget``:
     the mean-TTFT budget of a bank with source entries (``1.5x``, ``120ms``; None: the bank's);
-    ``progress``: ``callback(stage, done, total)`` or
+    ``slot_share``: a new tiered bank's share of the cap in slots (None: sized for the budget's mix,
+    ``tiers.new_bank_share``; a bank to promote on use wants slots for every example and pages for
+    the copies, ``learn.promote``); ``progress``: ``callback(stage, done, total)`` or
     True for progress bars (``learn.progress``)."""
     t0 = time.perf_counter()
     examples, tname = _examples(task, name)  # bad examples fail here, before the bank is touched
@@ -106,8 +108,12 @@ def learn_task(rt, memory, task, *, name: str | None = None, budget: int | None 
                                  compact if compact is not None or rt.profile.compact == "perlayer" else "none")
         if keep is None and scheme in SPARSE:
             keep = rt.profile.keep
-    slot_share = sizing = None
-    if kinds != "kv" and not path.exists():   # size the slots for the kinds' (and the budget's) mix
+    if slot_share is not None and kinds != "tiered" and not path.exists():
+        raise InduceKVError("a slot share sizes a new tiered bank; add --kinds tiered")
+    if slot_share is not None and not 0.02 <= slot_share <= 0.95:
+        raise InduceKVError(f"the slot share must be between 0.02 and 0.95, got {slot_share}")
+    sizing = None
+    if kinds != "kv" and not path.exists() and slot_share is None:   # size the slots for the kinds' (and the budget's) mix
         from inducekv.learn.tiers import new_bank_share
 
         slot_share, sizing = new_bank_share(rt, examples, scheme or scheme_for_bits(rt.profile.kv_bits), keep, ttft_budget,

@@ -68,6 +68,10 @@ from inducekv.learn.select import DEFAULT_STRATEGY, STRATEGIES
               help="Entry kinds of a new bank: kv (compact K/V, fastest), source (each example's own bytes, "
                    "re-encoded when retrieved: ~20x more examples per byte), or tiered (both, mixed to keep "
                    "--ttft-budget). Ignored for an existing bank.")
+@click.option("--slot-share", type=click.FloatRange(0.02, 0.95), default=None,
+              help="A new tiered bank's share of the cap in slots (default: sized for --ttft-budget's mix of kinds). "
+                   "For promotion on use, give slots for every example you expect (~3.4 KiB each) and leave the "
+                   "rest as pages for kv copies, and learn without --ttft-budget (every example kept as source).")
 @click.option("--ttft-budget", default=None, metavar="BUDGET",
               help="Tiered banks: the mean time to first token allowed with memory, as a multiple of the "
                    "no-memory TTFT (1.3x) or in milliseconds (120ms), measured on this device. Default: the "
@@ -86,7 +90,7 @@ from inducekv.learn.select import DEFAULT_STRATEGY, STRATEGIES
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme, n_anchors, reserve, compact, keep, gate,
-        value_gates, slots, kinds, ttft_budget, promote_uses, min_uses, batch, dry_run, quiet, as_json):
+        value_gates, slots, kinds, slot_share, ttft_budget, promote_uses, min_uses, batch, dry_run, quiet, as_json):
     """Learn the examples of --task into the bank --memory without changing the model.
 
     \b
@@ -112,7 +116,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
         res = learn_task(rt, memory, task_path, name=name, budget=budget, scheme=scheme, strategy=strategy, seed=seed,
                          n_anchors=n_anchors, reserve=reserve, compact=compact, slots=slots, keep=keep, dry_run=dry_run,
                          gated=gate, progress=progress_enabled(quiet), batch=batch, kinds=kinds,
-                         ttft_budget=ttft_budget, value_gates=value_gates)
+                         ttft_budget=ttft_budget, value_gates=value_gates, slot_share=slot_share)
     out = {**res.as_dict(), "total_s": round(time.perf_counter() - t0, 2)}  # with the bundle's load
     if as_json:
         click.echo(json.dumps(out))

@@ -276,3 +276,18 @@ def test_a_learn_drops_the_kv_copies_and_keeps_their_sources(rt, device_bundle, 
         assert sum(e.kind == "source" for e in b.entries()) == len(CODES) + len(more)
         assert set(b.catalog["extra"].get(TWINS_KEY, {})) <= {str(e.entry_id) for e in b.entries()}
     assert promote(rt, bank, uses_.Uses(6, 0, {order[0]: 3, order[1]: 3}, {})).promoted == 2   # the record still applies
+
+
+def test_ikv_learn_sizes_a_new_tiered_bank_with_the_slot_share_asked(rt, device_bundle, tmp_path):
+    bank = tmp_path / "s.ikv"
+    res = learn_task(rt, bank, CODES, name="codes", budget=1 << 20, kinds="tiered", slot_share=0.3, n_anchors=1,
+                     gated=False)
+    assert res.sources_added == len(CODES)          # no budget: every example kept as source
+    with Bank.open(bank) as b:
+        g = b.geo
+        assert g.slots * 2 * g.record_bytes == pytest.approx(0.3 * g.cap, rel=0.1)
+    with pytest.raises(InduceKVError, match="add --kinds tiered"):
+        learn_task(rt, tmp_path / "k.ikv", CODES, name="codes", budget=1 << 20, slot_share=0.3)
+    with pytest.raises(InduceKVError, match="between 0.02 and 0.95"):
+        learn_task(rt, tmp_path / "k.ikv", CODES, name="codes", budget=1 << 20, kinds="tiered", slot_share=1.5)
+    assert not (tmp_path / "k.ikv").exists()
