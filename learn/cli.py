@@ -206,6 +206,12 @@ def _promote(bundle, memory, uses, device, ttft_budget, min_uses, batch, dry_run
                    + ("" if res.limit_ms is None else
                       f" = {res.mean_ms_after / c['t0_ms']:.2f}x; budget {res.ttft_budget} ({res.limit_ms:.0f} ms): "
                       + ("within" if res.within else "OVER (the pages hold no more copies)")))
+    sv = res.served
+    if sv and sv.get("prompts"):
+        kinds_ = ", ".join(f"{k} {v['median_ms']:.0f} ms x{v['n']}" for k, v in sv["by_kind"].items())
+        click.echo(f"serve check: {sv['prompts']} of the most-used examples served from the bank as written, by top "
+                   f"entry: {kinds_}; no memory {sv['t0_ms']:.0f} ms" + ("; the copies were re-planned with these costs"
+                                                                         if res.costs_ms else ""))
     click.echo(f"time: total {out['total_s']:.1f}s")
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
@@ -73,6 +73,7 @@ class PromoteResult:
     dry_run: bool
     timings_s: dict
     total_s: float
+    served: dict | None = None   # the serve check after the write (``tiers.served``; with a budget)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +133,58 @@ def promote(rt, memory, uses, *, ttft_budget: str | None = None, min_uses: int =
 
 def _promote(rt, bank: Bank, record: uses_.Uses, budget, budget_text, min_uses, dry_run, progress, batch,
              t0) -> PromoteResult:
+    """Plan and write with the bank's costs (or timed ones); then, with a budget, serve the bank as
+    written (``tiers.served``: the runtime's own path, a few of the most-used examples of each kind)
+    and, when those served costs put the recorded queries over the budget, plan once more with them."""
+    bank.refresh()
+    es = bank.entries()
+    pairs = {(e.example_hash, e.task) for e in es if e.kind == "source"}
+    baseline = {e.example_hash for e in es if e.kind == "kv" and (e.example_hash, e.task) in pairs}   # copies before
+    first = _round(rt, bank, record, budget, min_uses, dry_run, progress, batch, t0)
+    if dry_run or first.limit_ms is None:
+        return first
+    t = time.perf_counter()
+    report(progress, "serve check", 0, 1)
+    served = _serve_check(rt, bank, record, tiers_.Budget.parse(first.ttft_budget))
+    report(progress, "serve check", 1, 1)
+    timings = {**first.timings_s, "serve_check_s": round(time.perf_counter() - t, 2)}
+    costs = served.pop("costs")
+    if costs is None:
+        return replace(first, served=served, timings_s=timings)
+    closed = first.costs_ms.get("closed_ms") if costs.closed_ms is None else costs.closed_ms
+    costs = tiers_.Costs(costs.t0_ms, costs.kv_ms, costs.src_ms, closed)
+    again = _round(rt, bank, record, tiers_.Budget.parse(first.ttft_budget), min_uses, False, progress, batch, t0,
+                   costs=costs, costs_from="served", baseline=baseline)
+    return replace(again, promoted=first.promoted + again.promoted, demoted=first.demoted + again.demoted,
+                   commits=first.commits + again.commits, served=served,
+                   timings_s={**timings, **{f"{k[:-2]}_again_s": v for k, v in again.timings_s.items()}},
+                   total_s=round(time.perf_counter() - t0, 2))
+
+
+SERVE_PER_KIND = 5   # most-used examples of each kind served by the check after a promotion
+
+
+def _serve_check(rt, bank: Bank, record: uses_.Uses, budget) -> dict:
+    """``tiers.served`` on the bank as written, with the most-used examples that have a kv copy and
+    the most-used that have not (their own prompts, so each is served its own kind)."""
+    bank.refresh()
+    entries = bank.entries()
+    src = {e.example_hash: e for e in entries if e.kind == "source"}
+    copied = {e.example_hash for e in entries if e.kind == "kv" and e.example_hash in src}
+    by_use = sorted(src, key=lambda h: (-record.top.get(h, 0), h.hex()))
+    picks = [h for h in by_use if h in copied][:SERVE_PER_KIND] + [h for h in by_use if h not in copied][:SERVE_PER_KIND]
+    with tempfile.TemporaryDirectory(prefix="ikv-promote-") as tmp:
+        examples = _examples_of(bank, [src[h] for h in picks], Path(tmp))
+        if len(examples) < 3:
+            return {"prompts": 0, "costs": None}
+        return tiers_.served(rt, bank.path, examples, budget, n=len(examples) - 1)
+
+
+def _round(rt, bank: Bank, record: uses_.Uses, budget, min_uses, dry_run, progress, batch, t0,
+           costs: "tiers_.Costs | None" = None, costs_from: str | None = None,
+           baseline: set | None = None) -> PromoteResult:
+    """One plan-and-write (``costs``: price with these, not the bank's; ``baseline``: the examples
+    that had kv copies before the first round, priced as "before")."""
     g, timings = bank.geo, {}
     if not g.sources:
         raise InduceKVError(f"{bank.path} holds kv entries only; promotion copies source entries to kv, so it needs "
@@ -140,8 +193,7 @@ def _promote(rt, bank: Bank, record: uses_.Uses, budget, budget_text, min_uses, 
     snap = bank.snapshot()
     stored = tiers_from(snap.catalog)
     if budget is None:
-        budget_text = stored.get("ttft_budget")
-        budget = tiers_.Budget.parse(budget_text)
+        budget = tiers_.Budget.parse(stored.get("ttft_budget"))
     row = {e.entry_id: i for i, e in enumerate(snap.entries)}
     src = {e.example_hash: e for e in snap.entries if e.kind == "source"}
     copies = {e.example_hash: e for e in snap.entries if e.kind == "kv" and e.example_hash in src
@@ -157,7 +209,8 @@ def _promote(rt, bank: Bank, record: uses_.Uses, budget, budget_text, min_uses, 
     rank = sorted((h for h in src if top.get(h, 0) >= min_uses),
                   key=lambda h: (-top[h], h not in copies, h.hex()))
 
-    costs = tiers_.stored_costs(stored)
+    given = costs
+    costs = costs or tiers_.stored_costs(stored)
     layout = Layout(rt, *template_from(snap.catalog.get("template")))
     compaction = resolve_compaction(bank, None, None, None)
     key_scale, new_scales = bank.key_scales(), None
@@ -213,7 +266,8 @@ def _promote(rt, bank: Bank, record: uses_.Uses, budget, budget_text, min_uses, 
                 chosen = chosen[:n]
                 break
     keep = set(chosen)
-    before, share_before = _priced(top, kv_alone | set(copies), costs, record.gated_out)
+    before, share_before = _priced(top, kv_alone | (set(copies) if baseline is None else baseline), costs,
+                                   record.gated_out)
     after, share_after = _priced(top, kv_alone | keep, costs, record.gated_out)
     demote = [copies[h] for h in copies if h not in keep]
     add = [h for h in chosen if h not in copies]
@@ -224,9 +278,9 @@ def _promote(rt, bank: Bank, record: uses_.Uses, budget, budget_text, min_uses, 
         record_ = {"copies": len(chosen), "added": len(add), "removed": len(demote),
                    "ttft_budget": str(budget) if budget is not None else None,
                    "mean_ms": None if after is None else round(after, 2), "queries": record.queries}
-        measured = costs if costs is not None and tiers_.stored_costs(stored) is None else None
+        measured = costs if costs is not None and (given is not None or tiers_.stored_costs(stored) is None) else None
         commits = _write(bank, snap, demote, [(h, made[h], src[h], snap.keys[row[src[h].entry_id]]) for h in add],
-                         new_scales, record_, measured)
+                         new_scales, record_, measured, costs_from or "promote")
         report(progress, "write", 1, 1)
         timings["write_s"] = time.perf_counter() - t
     used_after = free_pages - sum(copies[h].pages if h in copies else g.pages_for(made[h].tokens) for h in chosen)
@@ -242,7 +296,8 @@ def _promote(rt, bank: Bank, record: uses_.Uses, budget, budget_text, min_uses, 
         total_s=round(time.perf_counter() - t0, 2))
 
 
-def _write(bank: Bank, snap, demote: list, add: list, new_scales, record: dict, measured=None) -> int:
+def _write(bank: Bank, snap, demote: list, add: list, new_scales, record: dict, measured=None,
+           costs_from: str = "promote") -> int:
     """Remove the ``demote`` copies, then add the new ones (``(hash, candidate, source entry, key)``),
     with their twin groups, gains and subject words; in one commit when the copies fit in what is
     free now, else the removals first. The bank's tiers record keeps ``record`` (what was done)
@@ -297,6 +352,6 @@ def _write(bank: Bank, snap, demote: list, add: list, new_scales, record: dict, 
         tiers[PROMOTION_KEY] = record
         if measured is not None:
             tiers.update(costs_ms={k: round(v, 2) for k, v in asdict(measured).items() if v is not None},
-                         costs_from="promote")
+                         costs_from=costs_from)
         tx.set_extra(TIERS_KEY, tiers)
     return commits + 1

@@ -160,7 +160,8 @@ def test_promotion_copies_the_most_used_sources_to_kv_and_serves_the_copies(rt, 
     assert verify(bank)["ok"]
 
 
-def test_with_a_budget_it_copies_no_more_than_the_budget_needs(rt, device_bundle, tmp_path):
+def test_with_a_budget_it_copies_no_more_than_the_budget_needs(rt, device_bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(promote_mod, "_serve_check", lambda *a, **k: {"prompts": 0, "costs": None})   # below
     bank = _source_bank(rt, tmp_path, device_bundle)
     with Bank.open(bank, writable=True) as b, b.transaction() as tx:   # this device's costs, as a learn stores them
         tx.set_extra(TIERS_KEY, {**b.catalog["extra"][TIERS_KEY],
@@ -178,7 +179,32 @@ def test_with_a_budget_it_copies_no_more_than_the_budget_needs(rt, device_bundle
         assert b.catalog["extra"][TIERS_KEY].get("ttft_budget") is None    # the bank's own budget is left alone
 
 
+def test_the_serve_check_reprices_with_what_serving_costs_and_copies_more(rt, device_bundle, tmp_path, monkeypatch):
+    bank = _source_bank(rt, tmp_path, device_bundle)
+    with Bank.open(bank, writable=True) as b, b.transaction() as tx:
+        tx.set_extra(TIERS_KEY, {**b.catalog["extra"][TIERS_KEY],
+                                 "costs_ms": {"t0_ms": 10.0, "kv_ms": 15.0, "src_ms": 20.0, "closed_ms": 12.0}})
+    order = sorted(_by_hash(bank), key=lambda h: h.hex())
+    rec = uses_.Uses(20, 0, {order[0]: 10, order[1]: 6, order[2]: 4}, {})
+    checked = []
+
+    def served(rt_, path, examples, budget, seed=0, n=10, **kw):   # serving turns out slower for kv than planned
+        checked.append([e.prompt for e in examples])
+        return {"prompts": n, "ratio": 1.9, "costs": Costs(10.0, 16.0, 20.0, None)}
+
+    monkeypatch.setattr(promote_mod.tiers_, "served", served)
+    res = promote(rt, bank, rec, ttft_budget="1.75x")
+    # planned: one copy, 17.5 ms; served kv 16 ms: one copy (10*16 + 10*20) / 20 = 18 > 17.5, two 16.8: two copies
+    assert res.copies == 2 and res.promoted == 2 and res.mean_ms_after == pytest.approx(16.8)
+    assert res.costs_ms == {"t0_ms": 10.0, "kv_ms": 16.0, "src_ms": 20.0, "closed_ms": 12.0}
+    assert res.mean_ms_before == 20.0 and res.served["ratio"] == 1.9 and len(checked) == 1
+    assert len(checked[0]) == 1 + 5       # the copied example and the five most used of the rest
+    with Bank.open(bank) as b:
+        assert b.catalog["extra"][TIERS_KEY]["costs_from"] == "served"
+
+
 def test_a_bank_without_costs_times_them_when_a_budget_is_given(rt, device_bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(promote_mod, "_serve_check", lambda *a, **k: {"prompts": 0, "costs": None})
     bank = _source_bank(rt, tmp_path, device_bundle)
     order = sorted(_by_hash(bank), key=lambda h: h.hex())
     seen = []
