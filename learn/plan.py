@@ -397,8 +397,10 @@ def _tiers(rt, bank, layout, cands, old, src_old, n_old, kv_select, key_scale, t
 
     raw = stored.get("closed")
     closed = {t: float(v) for t, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
-    closed[task] = tiers_.closed_share(gate.margin, gate.report.get("asks", []),
-                                       (gate.report.get("subject") or {}).get("closed", 0))
+    # (not the leave-one-out asks its subject gate closes: a left-out fact's question names a subject no
+    # kept entry has, while a served question about a stored fact names its own; counted, they priced
+    # nearly every text query as gated out and let text banks keep all sources at ~2.1x, over a 1.6x budget)
+    closed[task] = tiers_.closed_share(gate.margin, gate.report.get("asks", []))
     names = {tt["name"] for tt in bank.catalog["tasks"].values()} | {task}
     closed = {t: v for t, v in closed.items() if t in names}
     gated_out = tiers_.bank_closed_share(closed, names)

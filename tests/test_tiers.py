@@ -292,3 +292,18 @@ def test_a_new_tiered_bank_is_split_for_the_queries_its_first_gate_sends_away(rt
             slots[q] = b.geo.slots
             assert b.usage()["entries"] == res.added > 0
     assert slots[0.5] > slots[0.0]
+
+
+def test_a_text_tasks_subject_gate_closures_are_not_priced_as_gated_out(rt, tmp_path, monkeypatch):
+    """A left-out fact's question names a subject no kept entry has, so the subject gate closes it;
+    a served question about a stored fact names its own. Priced, those closures made text banks keep
+    every example as source at ~2.1x under a 1.6x budget (benchmarks/promote.py, 2026-12-03)."""
+    fixed = Costs(t0_ms=10.0, kv_ms=14.0, src_ms=20.0, closed_ms=11.0)
+    monkeypatch.setattr(tiers, "estimate", lambda *a, **k: (fixed, 12.0))
+    monkeypatch.setattr(tiers, "measure", lambda *a, **k: fixed)
+    monkeypatch.setattr(tiers, "served", lambda *a, **k: {"prompts": 0, "by_kind": {}, "costs": None})
+    facts = [{"prompt": f"What is the capital of Vex{c}land?", "answer": f"Mor{c}ow"} for c in "abcdefghij"]
+    res = learn_task(rt, tmp_path / "t.ikv", facts, name="capitals", budget=1 << 20, kinds="tiered",
+                     ttft_budget="1.6x", n_anchors=1, scheme="int8", compact="none")
+    assert (res.gate.get("subject") or {}).get("closed", 0) > 0      # the subject gate did close left-out asks
+    assert res.tiers["closed"]["capitals"] == 0.0 and res.tiers["share"] == pytest.approx(1 / 3, abs=1e-3)
