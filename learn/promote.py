@@ -172,7 +172,9 @@ def _serve_check(rt, bank: Bank, record: uses_.Uses, budget) -> dict:
     src = {e.example_hash: e for e in entries if e.kind == "source"}
     copied = {e.example_hash for e in entries if e.kind == "kv" and e.example_hash in src}
     by_use = sorted(src, key=lambda h: (-record.top.get(h, 0), h.hex()))
-    picks = [h for h in by_use if h in copied][:SERVE_PER_KIND] + [h for h in by_use if h not in copied][:SERVE_PER_KIND]
+    kv = [h for h in by_use if h in copied][:SERVE_PER_KIND]
+    kv = [kv[i % len(kv)] for i in range(max(3, len(kv)))] if kv else []   # one or two copies: served again, so
+    picks = kv + [h for h in by_use if h not in copied][:SERVE_PER_KIND]  # each kind is timed at least twice
     with tempfile.TemporaryDirectory(prefix="ikv-promote-") as tmp:
         examples = _examples_of(bank, [src[h] for h in picks], Path(tmp))
         if len(examples) < 3:

@@ -198,7 +198,7 @@ def test_the_serve_check_reprices_with_what_serving_costs_and_copies_more(rt, de
     assert res.copies == 2 and res.promoted == 2 and res.mean_ms_after == pytest.approx(16.8)
     assert res.costs_ms == {"t0_ms": 10.0, "kv_ms": 16.0, "src_ms": 20.0, "closed_ms": 12.0}
     assert res.mean_ms_before == 20.0 and res.served["ratio"] == 1.9 and len(checked) == 1
-    assert len(checked[0]) == 1 + 5       # the copied example and the five most used of the rest
+    assert len(checked[0]) == 3 + 5       # the one copied example (three times) and the five most used of the rest
     with Bank.open(bank) as b:
         assert b.catalog["extra"][TIERS_KEY]["costs_from"] == "served"
 
