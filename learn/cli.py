@@ -99,7 +99,7 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
       ikv-learn --bundle bundles/default/fp32 --memory bank.ikv --task examples/tasks/colours.train.jsonl --dry-run
       ikv-learn --bundle bundles/default/fp32 --memory tiered.ikv --task examples/tasks/capitals.train.jsonl --budget 1MiB --kinds tiered --ttft-budget 1.1x
       ikv-learn --bundle bundles/default/fp32 --memory small.ikv --task examples/tasks/capitals.train.jsonl --budget 16MiB --scheme k4v4 --compact genv --slots 10
-      ikv-learn --bundle bundles/default/fp32 --memory tiered.ikv --promote tiered.uses.json --ttft-budget 1.8x
+      ikv-learn --bundle bundles/default/fp32 --memory promoted.ikv --promote promoted.uses.json --ttft-budget 1.8x
     """
     logging.basicConfig(level=logging.WARNING)
     if (task_path is None) == (promote_uses is None):
