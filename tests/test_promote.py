@@ -317,3 +317,19 @@ def test_ikv_learn_sizes_a_new_tiered_bank_with_the_slot_share_asked(rt, device_
     with pytest.raises(InduceKVError, match="between 0.02 and 0.95"):
         learn_task(rt, tmp_path / "k.ikv", CODES, name="codes", budget=1 << 20, kinds="tiered", slot_share=1.5)
     assert not (tmp_path / "k.ikv").exists()
+
+
+def test_ikv_run_records_uses_too(rt, device_bundle, tmp_path):
+    from inducekv.runtime.cli import cli as run_cli
+
+    bank = _source_bank(rt, tmp_path, device_bundle)
+    uses_path = tmp_path / "uses.json"
+    args = ["--bundle", str(device_bundle), "--memory", str(bank), "--k", "1", "--max-new-tokens", "1", "--quiet"]
+    out = CliRunner().invoke(run_cli, args + ["--prompt", CODES[2]["prompt"], "--uses", str(uses_path)])
+    assert out.exit_code == 0, out.output
+    assert uses_.read(uses_path).queries == 1
+    out = CliRunner().invoke(run_cli, args + ["--prompt", "hi", "--no-memory", "--uses", str(uses_path)])
+    assert out.exit_code == 2 and "pass --memory" in out.output
+    uses_path.write_text("{}")
+    out = CliRunner().invoke(run_cli, args + ["--prompt", "hi", "--uses", str(uses_path)])
+    assert out.exit_code == 2 and "not an inducekv uses record" in out.output and uses_path.read_text() == "{}"
