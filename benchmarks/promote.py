@@ -81,6 +81,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", type=int, default=4, help="first N tasks of the text sequence (a smoke run: 1)")
     ap.add_argument("--methods", default="kv,source,tiered,promoted")
+    ap.add_argument("--max-drop", type=float, default=None, help="promote's fidelity check (nats per token)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cap, budgets = parse_bytes(args.cap), [b for b in args.budgets.split(",") if b]
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
             banks[name] = work / f"{name}.ikv"
             shutil.copyfile(base, banks[name])
             t = time.perf_counter()
-            res = promote(rt, banks[name], uses_path, ttft_budget=b)
+            res = promote(rt, banks[name], uses_path, ttft_budget=b, max_drop=args.max_drop)
             notes[name] = {"learn_s": learn_s, "observe_s": observe_s, "promote_s": time.perf_counter() - t,
                            "promotion": res.as_dict()}
             print(f"[{name}] {res.copies} kv copies of {res.sources} sources; recorded queries served as kv "
@@ -145,6 +146,7 @@ def main(argv=None) -> None:
     hits = {name: [] for name in mems}
     ttft = {name: [] for name in ["plain", *mems]}
     kinds_served = {name: [] for name in mems}
+    served_from = {name: [] for name in mems}   # the example hash of each question's top entry
     for q in test:
         per = {name: [] for name in ttft}
         for r in range(max(1, args.rounds)):
@@ -155,6 +157,7 @@ def main(argv=None) -> None:
                 if r == 0:
                     hits[name].append(bool(score(res.text, q.answers)[0]))
                     kinds_served[name].append(res.entries[0]["kind"] if res.entries else "none")
+                    served_from[name].append(res.entries[0]["example"] if res.entries else None)
         for name, v in per.items():
             ttft[name].append(float(np.mean(v)))
     for m in mems.values():
@@ -178,7 +181,8 @@ def main(argv=None) -> None:
               "wall_s": round(time.perf_counter() - t_start, 1), "methods": rows,
               "per_question": {"zipf_p": [round(float(x), 5) for x in p], "observed": observed.tolist(),
                                "plain_ms": ttft["plain"], **{f"{n}_hit": hits[n] for n in mems},
-                               **{f"{n}_ms": ttft[n] for n in mems}, **{f"{n}_kind": kinds_served[n] for n in mems}}}
+                               **{f"{n}_ms": ttft[n] for n in mems}, **{f"{n}_kind": kinds_served[n] for n in mems},
+                               **{f"{n}_example": served_from[n] for n in mems}}}
     lines = [f"# Promotion on use: {args.cap}, seed {args.seed}, Zipf s={args.zipf} ({len(test)} test questions, "
              f"{args.observed} observed queries)", "",
              "| bank | examples kept (kv / source / kv copies) | Zipf: accuracy | Zipf: mean TTFT / plain | "

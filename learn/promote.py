@@ -35,7 +35,7 @@ from pathlib import Path
 from inducekv.core.errors import BankError, InduceKVError
 from inducekv.kernels import kvquant
 from inducekv.learn import tiers as tiers_
-from inducekv.learn.candidates import encode_candidates, fit_key_scales
+from inducekv.learn.candidates import Ask, Scorer, encode_candidates, fit_key_scales
 from inducekv.learn.compact import compactor_for, resolve as resolve_compaction
 from inducekv.learn.defaults import GAINS_KEY, SCORE_BATCH
 from inducekv.learn.progress import Progress, report
@@ -44,7 +44,7 @@ from inducekv.memory.bank import Bank, NewEntry
 from inducekv.memory.format import SUBJECTS_KEY, TWINS_KEY
 from inducekv.memory.source import unpack_source
 from inducekv.runtime import subjects as subj
-from inducekv.runtime.memory import TIERS_KEY, Layout, template_from, tiers_from, twins_from
+from inducekv.runtime.memory import TIERS_KEY, Layout, image_of, template_from, tiers_from, twins_from
 from inducekv.runtime.tasks import Example
 
 MIN_USES = 2   # an example must have been the top entry this often to be worth a kv copy
@@ -74,6 +74,7 @@ class PromoteResult:
     timings_s: dict
     total_s: float
     served: dict | None = None   # the serve check after the write (``tiers.served``; with a budget)
+    fidelity: dict | None = None  # example hash (hex) -> its new kv copy's log-likelihood drop vs its source
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -109,12 +110,13 @@ def _priced(top: dict, kv: set, costs: "tiers_.Costs", gated_out: int) -> tuple[
 
 
 def promote(rt, memory, uses, *, ttft_budget: str | None = None, min_uses: int = MIN_USES, dry_run: bool = False,
-            progress: Progress = None, batch: int = SCORE_BATCH) -> PromoteResult:
+            progress: Progress = None, batch: int = SCORE_BATCH, max_drop: float | None = None) -> PromoteResult:
     """Make the bank ``memory`` (a path, or a ``Bank`` opened writable) keep kv copies of its
     most-used source entries, by ``uses`` (a ``memory.uses.Uses`` or the path of a uses record);
     see the module docstring. ``ttft_budget``: the mean-TTFT budget (``1.8x``, ``120ms``;
     None: the bank's, else no bound but the pages); ``min_uses``: the fewest top-entry uses a
-    copy needs; ``dry_run``: plan only."""
+    copy needs; ``max_drop``: leave out an example whose kv copy's answer log-likelihood on its own
+    prompt is more than this below its source's (nats per token; None: no check); ``dry_run``: plan only."""
     t0 = time.perf_counter()
     if isinstance(min_uses, bool) or not isinstance(min_uses, int) or min_uses < 1:
         raise InduceKVError(f"min_uses must be a positive integer, got {min_uses!r}")
@@ -123,16 +125,16 @@ def promote(rt, memory, uses, *, ttft_budget: str | None = None, min_uses: int =
     if isinstance(memory, Bank):
         if not memory.writable:
             raise InduceKVError(f"{memory.path} is open read-only; open it with writable=True to promote in it")
-        return _promote(rt, memory, record, budget, ttft_budget, min_uses, dry_run, progress, batch, t0)
+        return _promote(rt, memory, record, budget, min_uses, dry_run, progress, batch, t0, max_drop)
     path = Path(memory)
     if not path.exists():
         raise InduceKVError(f"{path} does not exist; promotion works on a bank that ikv-learn has filled")
     with Bank.open(path, writable=True, fingerprint=rt.manifest.fingerprint) as bank:
-        return _promote(rt, bank, record, budget, ttft_budget, min_uses, dry_run, progress, batch, t0)
+        return _promote(rt, bank, record, budget, min_uses, dry_run, progress, batch, t0, max_drop)
 
 
-def _promote(rt, bank: Bank, record: uses_.Uses, budget, budget_text, min_uses, dry_run, progress, batch,
-             t0) -> PromoteResult:
+def _promote(rt, bank: Bank, record: uses_.Uses, budget, min_uses, dry_run, progress, batch, t0,
+             max_drop=None) -> PromoteResult:
     """Plan and write with the bank's costs (or timed ones); then, with a budget, serve the bank as
     written (``tiers.served``: the runtime's own path, a few of the most-used examples of each kind)
     and, when those served costs put the recorded queries over the budget, plan once more with them."""
@@ -140,7 +142,7 @@ def _promote(rt, bank: Bank, record: uses_.Uses, budget, budget_text, min_uses, 
     es = bank.entries()
     pairs = {(e.example_hash, e.task) for e in es if e.kind == "source"}
     baseline = {e.example_hash for e in es if e.kind == "kv" and (e.example_hash, e.task) in pairs}   # copies before
-    first = _round(rt, bank, record, budget, min_uses, dry_run, progress, batch, t0)
+    first = _round(rt, bank, record, budget, min_uses, dry_run, progress, batch, t0, max_drop=max_drop)
     if dry_run or first.limit_ms is None:
         return first
     t = time.perf_counter()
@@ -154,9 +156,10 @@ def _promote(rt, bank: Bank, record: uses_.Uses, budget, budget_text, min_uses, 
     closed = first.costs_ms.get("closed_ms") if costs.closed_ms is None else costs.closed_ms
     costs = tiers_.Costs(costs.t0_ms, costs.kv_ms, costs.src_ms, closed)
     again = _round(rt, bank, record, tiers_.Budget.parse(first.ttft_budget), min_uses, False, progress, batch, t0,
-                   costs=costs, costs_from="served", baseline=baseline)
+                   costs=costs, costs_from="served", baseline=baseline, max_drop=max_drop)
     return replace(again, promoted=first.promoted + again.promoted, demoted=first.demoted + again.demoted,
                    commits=first.commits + again.commits, served=served,
+                   fidelity={**(first.fidelity or {}), **(again.fidelity or {})},
                    timings_s={**timings, **{f"{k[:-2]}_again_s": v for k, v in again.timings_s.items()}},
                    total_s=round(time.perf_counter() - t0, 2))
 
@@ -184,7 +187,7 @@ def _serve_check(rt, bank: Bank, record: uses_.Uses, budget) -> dict:
 
 def _round(rt, bank: Bank, record: uses_.Uses, budget, min_uses, dry_run, progress, batch, t0,
            costs: "tiers_.Costs | None" = None, costs_from: str | None = None,
-           baseline: set | None = None) -> PromoteResult:
+           baseline: set | None = None, max_drop: float | None = None) -> PromoteResult:
     """One plan-and-write (``costs``: price with these, not the bank's; ``baseline``: the examples
     that had kv copies before the first round, priced as "before")."""
     g, timings = bank.geo, {}
@@ -225,12 +228,21 @@ def _round(rt, bank: Bank, record: uses_.Uses, budget, min_uses, dry_run, progre
                                                     any_position=compaction.method == "genv")
         made = {}
 
+        scorer, drop = Scorer(rt, layout, batch), {}
+
         def encode(hs: list) -> None:
+            """Encode kv copies; ``drop``: each copy's answer log-likelihood (mean per token, on its own
+            prompt) minus the full-precision entry's (its source re-encoded)."""
             hs = [h for h in hs if h not in made]
             if hs:
-                cands = encode_candidates(rt, g, layout, rt.key_encoder(), [examples[h] for h in hs], progress,
+                exs = [examples[h] for h in hs]
+                cands = encode_candidates(rt, g, layout, rt.key_encoder(), exs, progress,
                                           key_scale, compactor_for(rt, layout, compaction), None, batch)
                 made.update(zip(hs, cands))
+                imgs = [image_of(rt, ex) for ex in exs]
+                full = scorer.logp_many(Ask(ex.prompt, ex.answers[0], lambda ex=ex, im=im: [layout.encode_entry(
+                    ex.prompt, ex.answers[0], im)], im) for ex, im in zip(exs, imgs))
+                drop.update({h: (c.base + c.gain) - f for h, c, f in zip(hs, cands, full)})
 
         # the most-used first, while pages and slots last (a kv copy's size is known once encoded)
         chosen, pages_left, slots_left = [], free_pages, free_slots
@@ -243,6 +255,8 @@ def _round(rt, bank: Bank, record: uses_.Uses, budget, min_uses, dry_run, progre
                 if h not in made:
                     encode([x for x in rank[i:i + max(1, batch)] if x not in copies])
                 need = g.pages_for(made[h].tokens)
+                if max_drop is not None and drop[h] < -max_drop:
+                    continue   # its kv copy answers its own prompt clearly worse than the source does
             if need <= pages_left:
                 chosen.append(h)
                 pages_left -= need
@@ -295,7 +309,7 @@ def _round(rt, bank: Bank, record: uses_.Uses, budget, min_uses, dry_run, progre
         mean_ms_after=None if after is None else round(after, 2), limit_ms=None if limit is None else round(limit, 2),
         within=None if limit is None or after is None else bool(after <= limit), pages_free=int(used_after),
         commits=commits, dry_run=dry_run, timings_s={k: round(v, 2) for k, v in timings.items()},
-        total_s=round(time.perf_counter() - t0, 2))
+        total_s=round(time.perf_counter() - t0, 2), fidelity={h.hex(): round(float(d), 4) for h, d in drop.items()})
 
 
 def _write(bank: Bank, snap, demote: list, add: list, new_scales, record: dict, measured=None,
