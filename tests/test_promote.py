@@ -333,3 +333,15 @@ def test_ikv_run_records_uses_too(rt, device_bundle, tmp_path):
     uses_path.write_text("{}")
     out = CliRunner().invoke(run_cli, args + ["--prompt", "hi", "--uses", str(uses_path)])
     assert out.exit_code == 2 and "not an inducekv uses record" in out.output and uses_path.read_text() == "{}"
+
+
+def test_the_fidelity_check_leaves_out_copies_that_answer_worse_than_their_source(rt, device_bundle, tmp_path):
+    bank = _source_bank(rt, tmp_path, device_bundle)
+    order = sorted(_by_hash(bank), key=lambda h: h.hex())
+    rec = uses_.Uses(12, 0, {order[0]: 4, order[1]: 4, order[2]: 4}, {})
+    dry = promote(rt, bank, rec, dry_run=True)
+    assert set(dry.fidelity) == {h.hex() for h in order[:3]} and dry.copies == 3
+    drops = [dry.fidelity[h.hex()] for h in order[:3]]
+    cut = (sorted(drops)[0] + sorted(drops)[1]) / 2   # between the two lowest: the lowest copy is left out
+    res = promote(rt, bank, rec, dry_run=True, max_drop=-cut)
+    assert res.copies == sum(d >= cut for d in drops) == 2
