@@ -205,7 +205,7 @@ def _promote(bundle, memory, uses, device, ttft_budget, min_uses, batch, dry_run
                    f"source {c['src_ms']:.0f} ms): {res.mean_ms_before:.0f} -> {res.mean_ms_after:.0f} ms"
                    + ("" if res.limit_ms is None else
                       f" = {res.mean_ms_after / c['t0_ms']:.2f}x; budget {res.ttft_budget} ({res.limit_ms:.0f} ms): "
-                      + ("within" if res.within else "OVER (the pages hold no more copies)")))
+                      + ("within" if res.within else "OVER (no more copies fit, or are used --min-uses times)")))
     sv = res.served
     if sv and sv.get("prompts"):
         kinds_ = ", ".join(f"{k} {v['median_ms']:.0f} ms x{v['n']}" for k, v in sv["by_kind"].items())
