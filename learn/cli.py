@@ -102,8 +102,10 @@ def cli(bundle, memory, task_path, name, budget, device, seed, strategy, scheme,
       ikv-learn --bundle bundles/default/fp32 --memory promoted.ikv --promote promoted.uses.json --ttft-budget 1.8x
     """
     logging.basicConfig(level=logging.WARNING)
-    if (task_path is None) == (promote_uses is None):
+    if task_path is not None and promote_uses is not None:
         raise click.UsageError("give --task (learn a task) or --promote USES.json (maintain the bank), not both")
+    if task_path is None and promote_uses is None:
+        raise click.UsageError("missing --task T.jsonl (the task to learn), or --promote USES.json to maintain the bank")
     if promote_uses is not None:
         return _promote(bundle, memory, promote_uses, device, ttft_budget, min_uses, batch, dry_run, quiet, as_json)
     with fail_on_bad_input():
