@@ -134,6 +134,7 @@ def tiers_from(catalog: dict) -> dict:
     return raw
 
 
+READ_TRIES = 4   # searches of one lookup when a writer commits while its entries are read (then the new state)
 TWIN_LOOK = 8   # entries past the top-1 searched for the first one that is not its twin (the gate's margin)
 
 
@@ -419,6 +420,7 @@ class Memory:
         self._text_keys: dict = {}             # prompt -> its text key (``text_key``)
         self._text_lock = threading.Lock()
         self._subjects = (None, (set(), {}))   # (the catalog it was read from, subjects.unpack of it)
+        self._stale = False                    # an entry the search found was gone when read (caller holds the lock)
         self.use_counts = uses_.Counter()      # what each query injected (``memory/uses.py``; promotion on use)
 
     def uses(self) -> "uses_.Uses":
@@ -504,8 +506,15 @@ class Memory:
                 self.index.sync(self.bank)
             q = self.bank.calibrate(key) if k > 0 else None
             t1 = time.perf_counter()
-            out, gated = self._search(q, k, margin, lambda: text_key if text_key is not None else
-                                      self.text_key(prompt), prompt) if k > 0 else ([], 0)
+            out, gated = [], 0
+            for _ in range(READ_TRIES if k > 0 else 0):
+                self._stale = False
+                out, gated = self._search(q, k, margin, lambda: text_key if text_key is not None else
+                                          self.text_key(prompt), prompt)
+                if not self._stale or not self.bank.refresh():
+                    break
+                self.index.sync(self.bank)   # a writer committed while the entries were read: read that state
+                q = self.bank.calibrate(key)
             inj = self.injection()
             if out:   # the value gates of the top-1 entry's task, if it has its own
                 own = value_gates_from(self.bank.catalog, self.bank.geo.num_layers).get(out[0][0]["task"])
@@ -569,7 +578,8 @@ class Memory:
         for eid, score in zip(ids.tolist(), scores.tolist()):
             got = self.bank.read_payload(slot_of[eid], eid) if eid in slot_of else None
             if got is None:
-                continue  # swapped out since the index was synced
+                self._stale = True
+                continue  # swapped out since the index was synced (``lookup`` reads again)
             buf, info = got
             if info.kind == "source":
                 if n_source >= max_source:
